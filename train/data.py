@@ -1,0 +1,232 @@
+"""Training data: an embedded, seeded generator (no download), or token sequences from disk.
+
+The embedded language ("repeats") mixes two kinds of structure:
+
+* a fixed sparse **bigram chain** (every token has ``branching`` likely successors, weights drawn
+  once from ``seed``): learnable without context, so the loss falls early, as on natural text;
+* **repeated segments**: with probability ``p_repeat`` a sequence is a segment of random length
+  (``min_period``..``max_period``) tiled to fill the context. A segment is uniform random tokens
+  with probability ``p_uniform_segment``, else a run of the bigram chain. Only copying from
+  context (an induction head) predicts the repeats, and the random period means no fixed
+  positional offset does.
+
+Every sequence starts with BOS (token id 0). ``batch(step)`` is a pure function of
+(seed, step), so a resumed run sees exactly the data an uninterrupted one would.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+BOS = 0
+
+
+def _generator(*seeds: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(int(np.random.SeedSequence(list(seeds)).generate_state(1, dtype=np.uint64)[0] >> 1))
+    return g
+
+
+class RepeatsLanguage:
+    """The embedded default data set: bigram-chain text with repeated random segments."""
+
+    def __init__(
+        self,
+        vocab_size: int = 128,
+        n_ctx: int = 128,
+        seed: int = 0,
+        p_repeat: float = 0.6,
+        p_uniform_segment: float = 0.5,
+        min_period: int = 8,
+        max_period: int = 40,
+        branching: int = 4,
+    ):
+        if vocab_size < 8:
+            raise ValueError(f"data.vocab_size must be at least 8, got {vocab_size}")
+        if not 1 <= min_period <= max_period:
+            raise ValueError(f"need 1 <= data.min_period <= data.max_period, got {min_period}, {max_period}")
+        if max_period >= n_ctx - 1:
+            raise ValueError(f"data.max_period={max_period} leaves no repeat in a context of {n_ctx}")
+        for name, p in dict(p_repeat=p_repeat, p_uniform_segment=p_uniform_segment).items():
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"data.{name} must lie in [0, 1], got {p}")
+        self.vocab_size, self.n_ctx, self.seed = vocab_size, n_ctx, seed
+        self.p_repeat, self.p_uniform_segment = p_repeat, p_uniform_segment
+        self.min_period, self.max_period = min_period, max_period
+        g = _generator(seed, 0xC4A1)
+        n = vocab_size - 1  # regular tokens are 1..vocab_size-1
+        self.successors = torch.stack([torch.randperm(n, generator=g)[:branching] for _ in range(n)]) + 1
+        w = -torch.log(torch.rand(n, branching, generator=g))  # Dirichlet(1) via normalised exponentials
+        self.cum_probs = (w / w.sum(1, keepdim=True)).cumsum(1)
+        self.cum_probs[:, -1] = 1.0
+        self._cum_np = self.cum_probs.numpy()
+        self._succ_np = (self.successors - 1).numpy()
+
+    # -- sampling ------------------------------------------------------------------------------
+    def _chain(self, n_seq: int, length: int, g: torch.Generator) -> torch.Tensor:
+        # A sequential walk: numpy's per-call overhead is far below torch's for tiny arrays.
+        cur = torch.randint(1, self.vocab_size, (n_seq,), generator=g).numpy() - 1
+        u = torch.rand(n_seq, length, 1, generator=g).numpy()
+        cum, succ = self._cum_np, self._succ_np
+        out = np.empty((n_seq, length), dtype=np.int64)
+        for t in range(length):
+            out[:, t] = cur
+            choice = (cum[cur] < u[:, t]).sum(1)
+            cur = succ[cur, choice]
+        return torch.from_numpy(out + 1)
+
+    def sample(self, n_seq: int, g: torch.Generator) -> torch.Tensor:
+        body = self.n_ctx - 1
+        chain = self._chain(n_seq, body, g)
+        uniform = torch.randint(1, self.vocab_size, (n_seq, self.max_period), generator=g)
+        period = torch.randint(self.min_period, self.max_period + 1, (n_seq,), generator=g)
+        is_repeat = torch.rand(n_seq, generator=g) < self.p_repeat
+        is_uniform = torch.rand(n_seq, generator=g) < self.p_uniform_segment
+        segment = torch.where(is_uniform[:, None], uniform, chain[:, : self.max_period])
+        idx = torch.arange(body)[None] % period[:, None]
+        tiled = segment.gather(1, idx)
+        seqs = torch.where(is_repeat[:, None], tiled, chain)
+        return torch.cat([torch.full((n_seq, 1), BOS, dtype=torch.long), seqs], dim=1)
+
+    def batch(self, step: int, batch_size: int) -> torch.Tensor:
+        return self.sample(batch_size, _generator(self.seed, 1, step))
+
+    def heldout(self, n_seq: int, seed: int) -> torch.Tensor:
+        return self.sample(n_seq, _generator(self.seed, 2, seed))
+
+    def token_frequencies(self, n_seq: int = 256) -> torch.Tensor:
+        sample = self.sample(n_seq, _generator(self.seed, 3))
+        return torch.bincount(sample.flatten(), minlength=self.vocab_size).float()
+
+    # -- the same generator as Hugging Face `datasets` objects ---------------------------------
+    def as_iterable_dataset(self, batch_size: int = 64):
+        """An endless `datasets.IterableDataset` of {"input_ids": [n_ctx]} rows, in training order."""
+        import datasets
+
+        def rows():
+            step = 0
+            while True:
+                for seq in self.batch(step, batch_size):
+                    yield {"input_ids": seq.tolist()}
+                step += 1
+
+        return datasets.IterableDataset.from_generator(rows)
+
+    def as_dataset(self, n_seq: int, seed: int):
+        """A fixed `datasets.Dataset` from the generator (the held-out set), torch-formatted."""
+        import datasets
+
+        ds = datasets.Dataset.from_dict({"input_ids": self.heldout(n_seq, seed).tolist()})
+        return ds.with_format("torch")
+
+
+class TokenFile:
+    """Token sequences from disk: a `.npy` array ([n_seq, n_ctx] or a flat token stream) or a
+    directory saved by `datasets.Dataset.save_to_disk` with an ``input_ids`` column.
+    Windows of n_ctx tokens are drawn at random (seeded by step); BOS is prepended when the
+    data has none."""
+
+    def __init__(self, path: str, n_ctx: int, vocab_size: int, seed: int = 0, heldout_fraction: float = 0.05):
+        path = os.path.expanduser(path)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"data.path does not exist: {path}")
+        if os.path.isdir(path):
+            import datasets
+
+            ds = datasets.load_from_disk(path)
+            if "input_ids" not in ds.column_names:
+                raise ValueError(f"dataset at {path} has no 'input_ids' column (columns: {ds.column_names})")
+            tokens = np.concatenate([np.asarray(r, dtype=np.int64) for r in ds["input_ids"]])
+        else:
+            try:
+                tokens = np.load(path, allow_pickle=False).astype(np.int64).reshape(-1)
+            except Exception as e:  # noqa: BLE001 - anything unreadable is a user-facing data error
+                raise ValueError(f"cannot read tokens from {path}: {e}") from e
+        if tokens.size < 2 * n_ctx:
+            raise ValueError(f"{path} holds {tokens.size} tokens, fewer than two contexts of {n_ctx}")
+        if tokens.min() < 0 or tokens.max() >= vocab_size:
+            raise ValueError(f"{path} has token ids outside [0, {vocab_size}); set data.vocab_size")
+        self.n_ctx, self.vocab_size, self.seed = n_ctx, vocab_size, seed
+        split = int(tokens.size * (1 - heldout_fraction))
+        self.train_tokens = torch.from_numpy(tokens[:split])
+        self.heldout_tokens = torch.from_numpy(tokens[split:]) if tokens.size - split > n_ctx else self.train_tokens
+
+    def _windows(self, stream: torch.Tensor, n_seq: int, g: torch.Generator) -> torch.Tensor:
+        body = self.n_ctx - 1
+        starts = torch.randint(0, stream.numel() - body, (n_seq,), generator=g)
+        seqs = stream[starts[:, None] + torch.arange(body)[None]]
+        return torch.cat([torch.full((n_seq, 1), BOS, dtype=torch.long), seqs], dim=1)
+
+    def batch(self, step: int, batch_size: int) -> torch.Tensor:
+        return self._windows(self.train_tokens, batch_size, _generator(self.seed, 1, step))
+
+    def heldout(self, n_seq: int, seed: int) -> torch.Tensor:
+        return self._windows(self.heldout_tokens, n_seq, _generator(self.seed, 2, seed))
+
+    def token_frequencies(self, n_seq: int = 256) -> torch.Tensor:
+        return torch.bincount(self.train_tokens, minlength=self.vocab_size).float()
+
+
+def build_data(vocab_size: int, n_ctx: int, seed: int = 0, path: str | None = None, **kwargs):
+    """Build the data source from config: the embedded language, or a token file at `path`."""
+    if path:
+        return TokenFile(path, n_ctx=n_ctx, vocab_size=vocab_size, seed=seed)
+    return RepeatsLanguage(vocab_size=vocab_size, n_ctx=n_ctx, seed=seed, **kwargs)
+
+
+@dataclass
+class Probes:
+    """Fixed probe inputs, built once per run (same probes at every checkpoint)."""
+
+    repeated: torch.Tensor  # [n, 1 + period * repeats]: BOS + random segment tiled
+    period: int
+    repeats: int
+    copy_tokens: torch.Tensor  # [k] random tokens for the copying score
+    heldout: torch.Tensor  # [n_heldout, n_ctx] training-distribution sequences
+
+
+def repeated_random_tokens(
+    n: int, period: int, repeats: int, allowed: torch.Tensor, g: torch.Generator
+) -> torch.Tensor:
+    """BOS followed by `period` distinct random tokens (drawn from `allowed`) repeated `repeats` times."""
+    if allowed.numel() < period:
+        raise ValueError(f"probe period {period} needs at least {period} distinct allowed tokens, have {allowed.numel()}")
+    segs = torch.stack([allowed[torch.randperm(allowed.numel(), generator=g)[:period]] for _ in range(n)])
+    body = segs.repeat(1, repeats)
+    return torch.cat([torch.full((n, 1), BOS, dtype=torch.long), body], dim=1)
+
+
+def probe_tokens(frequencies: torch.Tensor, exclude_fraction: float = 0.1) -> torch.Tensor:
+    """Regular tokens minus the most and least common `exclude_fraction` each (Olsson et al.)."""
+    regular = torch.arange(1, frequencies.numel())
+    order = regular[frequencies[1:].argsort(descending=True, stable=True)]
+    k = int(len(order) * exclude_fraction)
+    return order[k : len(order) - k].sort().values
+
+
+def build_probes(
+    data,
+    n_ctx: int,
+    n_probes: int = 16,
+    period: int = 25,
+    repeats: int = 4,
+    n_copy_tokens: int = 64,
+    n_heldout: int = 512,
+    seed: int = 1234,
+) -> Probes:
+    """Olsson's prefix-matching probe (BOS + 25 random tokens x 4) when it fits the context;
+    otherwise the period is scaled down so that `repeats` copies fit."""
+    if repeats < 2:
+        raise ValueError(f"probes need at least 2 repeats, got {repeats}")
+    if 1 + period * repeats > n_ctx:
+        period = (n_ctx - 1) // repeats
+        if period < 2:
+            raise ValueError(f"context n_ctx={n_ctx} is too short for a probe with {repeats} repeats")
+    g = _generator(seed, 7)
+    allowed = probe_tokens(data.token_frequencies())
+    repeated = repeated_random_tokens(n_probes, period, repeats, allowed, g)
+    copy_tokens = allowed[torch.randperm(allowed.numel(), generator=g)[:n_copy_tokens]]
+    return Probes(repeated, period, repeats, copy_tokens, data.heldout(n_heldout, seed))

@@ -1,0 +1,184 @@
+"""Where checkpoint rows go. `metrics.jsonl` is always written (it is the run's record); a logger
+chosen by config (`logger=wandb` or `logger=none`) receives the same rows."""
+from __future__ import annotations
+
+import json
+import math
+import netrc
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+HEAD_KEY = re.compile(r"^(?P<metric>[^/]+)/L(?P<layer>\d+)H(?P<head>\d+)$")
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # "nan" / "inf": JSON has no literal for them
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class MetricsFile:
+    """Appends one JSON object per checkpoint to metrics.jsonl, flushed and fsynced per row."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self._fh = open(self.path, "a", encoding="utf-8")
+
+    def write(self, row: dict[str, Any]) -> None:
+        self._fh.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        self._fh.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a metrics.jsonl; a torn last line (a run killed mid-write) is dropped."""
+    rows = []
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
+    return rows
+
+
+def head_table(row: dict[str, Any], metric: str) -> list[list[float]] | None:
+    """[n_layers][n_heads] values of a per-head metric in one row, or None if absent."""
+    cells = {}
+    for key, value in row.items():
+        m = HEAD_KEY.match(key)
+        if m and m["metric"] == metric:
+            cells[int(m["layer"]), int(m["head"])] = value
+    if not cells:
+        return None
+    n_layers = 1 + max(l for l, _ in cells)
+    n_heads = 1 + max(h for _, h in cells)
+    return [[cells.get((l, h), float("nan")) for h in range(n_heads)] for l in range(n_layers)]
+
+
+def heatmap_pixels(table: list[list[float]], cell: int = 24):
+    """A per-head table [n_layers][n_heads] in [0, 1] as an RGB uint8 image (viridis), one
+    `cell` x `cell` block per head: cheap enough to log at every checkpoint."""
+    import numpy as np
+    from matplotlib import colormaps
+
+    values = np.nan_to_num(np.clip(np.asarray(table, dtype=float), 0.0, 1.0))
+    rgb = (colormaps["viridis"](values)[..., :3] * 255).astype(np.uint8)
+    return rgb.repeat(cell, axis=0).repeat(cell, axis=1)
+
+
+class NullLogger:
+    """`logger=none`: nothing beyond metrics.jsonl."""
+
+    def __init__(self, **_: Any):
+        pass
+
+    def start(self, run_dir: Path, config: dict[str, Any], run_id: str | None = None) -> str | None:
+        return None
+
+    def log(self, row: dict[str, Any]) -> None:
+        pass
+
+    def finish(self, exit_code: int = 0) -> None:
+        pass
+
+
+def wandb_credentials_present() -> bool:
+    """True when wandb would find an API key (environment or netrc), without any network."""
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
+        return True
+    host = re.sub(r"^https?://", "", os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).split("/")[0]
+    for path in (os.environ.get("NETRC"), os.path.expanduser("~/.netrc"), os.path.expanduser("~/_netrc")):
+        if path and os.path.isfile(path):
+            try:
+                if netrc.netrc(path).authenticators(host):
+                    return True
+            except (netrc.NetrcParseError, OSError):
+                continue
+    return False
+
+
+class WandbLogger:
+    """Weights & Biases: online when logged in, offline otherwise (prints the `wandb sync`
+    command). The x-axis of every metric is tokens seen; per-head metrics keep their
+    `prefix_matching/L{l}H{h}` keys; a heads x layers heatmap image is logged per checkpoint."""
+
+    def __init__(self, project: str = "induction-heads", entity: str | None = None, group: str | None = None,
+                 tags: list[str] | None = None, mode: str = "auto", heatmap_every: int = 1, **_: Any):
+        if mode not in ("auto", "online", "offline"):
+            raise ValueError(f"logger.mode must be auto, online or offline, got {mode!r}")
+        self.project, self.entity, self.group, self.tags = project, entity, group, list(tags or [])
+        self.mode, self.heatmap_every = mode, max(1, heatmap_every)
+        self.run = None
+        self._n_logged = 0
+
+    def _resolve_mode(self) -> str:
+        env_mode = os.environ.get("WANDB_MODE")
+        if env_mode in ("offline", "disabled", "online"):
+            return env_mode
+        if self.mode != "auto":
+            return self.mode
+        return "online" if wandb_credentials_present() else "offline"
+
+    def start(self, run_dir: Path, config: dict[str, Any], run_id: str | None = None) -> str | None:
+        import wandb
+
+        mode = self._resolve_mode()
+        kwargs = dict(project=self.project, entity=self.entity, group=self.group, tags=self.tags,
+                      config=config, dir=str(run_dir), name=config.get("name"), id=run_id,
+                      resume="allow" if run_id else None, reinit="finish_previous")
+        try:
+            self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60, silent=True), **kwargs)
+        except Exception as e:  # noqa: BLE001 - wandb must never stop training
+            if mode == "offline":
+                raise
+            print(f"wandb: could not start online ({type(e).__name__}: {e}); logging offline instead", file=sys.stderr)
+            mode = "offline"
+            self.run = wandb.init(mode=mode, settings=wandb.Settings(silent=True), **kwargs)
+        self.mode_used = mode
+        self.run.define_metric("tokens")
+        self.run.define_metric("*", step_metric="tokens")
+        return self.run.id
+
+    def log(self, row: dict[str, Any]) -> None:
+        if self.run is None:
+            return
+        data = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if self._n_logged % self.heatmap_every == 0:
+            image = self._heatmap(row)
+            if image is not None:
+                data["heads/prefix_matching"] = image
+        self._n_logged += 1
+        self.run.log(data)
+
+    def _heatmap(self, row: dict[str, Any]):
+        import wandb
+
+        table = head_table(row, "prefix_matching")
+        if table is None:
+            return None
+        return wandb.Image(heatmap_pixels(table), caption=f"prefix matching, layers (rows, L0 at the top) "
+                                                           f"x heads, at {row.get('tokens', 0):,} tokens")
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.run is None:
+            return
+        run_dir = getattr(self.run, "dir", None)
+        self.run.finish(exit_code=exit_code)
+        if getattr(self, "mode_used", None) == "offline" and run_dir:
+            print(f"wandb: logged offline; upload with: wandb sync {Path(run_dir).parent}", file=sys.stderr)
+        self.run = None

@@ -1,0 +1,130 @@
+"""Behavioral induction-head metrics: pure functions of (model, probe tokens) returning tensors.
+
+Definitions (see the README's "Metrics" section; sources in Olsson et al. 2022):
+
+* prefix-matching score [n_layers, n_heads]: for every query position i whose token occurred
+  earlier, the attention mass on the positions right after those earlier occurrences
+  (j + 1 for every j < i with token_j == token_i), averaged over such queries and probes.
+  On BOS + random segment x repeats, the queries are exactly those in repeats 2..R.
+  Perfect induction head: 1; uniform attention: about (number of occurrences) / i.
+* previous-token score [n_layers, n_heads]: mean attention from position i to i - 1, i >= 1.
+* duplicate-token score [n_layers, n_heads]: attention mass on earlier occurrences of the
+  query's own token, over queries that have one.
+* copying score [n_layers, n_heads]: for random tokens t, the head's direct-path logits when it
+  attends fully to t, l = LN_f(LN_1(W_E[t]) W_V W_O) W_U (LayerNorm scales and centering, no
+  biases). Score = share of ReLU(l - mean(l)) that falls on t itself, averaged over t.
+  Range [0, 1]: a pure copying head scores near 1, a random head about 2 / d_vocab.
+* per-position loss [n_ctx - 1]: element i is the mean cross-entropy of the prediction made at
+  position i (of token i + 1) over the held-out set.
+* ICL score: per_position_loss[late] - per_position_loss[early]; negative means the model uses
+  its context. Default indices scale Olsson's 50 and 500 (of 512) with the context length.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from train.model import AttnOnlyTransformer
+
+
+@torch.no_grad()
+def attention_patterns(model: AttnOnlyTransformer, tokens: torch.Tensor) -> torch.Tensor:
+    """Explicit attention patterns [n_layers, batch, n_heads, query, key]."""
+    return torch.stack(model(tokens, return_patterns=True).patterns)
+
+
+def prefix_matching_mask(tokens: torch.Tensor) -> torch.Tensor:
+    """[batch, query, key] True where key = j + 1 for an earlier j with token_j == token_query."""
+    n = tokens.shape[1]
+    same = tokens[:, :, None] == tokens[:, None, :]  # [b, i, j]
+    earlier = torch.ones(n, n, dtype=torch.bool, device=tokens.device).tril(-1)
+    same = same & earlier
+    mask = torch.zeros_like(same)
+    mask[:, :, 1:] = same[:, :, :-1]  # key j + 1 for each matching j
+    return mask
+
+
+def duplicate_token_mask(tokens: torch.Tensor) -> torch.Tensor:
+    """[batch, query, key] True where key < query holds the query's own token."""
+    n = tokens.shape[1]
+    same = tokens[:, :, None] == tokens[:, None, :]
+    return same & torch.ones(n, n, dtype=torch.bool, device=tokens.device).tril(-1)
+
+
+def masked_attention_score(patterns: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean over (probe, query with any True key) of the attention mass on the masked keys.
+
+    patterns [n_layers, batch, n_heads, q, k], mask [batch, q, k] -> [n_layers, n_heads]."""
+    mask = mask.to(patterns.dtype)
+    mass = torch.einsum("lbhqk,bqk->lbhq", patterns, mask)
+    valid = (mask.sum(-1) > 0).to(patterns.dtype)  # [b, q]
+    return torch.einsum("lbhq,bq->lh", mass, valid) / valid.sum().clamp(min=1)
+
+
+def prefix_matching_score(patterns: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return masked_attention_score(patterns, prefix_matching_mask(tokens))
+
+
+def duplicate_token_score(patterns: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    return masked_attention_score(patterns, duplicate_token_mask(tokens))
+
+
+def previous_token_score(patterns: torch.Tensor) -> torch.Tensor:
+    """[n_layers, n_heads] mean attention from i to i - 1 over queries i >= 1."""
+    return patterns.diagonal(offset=-1, dim1=-2, dim2=-1).mean(dim=(1, 3))
+
+
+def _layernorm_direction(x: torch.Tensor, ln) -> torch.Tensor:
+    """Apply a LayerNorm's centering, scaling and weight (not its bias); identity if no LN."""
+    if not isinstance(ln, torch.nn.LayerNorm):
+        return x
+    x = x - x.mean(-1, keepdim=True)
+    x = x / (x.pow(2).mean(-1, keepdim=True) + ln.eps).sqrt()
+    return x * ln.weight
+
+
+@torch.no_grad()
+def direct_path_logits(model: AttnOnlyTransformer, tokens: torch.Tensor) -> torch.Tensor:
+    """[n_layers, n_heads, len(tokens), d_vocab]: each head's direct-path logits when it attends
+    fully to each token."""
+    out = []
+    for block in model.blocks:
+        x = _layernorm_direction(model.W_E[tokens], block.ln1)  # [t, d_model]
+        ov = torch.einsum("td,hde,hem->htm", x, block.attn.W_V, block.attn.W_O)
+        out.append(_layernorm_direction(ov, model.ln_final) @ model.W_U)
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def copying_score(model: AttnOnlyTransformer, tokens: torch.Tensor) -> torch.Tensor:
+    """[n_layers, n_heads] share of positive (mean-subtracted) direct-path logit mass on the
+    attended token itself."""
+    logits = direct_path_logits(model, tokens)
+    positive = F.relu(logits - logits.mean(-1, keepdim=True))
+    own = positive.gather(-1, tokens.view(1, 1, -1, 1).expand(*positive.shape[:3], 1)).squeeze(-1)
+    return (own / positive.sum(-1).clamp(min=1e-12)).mean(-1)
+
+
+@torch.no_grad()
+def per_position_loss(model: AttnOnlyTransformer, tokens: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """[n_ctx - 1]: mean cross-entropy of the prediction at each position over `tokens`."""
+    total = torch.zeros(tokens.shape[1] - 1, device=tokens.device)
+    for chunk in tokens.split(batch_size):
+        logits = model(chunk).logits[:, :-1].float()
+        loss = F.cross_entropy(logits.transpose(1, 2), chunk[:, 1:], reduction="none")
+        total += loss.sum(0)
+    return total / tokens.shape[0]
+
+
+def icl_indices(n_ctx: int, early: int | None = None, late: int | None = None) -> tuple[int, int]:
+    """Olsson's token indices 50 and 500 (of 512) scaled to the context, unless given."""
+    last = n_ctx - 2  # the last position that makes a prediction
+    early = round(n_ctx * 50 / 512) if early is None else early
+    late = min(round(n_ctx * 500 / 512), last) if late is None else late
+    if not 0 <= early < late <= last:
+        raise ValueError(f"ICL indices need 0 <= early < late <= {last} for n_ctx={n_ctx}, got {early}, {late}")
+    return early, late
+
+
+def icl_score(position_loss: torch.Tensor, early: int, late: int) -> torch.Tensor:
+    return position_loss[late] - position_loss[early]

@@ -1,0 +1,195 @@
+"""An attention-only transformer with TransformerLens-style parameter names and shapes.
+
+    W_E   [d_vocab, d_model]          token embedding
+    W_pos [n_ctx, d_model]            positions ("learned": added to the residual stream;
+                                      "shortformer": added to the query/key inputs only)
+    blocks[l].attn.W_Q/W_K/W_V [n_heads, d_model, d_head], b_Q/b_K/b_V [n_heads, d_head]
+    blocks[l].attn.W_O [n_heads, d_head, d_model], b_O [d_model]
+    W_U   [d_model, d_vocab], b_U [d_vocab]
+
+The residual stream is x = W_E[tokens] (+ W_pos); each layer adds its attention output; logits are
+LN_final(x) @ W_U + b_U (LayerNorms are optional, pre-norm). Training uses fused
+scaled-dot-product attention; pass ``return_patterns=True`` to get explicit attention patterns
+(the probes do), and ``z_hooks`` to read or replace per-head outputs (ablations do).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+POSITIONAL_SCHEMES = ("learned", "shortformer", "rotary")
+
+# z_hook(layer, z) -> z, with z [batch, n_heads, pos, d_head]: the per-head attention output
+# before W_O. Returning a modified tensor ablates or patches heads.
+ZHook = Callable[[int, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor  # [batch, pos, d_vocab]
+    patterns: list[torch.Tensor] | None = None  # per layer [batch, n_heads, query, key]
+
+
+class Attention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, d_head: int, smeared_keys: bool):
+        super().__init__()
+        self.n_heads, self.d_head = n_heads, d_head
+        self.W_Q = nn.Parameter(torch.empty(n_heads, d_model, d_head))
+        self.W_K = nn.Parameter(torch.empty(n_heads, d_model, d_head))
+        self.W_V = nn.Parameter(torch.empty(n_heads, d_model, d_head))
+        self.W_O = nn.Parameter(torch.empty(n_heads, d_head, d_model))
+        self.b_Q = nn.Parameter(torch.zeros(n_heads, d_head))
+        self.b_K = nn.Parameter(torch.zeros(n_heads, d_head))
+        self.b_V = nn.Parameter(torch.zeros(n_heads, d_head))
+        self.b_O = nn.Parameter(torch.zeros(d_model))
+        # Smeared keys (Olsson et al. 2022): k_j <- sigmoid(a) k_j + (1 - sigmoid(a)) k_{j-1}.
+        self.smear = nn.Parameter(torch.zeros(n_heads)) if smeared_keys else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        qk_pos: torch.Tensor | None = None,
+        rotary: "Rotary | None" = None,
+        return_pattern: bool = False,
+        z_hook: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if qk_pos is None:  # one matmul for all three projections
+            q, k, v = _project(x, (self.W_Q, self.W_K, self.W_V), (self.b_Q, self.b_K, self.b_V))
+        else:  # shortformer: positions enter the queries and keys only
+            q, k = _project(x + qk_pos, (self.W_Q, self.W_K), (self.b_Q, self.b_K))
+            (v,) = _project(x, (self.W_V,), (self.b_V,))
+        if self.smear is not None:
+            s = torch.sigmoid(self.smear)[None, :, None, None]
+            k = torch.cat([k[:, :, :1], s * k[:, :, 1:] + (1 - s) * k[:, :, :-1]], dim=2)
+        if rotary is not None:
+            q, k = rotary(q), rotary(k)
+        pattern = None
+        if return_pattern:
+            scores = q @ k.transpose(-1, -2) / math.sqrt(self.d_head)
+            n = scores.shape[-1]
+            causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+            pattern = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+            z = pattern @ v
+        else:
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if z_hook is not None:
+            z = z_hook(z)
+        b, h, n, e = z.shape
+        out = z.transpose(1, 2).reshape(b, n, h * e) @ self.W_O.reshape(h * e, -1) + self.b_O
+        return out, pattern
+
+
+def _project(x: torch.Tensor, weights, biases) -> tuple[torch.Tensor, ...]:
+    """x [b, p, d_model] through stacked per-head weights [h, d_model, e] -> each [b, h, p, e]."""
+    h, d, e = weights[0].shape
+    w = torch.cat([w.transpose(0, 1).reshape(d, h * e) for w in weights], dim=1)
+    bias = torch.cat([bb.reshape(h * e) for bb in biases])
+    out = (x @ w + bias).view(*x.shape[:2], len(weights), h, e)
+    return tuple(out[:, :, i].transpose(1, 2) for i in range(len(weights)))
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding applied to queries and keys (rotate-half convention)."""
+
+    def __init__(self, d_head: int, n_ctx: int, base: float = 10000.0):
+        super().__init__()
+        if d_head % 2:
+            raise ValueError(f"rotary positions need an even d_head, got {d_head}")
+        inv_freq = base ** (-torch.arange(0, d_head, 2, dtype=torch.float32) / d_head)
+        angles = torch.arange(n_ctx, dtype=torch.float32)[:, None] * inv_freq[None]
+        self.register_buffer("cos", angles.cos().repeat(1, 2), persistent=False)
+        self.register_buffer("sin", angles.sin().repeat(1, 2), persistent=False)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        n = t.shape[-2]
+        half = t.shape[-1] // 2
+        rotated = torch.cat([-t[..., half:], t[..., :half]], dim=-1)
+        return t * self.cos[:n].to(t.dtype) + rotated * self.sin[:n].to(t.dtype)
+
+
+class Block(nn.Module):
+    def __init__(self, d_model, n_heads, d_head, layernorm, smeared_keys):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(d_model) if layernorm else nn.Identity()
+        self.attn = Attention(d_model, n_heads, d_head, smeared_keys)
+
+
+class AttnOnlyTransformer(nn.Module):
+    def __init__(
+        self,
+        d_vocab: int,
+        n_ctx: int,
+        n_layers: int = 2,
+        n_heads: int = 4,
+        d_model: int = 64,
+        d_head: int = 16,
+        positional: str = "learned",
+        layernorm: bool = False,
+        smeared_keys: bool = False,
+        init_std: float = 0.02,
+        rotary_base: float = 10000.0,
+    ):
+        super().__init__()
+        if positional not in POSITIONAL_SCHEMES:
+            raise ValueError(f"unknown positional scheme {positional!r}; choose one of {POSITIONAL_SCHEMES}")
+        for name, value in dict(d_vocab=d_vocab, n_ctx=n_ctx, n_layers=n_layers, n_heads=n_heads,
+                                d_model=d_model, d_head=d_head).items():
+            if value <= 0:
+                raise ValueError(f"model.{name} must be positive, got {value}")
+        self.d_vocab, self.n_ctx, self.n_layers = d_vocab, n_ctx, n_layers
+        self.n_heads, self.d_model, self.d_head = n_heads, d_model, d_head
+        self.positional, self.layernorm = positional, layernorm
+        self.W_E = nn.Parameter(torch.empty(d_vocab, d_model))
+        self.W_pos = nn.Parameter(torch.empty(n_ctx, d_model)) if positional != "rotary" else None
+        self.rotary = Rotary(d_head, n_ctx, rotary_base) if positional == "rotary" else None
+        self.blocks = nn.ModuleList(
+            Block(d_model, n_heads, d_head, layernorm, smeared_keys) for _ in range(n_layers)
+        )
+        self.ln_final = nn.LayerNorm(d_model) if layernorm else nn.Identity()
+        self.W_U = nn.Parameter(torch.empty(d_model, d_vocab))
+        self.b_U = nn.Parameter(torch.zeros(d_vocab))
+        self.init_std = init_std
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = self.init_std
+        for name, p in self.named_parameters():
+            if name.endswith(("W_E", "W_pos", "W_Q", "W_K", "W_V", "W_U")):
+                nn.init.normal_(p, std=std)
+            elif name.endswith("W_O"):
+                # Scaled down with depth so the residual stream's size does not grow with layers.
+                nn.init.normal_(p, std=std / math.sqrt(2 * self.n_layers))
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        return_patterns: bool = False,
+        z_hooks: ZHook | None = None,
+    ) -> ModelOutput:
+        n = tokens.shape[1]
+        if n > self.n_ctx:
+            raise ValueError(f"sequence length {n} exceeds the model's context n_ctx={self.n_ctx}")
+        x = self.W_E[tokens]
+        qk_pos = None
+        if self.positional == "learned":
+            x = x + self.W_pos[:n]
+        elif self.positional == "shortformer":
+            qk_pos = self.W_pos[:n]
+        patterns = [] if return_patterns else None
+        for layer, block in enumerate(self.blocks):
+            hook = None if z_hooks is None else (lambda z, layer=layer: z_hooks(layer, z))
+            out, pattern = block.attn(block.ln1(x), qk_pos, self.rotary, return_patterns, hook)
+            x = x + out
+            if patterns is not None:
+                patterns.append(pattern)
+        logits = self.ln_final(x) @ self.W_U + self.b_U
+        return ModelOutput(logits=logits, patterns=patterns)
+
+    @property
+    def layers(self) -> list[Attention]:
+        return [block.attn for block in self.blocks]
