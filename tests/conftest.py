@@ -14,3 +14,19 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def two_layer_run(tmp_path_factory):
+    """A real short 2-layer training run (shared by every test that needs one)."""
+    from tests.helpers import SHORT_RUN, train_run
+
+    return train_run(tmp_path_factory.mktemp("run2L"), SHORT_RUN + ["model.n_layers=2"])
+
+
+@pytest.fixture(scope="session")
+def one_layer_run(tmp_path_factory):
+    """The 1-layer control of `two_layer_run`, same data and schedule."""
+    from tests.helpers import SHORT_RUN, train_run
+
+    return train_run(tmp_path_factory.mktemp("run1L"), SHORT_RUN + ["model.n_layers=1"])
