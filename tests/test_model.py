@@ -1,0 +1,121 @@
+"""The model: TransformerLens names and shapes, fused and explicit attention agree, causality,
+the positional schemes and smeared keys."""
+import pytest
+import torch
+
+from train.model import AttnOnlyTransformer
+
+CONFIGS = [
+    dict(positional="learned", layernorm=True),
+    dict(positional="learned", layernorm=False),
+    dict(positional="shortformer", layernorm=True),
+    dict(positional="rotary", layernorm=True),
+    dict(positional="learned", layernorm=True, smeared_keys=True),
+]
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    args = dict(d_vocab=50, n_ctx=32, n_layers=2, n_heads=3, d_model=24, d_head=8) | kw
+    return AttnOnlyTransformer(**args).eval()
+
+
+def test_transformerlens_names_and_shapes():
+    m = _model()
+    assert m.W_E.shape == (50, 24) and m.W_pos.shape == (32, 24) and m.W_U.shape == (24, 50)
+    attn = m.blocks[1].attn
+    for name in ("W_Q", "W_K", "W_V"):
+        assert getattr(attn, name).shape == (3, 24, 8)
+    assert attn.W_O.shape == (3, 8, 24)
+    names = set(dict(m.named_parameters()))
+    assert {"W_E", "W_pos", "W_U", "blocks.0.attn.W_Q", "blocks.1.attn.W_O"} <= names
+
+
+@pytest.mark.parametrize("kw", CONFIGS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_fused_and_explicit_attention_agree(kw):
+    m = _model(**kw)
+    tokens = torch.randint(0, 50, (4, 32))
+    fused = m(tokens).logits
+    out = m(tokens, return_patterns=True)
+    torch.testing.assert_close(out.logits, fused, atol=1e-5, rtol=1e-4)
+    for p in out.patterns:
+        assert p.shape == (4, 3, 32, 32)
+        torch.testing.assert_close(p.sum(-1), torch.ones(4, 3, 32))
+        assert torch.all(p.triu(1) == 0)  # causal
+
+
+@pytest.mark.parametrize("kw", CONFIGS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_future_tokens_do_not_change_earlier_logits(kw):
+    m = _model(**kw)
+    a = torch.randint(0, 50, (2, 32))
+    b = a.clone()
+    b[:, 20:] = torch.randint(0, 50, (2, 12))
+    torch.testing.assert_close(m(a).logits[:, :20], m(b).logits[:, :20])
+
+
+def test_shortformer_keeps_positions_out_of_the_values():
+    m = _model(positional="shortformer")
+    tokens = torch.randint(0, 50, (1, 32))
+    # With uniform attention (zero Q/K weights), a shortformer layer's output cannot depend on
+    # positions, so the logits at a position are those of the mean of the values.
+    with torch.no_grad():
+        for block in m.blocks:
+            block.attn.W_Q.zero_()
+            block.attn.W_K.zero_()
+        base = m(tokens).logits
+        m.W_pos.normal_()
+        torch.testing.assert_close(m(tokens).logits, base)
+
+
+def test_rotary_scores_depend_on_relative_position_only():
+    m = _model(positional="rotary")
+    q = torch.randn(1, 1, 32, 8)
+    k = torch.randn(1, 1, 32, 8)
+    # The same query and key vectors at (i, j) and (i + s, j + s) give the same score.
+    qs = m.rotary(q.expand(1, 1, 32, 8).clone()[:, :, :1].repeat(1, 1, 32, 1))
+    ks = m.rotary(k[:, :, :1].repeat(1, 1, 32, 1))
+    s1 = (qs[0, 0, 10] * ks[0, 0, 4]).sum()
+    s2 = (qs[0, 0, 20] * ks[0, 0, 14]).sum()
+    torch.testing.assert_close(s1, s2, atol=1e-5, rtol=1e-5)
+
+
+def test_smeared_keys_mix_in_the_previous_key():
+    m = _model(smeared_keys=True, init_std=0.5)
+    tokens = torch.randint(0, 50, (2, 32))
+    with torch.no_grad():
+        for block in m.blocks:
+            block.attn.smear.fill_(30.0)  # sigmoid(30) ~ 1: no smearing
+    plain = _model(init_std=0.5)
+    plain.load_state_dict({k: v for k, v in m.state_dict().items() if "smear" not in k})
+    torch.testing.assert_close(m(tokens).logits, plain(tokens).logits, atol=1e-5, rtol=1e-4)
+    with torch.no_grad():
+        for block in m.blocks:
+            block.attn.smear.fill_(-30.0)  # keys fully replaced by the previous position's
+    assert (m(tokens).logits - plain(tokens).logits).abs().max() > 0.1
+
+
+def test_z_hook_zero_ablation_removes_a_heads_contribution():
+    m = _model()
+    tokens = torch.randint(0, 50, (2, 32))
+
+    def zero_all(layer, z):
+        return torch.zeros_like(z)
+
+    out = m(tokens, z_hooks=zero_all).logits
+    with torch.no_grad():
+        x = m.W_E[tokens] + m.W_pos[:32]
+        for block in m.blocks:
+            x = x + block.attn.b_O
+        expected = m.ln_final(x) @ m.W_U + m.b_U
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("bad", [dict(positional="alibi"), dict(n_layers=0), dict(d_head=-1)])
+def test_bad_model_arguments_are_refused(bad):
+    with pytest.raises(ValueError):
+        _model(**bad)
+
+
+def test_rotary_needs_an_even_head_size():
+    with pytest.raises(ValueError, match="even d_head"):
+        AttnOnlyTransformer(d_vocab=10, n_ctx=8, d_model=9, n_heads=1, d_head=9, positional="rotary")
