@@ -60,7 +60,7 @@ def test_experiments_change_what_they_say():
 
 def test_multirun_sweep_runs_every_job(tmp_path):
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "train", "-m", "model.n_layers=1,2", "experiment=smoke", "device=cpu",
+    cmd = [sys.executable, "-m", "train", "-m", "model.n_layers=1,2", "experiment=smoke", "device=cpu", "logger=none",
            "train.total_tokens=60000", f"hydra.sweep.dir={sweep}"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]

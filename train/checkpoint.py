@@ -31,13 +31,38 @@ class CheckpointError(ValueError):
     """A checkpoint that cannot be used: missing, truncated, corrupted or of another shape."""
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(obj, fh, indent=2)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write JSON to a temporary name in the same directory, fsync, then rename over `path`."""
+    write_text_atomic(path, json.dumps(obj, indent=2))
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write text to a temporary name in the same directory, fsync, then rename over `path`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
 
 
 def model_kwargs(model_cfg: dict[str, Any]) -> dict[str, Any]:
@@ -63,9 +88,15 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, meta: dict[str, Any],
     for f in tmp.iterdir():  # make the contents durable before the rename publishes them
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    if final.exists():  # re-saving a step: move the old one aside, publish, then delete it
+        old = final.with_name(final.name + ".old.tmp")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
     return final
 
 
@@ -74,15 +105,53 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    dirs = [d for d in root.iterdir() if d.is_dir() and d.name.startswith("step_") and not d.name.endswith(".tmp")]
-    return sorted(d for d in dirs if (d / META_FILE).is_file())
+    dirs = [d for d in root.iterdir() if d.is_dir() and d.name.startswith("step_") and d.name[5:].isdigit()]
+    return sorted((d for d in dirs if (d / META_FILE).is_file()), key=lambda d: int(d.name[5:]))
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete half-written checkpoint directories (`*.tmp`) left by a killed run."""
+    root = Path(run_dir) / "checkpoints"
+    if root.is_dir():
+        for d in root.iterdir():
+            if d.name.endswith(".tmp"):
+                shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
 
 
 def read_meta(ckpt: Path) -> dict[str, Any]:
+    path = Path(ckpt) / META_FILE
     try:
-        return json.loads((Path(ckpt) / META_FILE).read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"unreadable checkpoint metadata in {ckpt}: {e}") from e
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"unreadable checkpoint metadata {path}: {e}") from None
+    if not (isinstance(meta, dict) and isinstance(meta.get("step"), int) and isinstance(meta.get("model"), dict)):
+        raise CheckpointError(f"checkpoint metadata {path} lacks its step or model description")
+    return meta
+
+
+def check_same_model(meta: dict[str, Any], model_cfg: dict[str, Any], ckpt: Path) -> None:
+    """A checkpoint written by a model of another shape cannot be loaded into this one."""
+    saved, wanted = model_kwargs(meta["model"]), model_kwargs(model_cfg)
+    diff = [f"{k}={saved.get(k)!r} (config: {wanted.get(k)!r})" for k in MODEL_KEYS
+            if k in saved and k in wanted and saved[k] != wanted[k] and k != "init_std"]
+    if diff:
+        raise CheckpointError(f"checkpoint {ckpt} was written by a different model: {', '.join(diff)}")
+
+
+def load_train_state(ckpt: Path, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Optimizer, scheduler and RNG state of a checkpoint. Loaded with `weights_only=True`: tensors
+    and plain containers only, never arbitrary pickled objects (no code runs from the file)."""
+    path = Path(ckpt) / STATE_FILE
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - unreadable, truncated or unsafe: all refused the same way
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read resume state {path} (refused or corrupt: {reason})") from None
+    missing = [k for k in ("optimizer", "scheduler", "rng", "loss_sum", "loss_count") if not (
+        isinstance(state, dict) and k in state)]
+    if missing:
+        raise CheckpointError(f"resume state {path} lacks {', '.join(missing)}")
+    return state
 
 
 def load_model(ckpt: str | Path, device: str | torch.device = "cpu") -> tuple[AttnOnlyTransformer, dict[str, Any]]:
@@ -99,7 +168,8 @@ def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
     try:
         weights = load_file(str(path))
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for bad files
-        raise CheckpointError(f"cannot read {path}: {e}") from e
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"cannot read {path} (missing, truncated or corrupt: {reason})") from None
     expected = model.state_dict()
     if set(weights) != set(expected):
         missing, extra = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
@@ -112,8 +182,11 @@ def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
     model.load_state_dict(weights)
 
 
-def prune_train_states(run_dir: Path, keep: int) -> None:
-    """Delete optimizer state from all but the newest `keep` checkpoints."""
+def prune_train_states(run_dir: Path, keep: int, save_weights: bool = True) -> None:
+    """Delete optimizer state from all but the newest `keep` checkpoints (and, when weights are
+    not kept, the weights that were written only for resuming)."""
     with_state = [d for d in list_checkpoints(run_dir) if (d / STATE_FILE).exists()]
     for d in with_state[: max(0, len(with_state) - keep)]:
         (d / STATE_FILE).unlink(missing_ok=True)
+        if not save_weights:
+            (d / MODEL_FILE).unlink(missing_ok=True)

@@ -112,17 +112,60 @@ def wandb_credentials_present() -> bool:
     return False
 
 
+def _warn(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _server_unreachable(timeout: float = 3.0) -> str | None:
+    """None if a TCP connection to the wandb server (or the HTTPS proxy in between) opens within
+    `timeout` seconds, else a description of what failed. Without this pre-flight an unreachable
+    server holds `wandb.init` for its whole retry period."""
+    import socket
+    import urllib.request
+    from urllib.parse import urlsplit
+
+    base = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
+    server = urlsplit(base if "://" in base else f"https://{base}")
+    if not server.hostname:
+        return None  # cannot tell: let wandb try
+    proxy = urllib.request.getproxies().get(server.scheme or "https")
+    if proxy and urllib.request.proxy_bypass(server.hostname):
+        proxy = None
+    parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}") if proxy else server
+    host = parts.hostname
+    if not host:
+        return None
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return None
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as e:
+        return f"{'proxy' if proxy else 'server'} {host}:{port} ({e.strerror or type(e).__name__})"
+
+
 class WandbLogger:
     """Weights & Biases: online when logged in, offline otherwise (prints the `wandb sync`
     command). The x-axis of every metric is tokens seen; per-head metrics keep their
     `prefix_matching/L{l}H{h}` keys; a heads x layers heatmap image is logged per checkpoint."""
 
     def __init__(self, project: str = "induction-heads", entity: str | None = None, group: str | None = None,
-                 tags: list[str] | None = None, mode: str = "auto", heatmap_every: int = 1, **_: Any):
+                 tags: list[str] | None = None, mode: str = "auto", heatmap_every: int = 1,
+                 init_timeout: float = 30.0, **_: Any):
         if mode not in ("auto", "online", "offline"):
             raise ValueError(f"logger.mode must be auto, online or offline, got {mode!r}")
         self.project, self.entity, self.group, self.tags = project, entity, group, list(tags or [])
         self.mode, self.heatmap_every = mode, max(1, heatmap_every)
+        # wandb's own default is 90 s of retries; once the server answered the pre-flight
+        # connection, 30 s is plenty, and bounds how long training can be held up.
+        self.init_timeout = init_timeout
         self.run = None
         self._n_logged = 0
 
@@ -135,35 +178,63 @@ class WandbLogger:
         return "online" if wandb_credentials_present() else "offline"
 
     def start(self, run_dir: Path, config: dict[str, Any], run_id: str | None = None) -> str | None:
-        import wandb
-
+        """Start (or, given `run_id`, resume) the wandb run. Never raises and never stalls long:
+        online falls back to offline when the server cannot be reached, offline to no wandb
+        logging at all (metrics.jsonl is always written)."""
+        try:
+            import wandb
+        except Exception as e:  # noqa: BLE001
+            _warn(f"wandb: cannot import wandb ({_one_line(e)}); logging to metrics.jsonl only")
+            return run_id
         mode = self._resolve_mode()
+        if mode == "disabled":
+            return run_id
         kwargs = dict(project=self.project, entity=self.entity, group=self.group, tags=self.tags,
                       config=config, dir=str(run_dir), name=config.get("name"), id=run_id,
                       resume="allow" if run_id else None, reinit="finish_previous")
-        try:
-            self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60, silent=True), **kwargs)
-        except Exception as e:  # noqa: BLE001 - wandb must never stop training
-            if mode == "offline":
-                raise
-            print(f"wandb: could not start online ({type(e).__name__}: {e}); logging offline instead", file=sys.stderr)
-            mode = "offline"
-            self.run = wandb.init(mode=mode, settings=wandb.Settings(silent=True), **kwargs)
+        if mode == "online":
+            problem = _server_unreachable()
+            if problem:
+                _warn(f"wandb: cannot reach {problem}; logging offline instead")
+                mode = "offline"
+        if mode == "online":
+            try:
+                self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=self.init_timeout, silent=True),
+                                      **kwargs)
+            except Exception as e:  # noqa: BLE001 - wandb must never stop training
+                _warn(f"wandb: could not start online ({type(e).__name__}: {_one_line(e)}); logging offline instead")
+                mode = "offline"
+        if mode == "offline":
+            try:
+                self.run = wandb.init(mode=mode, settings=wandb.Settings(silent=True), **kwargs)
+            except Exception as e:  # noqa: BLE001
+                _warn(f"wandb: could not start offline either ({type(e).__name__}: {_one_line(e)}); "
+                      f"logging to metrics.jsonl only")
+                self.run = None
+                return run_id
         self.mode_used = mode
-        self.run.define_metric("tokens")
-        self.run.define_metric("*", step_metric="tokens")
+        try:
+            self.run.define_metric("tokens")
+            self.run.define_metric("*", step_metric="tokens")
+        except Exception as e:  # noqa: BLE001
+            _warn(f"wandb: define_metric failed ({_one_line(e)})")
         return self.run.id
 
     def log(self, row: dict[str, Any]) -> None:
         if self.run is None:
             return
         data = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        if self._n_logged % self.heatmap_every == 0:
-            image = self._heatmap(row)
-            if image is not None:
-                data["heads/prefix_matching"] = image
-        self._n_logged += 1
-        self.run.log(data)
+        try:
+            if self._n_logged % self.heatmap_every == 0:
+                image = self._heatmap(row)
+                if image is not None:
+                    data["heads/prefix_matching"] = image
+            self._n_logged += 1
+            self.run.log(data)
+        except Exception as e:  # noqa: BLE001 - a logging failure must not stop training
+            _warn(f"wandb: logging failed ({type(e).__name__}: {_one_line(e)}); "
+                  f"no more wandb logging in this run, metrics.jsonl continues")
+            self.run = None
 
     def _heatmap(self, row: dict[str, Any]):
         import wandb
@@ -178,7 +249,10 @@ class WandbLogger:
         if self.run is None:
             return
         run_dir = getattr(self.run, "dir", None)
-        self.run.finish(exit_code=exit_code)
+        try:
+            self.run.finish(exit_code=exit_code)
+        except Exception as e:  # noqa: BLE001
+            _warn(f"wandb: finish failed ({type(e).__name__}: {_one_line(e)})")
         if getattr(self, "mode_used", None) == "offline" and run_dir:
             print(f"wandb: logged offline; upload with: wandb sync {Path(run_dir).parent}", file=sys.stderr)
         self.run = None

@@ -3,8 +3,8 @@ checkpoints and callbacks on a schedule in tokens seen, exact resume, and safe s
 from __future__ import annotations
 
 import math
-import os
 import random
+import shutil
 import signal
 import sys
 import time
@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from train import checkpoint as ckpt
 from train.callbacks import RunContext
+from train.config import read_run_status
 from train.data import build_probes
 from train.loggers import MetricsFile, read_metrics
 from train.schedule import checkpoint_steps
@@ -66,17 +67,28 @@ def seed_everything(seed: int) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1], "python": random.getstate()[1]}
+    """Every global RNG (torch, CUDA, numpy, Python) as tensors and plain numbers, so that it
+    round-trips through `torch.load(weights_only=True)`."""
+    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    py_version, py_internal, py_gauss = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": torch.from_numpy(np_keys.astype(np.int64)),
+        "numpy_pos": int(np_pos), "numpy_has_gauss": int(np_has_gauss), "numpy_gauss": float(np_gauss),
+        "python": torch.tensor(py_internal, dtype=torch.int64),  # 624 words + index
+        "python_version": int(py_version), "python_gauss": py_gauss,
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
-    return {"torch": state["torch"], "numpy": torch.from_numpy(state["numpy"].astype(np.int64)),
-            "python": torch.tensor(state["python"], dtype=torch.int64), **({"cuda": state["cuda"]} if "cuda" in state else {})}
+    return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), 624, 0, 0.0))
-    random.setstate((3, tuple(int(x) for x in state["python"].tolist()), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state.get("numpy_pos", 624)),
+                         int(state.get("numpy_has_gauss", 0)), float(state.get("numpy_gauss", 0.0))))
+    random.setstate((int(state.get("python_version", 3)), tuple(int(x) for x in state["python"].tolist()),
+                     state.get("python_gauss")))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -144,6 +156,8 @@ class Trainer:
         self.step = 0
         self.loss_sum = torch.zeros((), device=self.device)
         self.loss_count = 0
+        self.exit_code = 1
+        self.resumed_from: list[int] = []
 
     # -- state ---------------------------------------------------------------------------------
     def train_state(self) -> dict[str, Any]:
@@ -157,26 +171,47 @@ class Trainer:
 
     def save(self, kind: str = "scheduled") -> Path:
         keep = self.cfg.checkpoint.keep_resume_states
+        # An interrupt checkpoint must always be resumable, whatever keep_resume_states says.
+        with_state = keep > 0 or kind == "interrupt"
         path = ckpt.save_checkpoint(self.run_dir, self.model, self.meta(kind),
-                                    self.train_state() if keep > 0 else None,
+                                    self.train_state() if with_state else None,
                                     save_weights=self.cfg.checkpoint.save_weights)
-        ckpt.prune_train_states(self.run_dir, keep)
+        if kind != "interrupt":
+            # Checkpoints written only because the run was stopped are not part of the schedule:
+            # once training has passed them they go, so a resumed run's directory matches an
+            # uninterrupted one.
+            for old in ckpt.list_checkpoints(self.run_dir):
+                if old != path and int(old.name[5:]) < self.step and self._is_interrupt(old):
+                    shutil.rmtree(old, ignore_errors=True)
+            ckpt.prune_train_states(self.run_dir, keep, self.cfg.checkpoint.save_weights)
         return path
 
-    def restore(self, path: Path) -> None:
-        meta = ckpt.read_meta(path)
-        ckpt.load_weights(self.model, path)
-        state_file = path / ckpt.STATE_FILE
+    @staticmethod
+    def _is_interrupt(path: Path) -> bool:
         try:
-            state = torch.load(state_file, map_location=self.device, weights_only=True)
-        except Exception as e:  # noqa: BLE001 - any unreadable state is a checkpoint error
-            raise ckpt.CheckpointError(f"cannot read resume state {state_file}: {e}") from e
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        set_rng_state({k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in state["rng"].items()})
-        self.loss_sum = state["loss_sum"].to(self.device)
-        self.loss_count = int(state["loss_count"])
+            return ckpt.read_meta(path).get("kind") == "interrupt"
+        except ckpt.CheckpointError:
+            return False
+
+    def restore(self, path: Path) -> None:
+        """Load model, optimizer, scheduler, RNG and the running train-loss sums of a checkpoint.
+        Everything is read and checked before anything is changed on disk."""
+        meta = ckpt.read_meta(path)
+        ckpt.check_same_model(meta, OmegaConf.to_container(self.cfg.model, resolve=True), path)
+        ckpt.load_weights(self.model, path)
+        state = ckpt.load_train_state(path, self.device)
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            set_rng_state({k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in state["rng"].items()})
+            self.loss_sum = state["loss_sum"].to(self.device)
+            self.loss_count = int(state["loss_count"])
+        except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as e:
+            raise ckpt.CheckpointError(f"resume state in {path} does not fit this run: {e}") from None
         self.step = int(meta["step"])
+        if not 0 <= self.step <= self.total_steps:
+            raise ckpt.CheckpointError(f"checkpoint {path} is at step {self.step}, outside this run's "
+                                       f"{self.total_steps} steps")
 
     # -- one checkpoint ------------------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:
@@ -189,6 +224,7 @@ class Trainer:
             row["loss/train"] = float(self.loss_sum) / self.loss_count
         self.loss_sum.zero_()
         self.loss_count = 0
+        self.ctx.row = row  # the row so far: later callbacks reuse earlier callbacks' scores
         with torch.no_grad():
             for cb in self.callbacks:
                 if cb.due(self.ctx):
@@ -217,62 +253,88 @@ class Trainer:
         self.loss_count += 1
         return loss
 
-    def run(self, resume_from: Path | None = None, run_id: str | None = None) -> dict[str, Any]:
+    def run(self, resume_from: Path | None = None, run_id: str | None = None,
+            resumed_from: list[int] | None = None, prior_seconds: float = 0.0) -> dict[str, Any]:
+        """Train to the end (or to a stop signal or fault). `self.exit_code` says how it ended:
+        0 finished, 128 + signal number when stopped by SIGTERM/SIGINT. `resumed_from` and
+        `prior_seconds` carry the history of earlier segments of a resumed run into status.json."""
         metrics_path = self.run_dir / "metrics.jsonl"
+        self.resumed_from = list(resumed_from or [])
         if resume_from is not None:
-            self.restore(resume_from)
-            kept = [r for r in read_metrics(metrics_path) if r.get("step", -1) <= self.step and "event" not in r] \
-                if metrics_path.exists() else []
-            tmp = metrics_path.with_name("metrics.jsonl.tmp")
-            tmp.write_text("".join(_dump(r) + "\n" for r in kept), encoding="utf-8")
-            os.replace(tmp, metrics_path)
+            self.restore(resume_from)  # raises before anything on disk changes
+            # Rows the killed run wrote after its checkpoint are recomputed, so they go (and a
+            # torn last line with them): the file continues exactly as an uninterrupted run's.
+            try:
+                rows = read_metrics(metrics_path) if metrics_path.exists() else []
+            except (ValueError, UnicodeDecodeError) as e:
+                raise ckpt.CheckpointError(f"cannot resume: {e}") from None
+            kept = [r for r in rows if isinstance(r, dict) and r.get("step", -1) <= self.step]
+            ckpt.remove_stale_temporaries(self.run_dir)
+            ckpt.write_text_atomic(metrics_path, "".join(_dump(r) + "\n" for r in kept))
+            self.resumed_from.append(self.step)
         metrics = MetricsFile(metrics_path)
         run_id = self.logger.start(self.run_dir, OmegaConf.to_container(self.cfg, resolve=True), run_id)
-        _write_status(self.run_dir, "running", self.step, run_id)
+        self._status("running", run_id, prior_seconds or None)
         pending = [s for s in self.schedule if s > self.step or (resume_from is None and s == self.step)]
         last_row: dict[str, Any] = {}
         bar = tqdm(total=self.total_steps * self.tokens_per_step, initial=self.step * self.tokens_per_step,
                    unit="tok", unit_scale=True, dynamic_ncols=True, disable=not sys.stderr.isatty(),
                    desc=f"{self.cfg.model.n_layers}L")
-        t0 = time.perf_counter()
-        exit_code, state = 1, "failed"
+        t0 = time.perf_counter() - float(prior_seconds or 0.0)  # wall time summed over segments
+        self.exit_code, state, error = 1, "failed", None
         try:
             with _StopSignal() as stop:
                 while True:
+                    saved_now = False
                     if pending and pending[0] == self.step:
                         pending.pop(0)
                         last_row = self.evaluate()
                         metrics.write(last_row)
                         self.logger.log(last_row | {"time/elapsed_s": time.perf_counter() - t0})
                         self.save()
+                        saved_now = True
                         if "loss/heldout" in last_row:
                             bar.set_postfix(loss=f"{last_row['loss/heldout']:.3f}", refresh=False)
                     if self.step >= self.total_steps:
                         break
                     if stop.received is not None:
-                        self.save(kind="interrupt")
+                        path = ckpt.checkpoint_dir(self.run_dir, self.step)
+                        if not saved_now:
+                            path = self.save(kind="interrupt")
                         name = signal.Signals(stop.received).name
-                        print(f"\nreceived {name} at step {self.step}; checkpoint written to "
-                              f"{ckpt.checkpoint_dir(self.run_dir, self.step)}; resume with resume={self.run_dir}",
-                              file=sys.stderr)
-                        exit_code, state = 128 + stop.received, "interrupted"
+                        print(f"\nreceived {name} at step {self.step}; checkpoint written to {path}; "
+                              f"resume with resume={self.run_dir}", file=sys.stderr)
+                        self.exit_code, state = 128 + stop.received, "interrupted"
                         return last_row
                     tokens = self.data.batch(self.step, self.cfg.train.batch_size).to(self.device, non_blocking=True)
                     try:
                         self.train_step(tokens)
                     except TrainingError as e:
+                        error = str(e)
                         metrics.write({"event": "nonfinite", "step": self.step,
                                        "tokens": self.step * self.tokens_per_step, "message": str(e)})
                         raise
                     self.step += 1
                     bar.update(self.tokens_per_step)
-            exit_code, state = 0, "finished"
+            self.exit_code, state = 0, "finished"
             return last_row
+        except KeyboardInterrupt:  # a second signal while stopping: no new checkpoint
+            self.exit_code, state, error = 130, "interrupted", "stopped by a second signal"
+            raise
+        except BaseException as e:
+            error = error or f"{type(e).__name__}: {e}"
+            raise
         finally:
             bar.close()
             metrics.close()
-            _write_status(self.run_dir, state, self.step, run_id, time.perf_counter() - t0)
-            self.logger.finish(exit_code)
+            self._status(state, run_id, time.perf_counter() - t0, error)
+            try:
+                self.logger.finish(self.exit_code)
+            except Exception as e:  # noqa: BLE001 - the logger must not hide how training ended
+                print(f"warning: logger did not finish cleanly: {type(e).__name__}: {e}", file=sys.stderr)
+
+    def _status(self, state: str, run_id: str | None, seconds: float | None = None, error: str | None = None):
+        _write_status(self.run_dir, state, self.step, run_id, seconds, self.resumed_from, error)
 
 
 def _dump(row: dict[str, Any]) -> str:
@@ -281,20 +343,18 @@ def _dump(row: dict[str, Any]) -> str:
     return json.dumps(row)
 
 
-def _write_status(run_dir: Path, state: str, step: int, run_id: str | None, seconds: float | None = None) -> None:
-    status = {"state": state, "step": step, "wandb_run_id": run_id}
+def _write_status(run_dir: Path, state: str, step: int, run_id: str | None, seconds: float | None = None,
+                  resumed_from: list[int] | None = None, error: str | None = None) -> None:
+    status: dict[str, Any] = {"state": state, "step": step, "wandb_run_id": run_id}
     if seconds is not None:
         status["wall_seconds"] = round(seconds, 2)
+    if resumed_from:
+        status["resumed_from_steps"] = list(resumed_from)
+    if error:
+        status["error"] = error
     ckpt.write_json_atomic(Path(run_dir) / "status.json", status)
 
 
 def read_status(run_dir: Path) -> dict[str, Any] | None:
-    import json
-
-    path = Path(run_dir) / "status.json"
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError:
-        return None
+    """status.json of a run: None when absent or unreadable."""
+    return read_run_status(run_dir) or None

@@ -1,0 +1,325 @@
+"""Olsson-style figures of one run or several (matplotlib Agg, log-x in tokens, detected windows
+shaded). Every function returns a matplotlib Figure; the caller saves and closes it."""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from analysis.phase import PhaseParams, local_linear, smooth
+from analysis.plots import plt
+from analysis.runs import Run
+
+WINDOW_COLOR = "tab:orange"
+
+
+def _positive(tokens, *arrays):
+    t = np.asarray(tokens, dtype=float)
+    keep = np.isfinite(t) & (t > 0)
+    return (t[keep],) + tuple(np.asarray(a)[keep] for a in arrays)
+
+
+def _shade(ax, win: dict[str, Any] | None, label: str | None = "detected window", color=WINDOW_COLOR):
+    if not win or not win.get("detected", True) or win.get("start_tokens") is None:
+        return
+    ax.axvspan(win["start_tokens"], win["end_tokens"], color=color, alpha=0.18, lw=0, label=label)
+    if win.get("steepest_tokens"):
+        ax.axvline(win["steepest_tokens"], color=color, lw=1, ls="--")
+
+
+def _burn_in(ax, result):
+    b = result.get("burn_in_end_tokens")
+    if b:
+        ax.axvline(b, color="0.5", lw=0.8, ls=":", label="end of burn-in")
+
+
+def _grid_tokens(sm):
+    return np.exp(sm.grid)
+
+
+def fig_loss(run: Run, result: dict[str, Any], params: PhaseParams = PhaseParams()):
+    """Held-out loss with the bump marked, and d loss / d ln(tokens)."""
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, dpi=100)
+    t, loss = _positive(run.tokens, run.series("loss/heldout"))
+    ax.plot(t, loss, ".", ms=3, color="tab:blue", label="held-out loss")
+    if run.has("loss/train"):
+        tt, lt = _positive(run.tokens, run.series("loss/train"))
+        ax.plot(tt, lt, "-", lw=0.6, color="0.6", alpha=0.7, label="train loss")
+    sm = smooth(run.tokens, run.series("loss/heldout"), params)
+    bump = result.get("loss_bump", {})
+    if sm is not None:
+        ax.plot(_grid_tokens(sm), sm.value, "-", color="tab:blue", lw=1.2, label="smoothed")
+        ax2.plot(_grid_tokens(sm), sm.slope, "-", color="tab:blue")
+        if bump.get("detected") and bump.get("onset_tokens"):
+            # the earlier trend: tangent line at the onset of non-convexity
+            x_on = math.log(bump["onset_tokens"])
+            i = int(np.argmin(np.abs(sm.grid - x_on)))
+            xs = sm.grid[i:]
+            ax.plot(np.exp(xs), sm.value[i] + bump["slope_before"] * (xs - sm.grid[i]), "--", color="0.3", lw=0.8,
+                    label=f"earlier trend (bump {bump['size']:.2f} nats)")
+            ax2.axhline(bump["slope_before"], color="0.3", ls="--", lw=0.8)
+    for a in (ax, ax2):
+        _shade(a, bump if bump.get("detected") else None, label="loss bump")
+        _burn_in(a, result)
+    ax.set_ylabel("loss (nats)")
+    ax.set_title(f"{run.label}: loss " + ("- bump detected" if bump.get("detected") else "- no bump"), fontsize=9)
+    ax.legend(fontsize=7)
+    ax2.set_ylabel("d loss / d ln(tokens)")
+    ax2.set_xlabel("tokens")
+    ax2.set_xscale("log")
+    fig.tight_layout()
+    return fig
+
+
+def fig_icl(run: Run, result: dict[str, Any], params: PhaseParams = PhaseParams()):
+    fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
+    t, icl = _positive(run.tokens, run.series("icl_score"))
+    ax.plot(t, icl, ".", ms=3, color="tab:green", label="ICL score")
+    sm = smooth(run.tokens, run.series("icl_score"), params)
+    if sm is not None:
+        ax.plot(_grid_tokens(sm), sm.value, "-", color="tab:green", lw=1.2)
+    win = result.get("icl_jump", {})
+    _shade(ax, win if win.get("detected") else None, label="ICL jump")
+    _burn_in(ax, result)
+    late, early = _last(run, "icl_late"), _last(run, "icl_early")
+    ax.set_ylabel(f"ICL score: loss[{late}] - loss[{early}]" if late is not None else "ICL score (nats)")
+    ax.set_xlabel("tokens")
+    ax.set_xscale("log")
+    ax.axhline(0, color="0.7", lw=0.5)
+    state = (f"jump of {win['size']:.2f} nats, {win['start_tokens']:,.0f}-{win['end_tokens']:,.0f} tokens"
+             if win.get("detected") else f"no jump ({win.get('reason', '')})")
+    ax.set_title(f"{run.label}: in-context learning score - {state}", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def _last(run: Run, key: str):
+    for r in reversed(run.rows):
+        if key in r:
+            return r[key]
+    return None
+
+
+def fig_heads(run: Run, result: dict[str, Any]):
+    """Prefix matching (and copying) per head over training, induction heads highlighted."""
+    metrics = [m for m in ("prefix_matching", "copying") if run.head_names(m)]
+    if not metrics:
+        return None
+    fig, axes = plt.subplots(len(metrics), 1, figsize=(7, 3.2 * len(metrics)), sharex=True, dpi=100, squeeze=False)
+    induction = set(result.get("induction_heads", []))
+    names = run.head_names(metrics[0])
+    n_layers = 1 + max(int(n[1:].split("H")[0]) for n in names)
+    cmap = plt.get_cmap("tab10")
+    for ax, metric in zip(axes[:, 0], metrics):
+        for name, series in run.head_series(metric).items():
+            layer, head = (int(v) for v in name[1:].split("H"))
+            t, y = _positive(run.tokens, series)
+            hot = name in induction
+            ax.plot(t, y, ["-", "--", ":", "-."][layer % 4], lw=2.2 if hot else 0.9, alpha=1.0 if hot else 0.6,
+                    color=cmap(head % 10),
+                    label=f"{name}{' (induction)' if hot else ''}" if hot or n_layers * 4 <= 16 else None)
+        win = result.get("window")
+        if win:
+            _shade(ax, win, label="phase change")
+        ax.set_ylabel(metric.replace("_", " "))
+        ax.set_xscale("log")
+        ax.legend(fontsize=6, ncol=2)
+    axes[0, 0].set_title(f"{run.label}: per-head scores (colour = head, line style = layer, thick = induction head)", fontsize=9)
+    axes[-1, 0].set_xlabel("tokens")
+    fig.tight_layout()
+    return fig
+
+
+def fig_per_position(run: Run, result: dict[str, Any]):
+    """Per-position loss over training (token index x tokens) and its derivative w.r.t.
+    ln(token index)."""
+    ppl = run.per_position_loss()
+    if ppl is None:
+        return None
+    tokens, mat = ppl
+    keep = np.isfinite(tokens) & (tokens > 0)
+    tokens, mat = tokens[keep], mat[keep]
+    if len(tokens) < 2 or mat.shape[1] < 3:
+        return None
+    index = np.arange(1, mat.shape[1] + 1)  # element i predicts token i + 1 after i + 1 tokens
+    # slope by Gaussian local linear regression in ln(index) (raw differences are noisy at
+    # large indices, where ln(index) steps are tiny)
+    li = np.log(index)
+    deriv = np.vstack([local_linear(li, row, li, bandwidth=0.3, min_neighbors=4)[1] if np.isfinite(row).all()
+                       else np.full(len(li), np.nan) for row in mat])
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11, 4), dpi=100)
+    for a, data, title, cmap in ((ax, mat, "loss per token index (nats)", "viridis"),
+                                 (ax2, deriv, "d loss / d ln(token index)", "RdBu_r")):
+        if cmap == "RdBu_r":
+            lim = np.nanpercentile(np.abs(data), 99) or 1.0
+            im = a.pcolormesh(tokens, index, data.T, shading="nearest", cmap=cmap, vmin=-lim, vmax=lim)
+        else:
+            im = a.pcolormesh(tokens, index, data.T, shading="nearest", cmap=cmap)
+        a.set_xscale("log")
+        a.set_yscale("log")
+        a.set_xlabel("tokens")
+        a.set_ylabel("token index")
+        a.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=a)
+        win = result.get("window")
+        if win:
+            for x in (win["start_tokens"], win["end_tokens"]):
+                a.axvline(x, color="white" if cmap == "viridis" else "black", lw=1, ls="--")
+    fig.suptitle(run.label, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def fig_labels(run: Run):
+    """is_behavioral / is_mechanistic per head over time (only when those keys exist)."""
+    beh, mech = run.head_series("is_behavioral"), run.head_series("is_mechanistic")
+    names = sorted(set(beh) | set(mech), key=lambda n: tuple(int(v) for v in n[1:].split("H")))
+    if not names:
+        return None
+    t = run.tokens
+    keep = np.isfinite(t) & (t > 0)
+    code = np.zeros((len(names), int(keep.sum())))
+    for i, n in enumerate(names):
+        b = np.nan_to_num(beh.get(n, np.zeros(len(t))))[keep] > 0.5
+        m = np.nan_to_num(mech.get(n, np.zeros(len(t))))[keep] > 0.5
+        code[i] = b * 1 + m * 2
+    from matplotlib.colors import ListedColormap
+
+    cmap = ListedColormap(["#eeeeee", "tab:blue", "tab:red", "tab:purple"])
+    fig, ax = plt.subplots(figsize=(8, 1.6 + 0.28 * len(names)), dpi=100)
+    ax.pcolormesh(t[keep], np.arange(len(names)), code, cmap=cmap, vmin=-0.5, vmax=3.5, shading="nearest")
+    ax.set_yticks(range(len(names)))
+    ax.set_yticklabels(names, fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("tokens")
+    from matplotlib.patches import Patch
+
+    ax.legend(handles=[Patch(color=c, label=l) for c, l in zip(cmap.colors, ["neither", "behavioral only",
+                                                                          "mechanistic only", "both"])],
+              fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.35), frameon=False)
+    ax.set_title(f"{run.label}: induction-head labels per head", fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------- several runs
+
+def pca_trajectories(runs: list[Run]) -> tuple[list[tuple[Run, np.ndarray, np.ndarray]], np.ndarray] | None:
+    """Joint PCA of per-position-loss vectors of all checkpoints of all runs (same length).
+    Returns [(run, tokens, coords [C, 2])] and the explained-variance ratios."""
+    data = []
+    for r in runs:
+        ppl = r.per_position_loss()
+        if ppl is not None:
+            data.append((r, *ppl))
+    if not data:
+        return None
+    n = max(m.shape[1] for _, _, m in data)
+    data = [(r, t, m) for r, t, m in data if m.shape[1] == n]
+    allm = np.concatenate([m for _, _, m in data])
+    ok = np.isfinite(allm).all(1)
+    if ok.sum() < 3:
+        return None
+    mean = allm[ok].mean(0)
+    _, sv, vt = np.linalg.svd(allm[ok] - mean, full_matrices=False)
+    ratio = sv ** 2 / max((sv ** 2).sum(), 1e-30)
+    out = []
+    for r, t, m in data:
+        good = np.isfinite(m).all(1)
+        out.append((r, t[good], (m[good] - mean) @ vt[:2].T))
+    return out, ratio[:2]
+
+
+def fig_pca(runs: list[Run], results: dict[str, dict[str, Any]]):
+    pca = pca_trajectories(runs)
+    if pca is None:
+        return None
+    traj, ratio = pca
+    pos = np.concatenate([t[t > 0] for _, t, _ in traj]) if traj else np.array([1.0])
+    t_min, t_max = (pos.min(), pos.max()) if len(pos) else (1.0, 10.0)
+    fig, ax = plt.subplots(figsize=(6.5, 5.5), dpi=100)
+    cmap = plt.get_cmap("tab10")
+    for i, (r, t, xy) in enumerate(traj):
+        ax.plot(xy[:, 0], xy[:, 1], "-", color=cmap(i % 10), lw=0.8, alpha=0.7,
+                label=r.label if len(traj) <= 12 else None)
+        sc = ax.scatter(xy[:, 0], xy[:, 1], c=np.log10(np.maximum(t, t_min)), cmap="viridis", s=8, zorder=3,
+                        vmin=np.log10(t_min), vmax=np.log10(t_max))
+        win = results.get(str(r.path), {}).get("window")
+        if win:
+            inside = (t >= win["start_tokens"]) & (t <= win["end_tokens"])
+            ax.scatter(xy[inside, 0], xy[inside, 1], s=40, facecolors="none", edgecolors=WINDOW_COLOR, zorder=4,
+                       label="in phase-change window" if i == 0 else None)
+        ax.annotate("start", xy[0], fontsize=6)
+    fig.colorbar(sc, ax=ax, label="log10 tokens")
+    ax.set_xlabel(f"PC1 ({ratio[0]:.1%} of variance)")
+    ax.set_ylabel(f"PC2 ({ratio[1]:.1%} of variance)" if len(ratio) > 1 else "PC2")
+    ax.set_title("PCA of per-token-loss vectors across checkpoints (all runs jointly)", fontsize=9)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    return fig
+
+
+def _max_prefix(run: Run) -> np.ndarray:
+    """Max prefix matching over heads of layers >= 1 (over all heads for 1-layer models)."""
+    hs = run.head_series("prefix_matching")
+    later = {k: v for k, v in hs.items() if not k.startswith("L0H")} or hs
+    if not later:
+        return np.full(len(run.rows), np.nan)
+    return np.nanmax(np.vstack(list(later.values())), axis=0)
+
+
+def group_curves(runs: list[Run], getter, n_grid: int = 200) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]]:
+    """Per group (n_layers): a common log-token grid and mean / min / max over the runs."""
+    groups: dict[str, list[Run]] = {}
+    for r in runs:
+        groups.setdefault(r.group, []).append(r)
+    out = {}
+    for g, members in sorted(groups.items()):
+        curves = []
+        for r in members:
+            t, y = _positive(r.tokens, getter(r))
+            ok = np.isfinite(y)
+            if ok.sum() >= 2:
+                curves.append((np.log(t[ok]), y[ok]))
+        if not curves:
+            continue
+        lo, hi = max(c[0][0] for c in curves), min(c[0][-1] for c in curves)
+        if hi <= lo:
+            continue
+        grid = np.linspace(lo, hi, n_grid)
+        ys = np.vstack([np.interp(grid, x, y) for x, y in curves])
+        out[g] = (np.exp(grid), ys.mean(0), ys.min(0), ys.max(0), len(curves))
+    return out
+
+
+def fig_compare(runs: list[Run], results: dict[str, dict[str, Any]]):
+    """Loss, ICL score and max prefix matching of all runs, grouped by n_layers (mean and
+    min-max spread over seeds), phase-change steepest points as ticks."""
+    panels = [("held-out loss", lambda r: r.series("loss/heldout")), ("ICL score", lambda r: r.series("icl_score")),
+              ("max prefix matching (layers >= 1)", _max_prefix)]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), dpi=100)
+    cmap = plt.get_cmap("tab10")
+    groups = sorted({r.group for r in runs})
+    for ax, (title, getter) in zip(axes, panels):
+        curves = group_curves(runs, getter)
+        for i, g in enumerate(groups):
+            if g not in curves:
+                continue
+            t, mean, lo, hi, n = curves[g]
+            ax.plot(t, mean, color=cmap(i % 10), label=f"{g} (n={n})")
+            if n > 1:
+                ax.fill_between(t, lo, hi, color=cmap(i % 10), alpha=0.2, lw=0)
+            for r in runs:
+                win = results.get(str(r.path), {}).get("window")
+                if r.group == g and win:
+                    ax.axvline(win["steepest_tokens"], color=cmap(i % 10), lw=0.8, ls=":")
+        ax.set_xscale("log")
+        ax.set_xlabel("tokens")
+        ax.set_title(title, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.suptitle("runs grouped by number of layers: mean, min-max over seeds; dotted = detected steepest point",
+                 fontsize=9)
+    fig.tight_layout()
+    return fig

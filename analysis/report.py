@@ -1,0 +1,248 @@
+"""Analysis of one or more runs: detection per run, figures, summary.json and a self-contained
+HTML report (figures embedded as base64 PNG, no network resources); optionally the figures and
+the detected window attached to each run's wandb run."""
+from __future__ import annotations
+
+import base64
+import html
+import json
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from analysis import figures
+from analysis.phase import PhaseParams, detect_phase_change
+from analysis.plots import plt
+from analysis.runs import AnalysisError, Run
+
+
+def analyze_run(run: Run, params: PhaseParams = PhaseParams()) -> dict[str, Any]:
+    if not run.has("loss/heldout") and not run.has("icl_score"):
+        raise AnalysisError(f"{run.path}: metrics.jsonl has neither loss/heldout nor icl_score")
+    result = detect_phase_change(run.tokens, run.series("loss/heldout"), run.series("icl_score"),
+                                 run.head_series("prefix_matching"), params)
+    return result
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", text).strip("_")[:80] or "run"
+
+
+def _save(fig, path: Path) -> Path | None:
+    if fig is None:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run_figures(run: Run, result: dict[str, Any], out_dir: Path, params: PhaseParams) -> dict[str, Path]:
+    makers = {"loss": lambda: figures.fig_loss(run, result, params),
+              "icl": lambda: figures.fig_icl(run, result, params),
+              "heads": lambda: figures.fig_heads(run, result),
+              "per_position_loss": lambda: figures.fig_per_position(run, result),
+              "labels": lambda: figures.fig_labels(run)}
+    out = {}
+    for name, make in makers.items():
+        p = _save(make(), out_dir / f"{name}.png")
+        if p is not None:
+            out[name] = p
+    return out
+
+
+def _fmt_tokens(v) -> str:
+    if v is None:
+        return "-"
+    return f"{v / 1e6:.2f}M" if v >= 1e5 else f"{v:,.0f}"
+
+
+def _summary_row(run: Run, result: dict[str, Any]) -> dict[str, Any]:
+    return {"path": str(run.path), "label": run.label, "n_layers": run.n_layers, "seed": run.seed,
+            "name": run.config.get("name"), "n_checkpoints": len(run.rows), **result}
+
+
+def _img(path: Path, alt: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}"><figcaption>{html.escape(alt)}</figcaption></figure>'
+
+
+CSS = """body{font-family:sans-serif;max-width:1200px;margin:1em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 7px;text-align:right}
+th{background:#f3f3f3}td.l{text-align:left}img{max-width:100%}figure{margin:.5em 0}
+figcaption{font-size:12px;color:#666}.yes{color:#060;font-weight:bold}.no{color:#888}
+pre{background:#f7f7f7;padding:.5em;font-size:12px;overflow-x:auto}"""
+
+
+def build_report(runs: list[Run], out_dir: Path, params: PhaseParams = PhaseParams(),
+                 attach_wandb: bool = True, log=print) -> dict[str, Any]:
+    """Detect, draw and write `summary.json` and `report.html` into out_dir."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {str(r.path): analyze_run(r, params) for r in runs}
+    fig_dir = out_dir / "figures"
+    per_run_figs: dict[str, dict[str, Path]] = {}
+    used = set()
+    for r in runs:
+        slug = _slug(r.label)
+        while slug in used:
+            slug += "_"
+        used.add(slug)
+        per_run_figs[str(r.path)] = run_figures(r, results[str(r.path)], fig_dir / slug, params)
+    joint = {}
+    p = _save(figures.fig_pca(runs, results), fig_dir / "pca_per_token_loss.png")
+    if p:
+        joint["pca"] = p
+    if len(runs) > 1:
+        joint["compare"] = _save(figures.fig_compare(runs, results), fig_dir / "compare.png")
+
+    summary = {"params": params.to_dict(), "runs": [_summary_row(r, results[str(r.path)]) for r in runs]}
+    groups: dict[str, list] = {}
+    for r in runs:
+        res = results[str(r.path)]
+        groups.setdefault(r.group, []).append(res["window"]["steepest_tokens"] if res["window"] else None)
+    summary["groups"] = {g: {"n_runs": len(v), "n_with_phase_change": sum(x is not None for x in v),
+                             "steepest_tokens": v} for g, v in sorted(groups.items())}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    (out_dir / "report.html").write_text(_html(runs, results, per_run_figs, joint, params), encoding="utf-8")
+    if attach_wandb:
+        for r in runs:
+            attach_to_wandb(r, results[str(r.path)], per_run_figs[str(r.path)], log=log)
+    return summary
+
+
+def _html(runs, results, per_run_figs, joint, params: PhaseParams) -> str:
+    parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>Induction-head phase change report</title>",
+             f"<style>{CSS}</style></head><body><h1>Induction-head phase change</h1>"]
+    parts.append("<h2>Detected windows</h2><table><tr><th>run</th><th>layers</th><th>seed</th><th>phase change</th>"
+                 "<th>start</th><th>steepest</th><th>end</th><th>ICL jump (nats)</th><th>ICL steepest</th>"
+                 "<th>bump (nats)</th><th>bump steepest</th><th>prefix-matching heads</th><th>burn-in end</th></tr>")
+    for r in runs:
+        res = results[str(r.path)]
+        w = res["window"] or {}
+        icl, bump = res["icl_jump"], res["loss_bump"]
+        parts.append(
+            "<tr>" + f"<td class='l'>{html.escape(r.label)}</td><td>{r.n_layers}</td><td>{r.seed}</td>"
+            + (f"<td class='yes'>yes</td>" if res["phase_change"] else "<td class='no'>no</td>")
+            + "".join(f"<td>{_fmt_tokens(w.get(k))}</td>" for k in ("start_tokens", "steepest_tokens", "end_tokens"))
+            + f"<td>{icl['size']:.2f}{'' if icl['detected'] else ' (no)'}</td><td>{_fmt_tokens(icl['steepest_tokens']) if icl['detected'] else '-'}</td>"
+            + f"<td>{bump['size']:.2f}{'' if bump['detected'] else ' (no)'}</td><td>{_fmt_tokens(bump['steepest_tokens']) if bump['detected'] else '-'}</td>"
+            + f"<td class='l'>{html.escape(', '.join(res['induction_heads']) or '-')}</td>"
+            + f"<td>{_fmt_tokens(res['burn_in_end_tokens'])}</td></tr>")
+    parts.append("</table>")
+    if "compare" in joint and joint["compare"]:
+        parts.append("<h2>Comparison</h2>" + _img(joint["compare"], "runs overlaid, grouped by number of layers"))
+    if "pca" in joint:
+        parts.append("<h2>PCA of per-token losses</h2>"
+                     + _img(joint["pca"], "joint PCA of per-position-loss vectors; the trajectory pivots in the "
+                                          "phase-change window (orange circles)"))
+    captions = {"loss": "loss with the bump (non-convex stretch) and d loss / d ln(tokens)",
+                "icl": "in-context-learning score", "heads": "prefix matching and copying per head",
+                "per_position_loss": "per-position loss over training and its derivative w.r.t. ln(token index)",
+                "labels": "behavioral / mechanistic induction-head labels per head"}
+    for r in runs:
+        res = results[str(r.path)]
+        parts.append(f"<h2>{html.escape(r.label)}</h2><p><code>{html.escape(str(r.path))}</code><br>"
+                     f"<b>{html.escape(res['message'])}</b></p>")
+        parts.append("<p>ICL jump: " + html.escape(res["icl_jump"]["reason"]) + "; loss bump: "
+                     + html.escape(res["loss_bump"]["reason"]) + "</p>")
+        for name, path in per_run_figs[str(r.path)].items():
+            parts.append(_img(path, captions.get(name, name)))
+    parts.append("<h2>Detection parameters</h2><p>See <code>analysis/phase.py</code> for the method.</p><pre>"
+                 + html.escape(json.dumps(params.to_dict(), indent=1)) + "</pre></body></html>")
+    return "\n".join(parts)
+
+
+# --------------------------------------------------------------------------- wandb
+
+def _wandb_run_dir(run: Run) -> Path | None:
+    wdir = run.path / "wandb"
+    if not run.wandb_run_id or not wdir.is_dir():
+        return None
+    hits = sorted(wdir.glob(f"*run-*-{run.wandb_run_id}"))
+    return hits[-1] if hits else None
+
+
+def attach_to_wandb(run: Run, result: dict[str, Any], figs: dict[str, Path], log=print) -> bool:
+    """Log figures and the detected window to the run's wandb run. Online when credentials are
+    present, else into a new offline segment of the same run id (upload with `wandb sync`).
+    Never raises: on any failure prints a message and returns False."""
+    if _wandb_run_dir(run) is None:
+        return False
+    try:
+        import wandb
+
+        from train.loggers import wandb_credentials_present
+
+        env = os.environ.get("WANDB_MODE")
+        online = env not in ("offline", "disabled") and wandb_credentials_present() and \
+            _wandb_run_dir(run).name.startswith("run-")
+        logger_cfg = run.config.get("logger") or {}
+        kwargs = dict(id=run.wandb_run_id, project=logger_cfg.get("project") or "induction-heads",
+                      entity=logger_cfg.get("entity"), dir=str(run.path), resume="allow",
+                      settings=wandb.Settings(silent=True, init_timeout=30))
+        wrun = wandb.init(mode="online" if online else "offline", **kwargs)
+        try:
+            data = {f"analysis/{k}": wandb.Image(str(p)) for k, p in figs.items()}
+            wrun.log(data)
+            w = result.get("window") or {}
+            wrun.summary["analysis/phase_change"] = bool(result["phase_change"])
+            for key in ("start_tokens", "steepest_tokens", "end_tokens"):
+                if w.get(key) is not None:
+                    wrun.summary[f"analysis/window_{key}"] = w[key]
+            for part in ("icl_jump", "loss_bump"):
+                wrun.summary[f"analysis/{part}_size"] = result[part]["size"]
+                if result[part]["detected"]:
+                    wrun.summary[f"analysis/{part}_steepest_tokens"] = result[part]["steepest_tokens"]
+            wrun.summary["analysis/induction_heads"] = ",".join(result["induction_heads"])
+            new_dir = Path(wrun.dir).parent
+        finally:
+            wrun.finish()
+        if online:
+            log(f"wandb: attached figures and window to run {run.wandb_run_id}")
+        else:
+            log(f"wandb: offline; attached figures and window to run {run.wandb_run_id} in {new_dir} "
+                f"(upload with: wandb sync {new_dir})")
+        return True
+    except Exception as e:  # noqa: BLE001 - wandb must never fail the analysis
+        log(f"wandb: skipped attaching to {run.label} ({type(e).__name__}: {e})")
+        return False
+
+
+def fetch_wandb_history(run_path: str, dest: Path) -> Path:
+    """Read a run's history back from wandb (ENTITY/PROJECT/RUN_ID) into dest/metrics.jsonl.
+    Needs network access and credentials; raises AnalysisError otherwise."""
+    from train.loggers import wandb_credentials_present
+
+    if run_path.count("/") != 2:
+        raise AnalysisError(f"--wandb expects ENTITY/PROJECT/RUN_ID, got {run_path!r}")
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled") or not wandb_credentials_present():
+        raise AnalysisError(f"--wandb {run_path}: wandb is offline (WANDB_MODE={os.environ.get('WANDB_MODE')}, "
+                            f"credentials {'found' if wandb_credentials_present() else 'missing'}); "
+                            f"analyse the local run directory instead")
+    try:
+        import wandb
+
+        api_run = wandb.Api(timeout=30).run(run_path)
+        rows = []
+        for row in api_run.scan_history():
+            row = {k: v for k, v in row.items() if not k.startswith("_") and (
+                isinstance(v, (int, float, list)) and not isinstance(v, bool))}
+            if "tokens" in row:
+                rows.append(row)
+        config = dict(api_run.config)
+    except Exception as e:  # noqa: BLE001 - network / auth / missing run
+        raise AnalysisError(f"--wandb {run_path}: cannot read the run ({type(e).__name__}: {e})") from None
+    if not rows:
+        raise AnalysisError(f"--wandb {run_path}: the run's history has no rows with 'tokens'")
+    dest.mkdir(parents=True, exist_ok=True)
+    (dest / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    try:
+        import yaml
+
+        (dest / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    except Exception:  # noqa: BLE001
+        pass
+    print(f"wandb: read {len(rows)} rows of {run_path} into {dest}", file=sys.stderr)
+    return dest

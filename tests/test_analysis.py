@@ -1,0 +1,209 @@
+"""Phase-change detection (synthetic and real runs), figures, report and CLI errors."""
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from analysis.__main__ import main
+from analysis.phase import PhaseParams, burn_in_end, detect_bump, detect_jump, detect_phase_change, smooth
+from analysis.runs import load_run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def checkpoints(total=4_000_000, first=20_000, n_log=70, n_linear=40):
+    """Token counts like the training schedule: log-spaced, then linear, plus step 0."""
+    t = np.concatenate([[0], np.geomspace(first, total, n_log), np.linspace(total / n_linear, total, n_linear)])
+    return np.unique(np.round(t))
+
+
+def sigmoid(z):
+    return 1 / (1 + np.exp(-z))
+
+
+def smooth_loss(t):
+    """Initial plateau near ln(64), a fast drop, then a convex power-law tail (no bump)."""
+    return 1.2 + 3.2 / (1 + (np.asarray(t, dtype=float) / 1.3e5) ** 1.0)
+
+
+def test_sigmoid_icl_jump_found_within_tolerance():
+    rng = np.random.default_rng(0)
+    t = checkpoints()
+    center, width = 1.6e6, 0.07  # width in ln tokens
+    icl = -0.7 - 0.8 * sigmoid((np.log(np.maximum(t, 1)) - math.log(center)) / width) + rng.normal(0, 0.04, len(t))
+    win = detect_jump(smooth(t, icl), -1, 0.2, x_from=math.log(3e5))
+    assert win.detected, win.reason
+    assert abs(math.log(win.steepest / center)) < 0.1
+    # the window brackets the 10%-90% stretch of the step, and is not much wider than it
+    lo, hi = center * math.exp(-2.2 * width), center * math.exp(2.2 * width)
+    assert win.start <= lo * 1.05 and win.end >= hi / 1.05
+    assert math.log(win.end / win.start) < 1.0
+    assert 0.55 < win.size < 0.95
+
+
+def test_sigmoid_loss_bump_and_full_detection():
+    rng = np.random.default_rng(1)
+    t = checkpoints()
+    x = np.log(np.maximum(t, 1))
+    step = sigmoid((x - math.log(1.5e6)) / 0.08)
+    loss = smooth_loss(t) - 0.6 * step + rng.normal(0, 0.01, len(t))
+    icl = -0.6 - 0.1 * (x - x[1]) / (x[-1] - x[1]) - 0.8 * step + rng.normal(0, 0.04, len(t))
+    heads = {"L0H0": 0.05 + rng.normal(0, 0.003, len(t)), "L1H0": 0.06 + 0.6 * step + rng.normal(0, 0.01, len(t))}
+    res = detect_phase_change(t, loss, icl, heads)
+    assert res["phase_change"], res["message"]
+    assert res["induction_heads"] == ["L1H0"]
+    bump = res["loss_bump"]
+    assert bump["detected"] and abs(math.log(bump["steepest_tokens"] / 1.5e6)) < 0.15
+    assert 0.3 < bump["size"] < 0.9
+    w = res["window"]
+    assert w["start_tokens"] < 1.5e6 < w["end_tokens"]
+    assert all(res["coincide"].values())
+    # burn-in ends after the initial drop and before the phase change
+    assert 2e5 < res["burn_in_end_tokens"] < 1.0e6
+
+
+def test_smooth_power_law_reports_none():
+    rng = np.random.default_rng(2)
+    t = checkpoints()
+    x = np.log(np.maximum(t, 1))
+    loss = smooth_loss(t) + rng.normal(0, 0.01, len(t))
+    icl = -0.6 - 0.4 * (1 - (np.maximum(t, 2e4) / 2e4) ** -0.3) + rng.normal(0, 0.05, len(t))  # slow drift
+    heads = {"L0H0": 0.05 + 0.02 * (x - x[1]) / (x[-1] - x[1]) + rng.normal(0, 0.003, len(t))}
+    res = detect_phase_change(t, loss, icl, heads)
+    assert not res["phase_change"], res["message"]
+    assert res["message"].startswith("no phase change")
+    assert not res["icl_jump"]["detected"] and not res["loss_bump"]["detected"]
+    assert res["induction_heads"] == []
+
+
+def test_burn_in_excludes_initial_drop():
+    t = checkpoints()
+    sm = smooth(t, smooth_loss(t))
+    end = math.exp(burn_in_end(sm))
+    assert 2e5 < end < 1.5e6
+    # the steepest descent of the whole curve is the initial drop, before the burn-in end
+    assert math.exp(sm.grid[int(np.argmin(sm.slope))]) < end
+    assert not detect_bump(sm, x_from=burn_in_end(sm)).detected
+
+
+def _detect(run_dir: Path):
+    run = load_run(run_dir)
+    return detect_phase_change(run.tokens, run.series("loss/heldout"), run.series("icl_score"),
+                               run.head_series("prefix_matching"))
+
+
+def test_real_two_layer_run_has_phase_change(two_layer_run):
+    res = _detect(two_layer_run)
+    assert res["phase_change"], res["message"]
+    assert res["icl_jump"]["detected"], res["icl_jump"]["reason"]
+    assert res["induction_heads"] and all(h.startswith("L1") for h in res["induction_heads"])
+    w = res["window"]
+    assert 2e5 < w["start_tokens"] <= w["steepest_tokens"] <= w["end_tokens"] <= 2.5e6
+
+
+def test_real_one_layer_run_has_none(one_layer_run):
+    res = _detect(one_layer_run)
+    assert not res["phase_change"], res["message"]
+    assert res["induction_heads"] == []
+    assert not res["icl_jump"]["detected"]
+
+
+def _copy_run(src: Path, dst: Path, extra: dict | None = None, drop: tuple[str, ...] = ()) -> Path:
+    dst.mkdir(parents=True)
+    for name in ("config.yaml", "status.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, dst / name)
+    lines = (src / "metrics.jsonl").read_text().splitlines()
+    out = []
+    for i, line in enumerate(lines):
+        row = {k: v for k, v in json.loads(line).items() if not k.startswith(drop)} if drop else json.loads(line)
+        if extra:
+            row.update({k: f(i) for k, f in extra.items()})
+        out.append(json.dumps(row))
+        if i == 3:
+            out.append(json.dumps({"event": "nonfinite", "step": row.get("step")}))
+    (dst / "metrics.jsonl").write_text("\n".join(out) + "\n")
+    return dst
+
+
+def test_report_from_sweep_dir(two_layer_run, one_layer_run, tmp_path, capsys):
+    sweep = tmp_path / "multirun" / "2026-01-01" / "00-00-00"
+    n = len((two_layer_run / "metrics.jsonl").read_text().splitlines())
+    labels = {"is_behavioral/L1H0": lambda i: int(i > n // 2), "is_mechanistic/L1H0": lambda i: int(i > n // 3),
+              "is_behavioral/L0H0": lambda i: 0}
+    _copy_run(two_layer_run, sweep / "0_model.n_layers=2", labels)
+    _copy_run(one_layer_run, sweep / "1_model.n_layers=1", drop=("is_behavioral/", "is_mechanistic/"))
+    assert main([str(tmp_path / "multirun"), "--no-wandb"]) == 0
+    out = tmp_path / "multirun" / "report"
+    summary = json.loads((out / "summary.json").read_text())
+    by_layers = {r["n_layers"]: r for r in summary["runs"]}
+    assert set(by_layers) == {1, 2}
+    assert by_layers[2]["phase_change"] and not by_layers[1]["phase_change"]
+    assert by_layers[2]["window"]["start_tokens"] < by_layers[2]["window"]["end_tokens"]
+    pngs = {p.name for p in out.rglob("*.png")}
+    assert {"loss.png", "icl.png", "heads.png", "per_position_loss.png", "labels.png",
+            "pca_per_token_loss.png", "compare.png"} <= pngs
+    # only the run with label keys (they are dropped from the 1-layer copy)
+    assert [p.parent.name for p in out.rglob("labels.png")] == ["2L-learned-s0"]
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 10
+    assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", html, re.I)
+    assert "<link" not in html and "<script" not in html
+    assert "no phase change" in html
+    printed = capsys.readouterr().out
+    assert "no phase change" in printed and "report.html" in printed
+    # re-running does not pick up the report directory as a run
+    assert main([str(tmp_path / "multirun"), "--no-wandb"]) == 0
+    assert len(json.loads((out / "summary.json").read_text())["runs"]) == 2
+
+
+def test_wandb_attach_failure_never_fails(two_layer_run, tmp_path, monkeypatch, capsys):
+    run_dir = _copy_run(two_layer_run, tmp_path / "run")
+    (run_dir / "status.json").write_text(json.dumps({"state": "finished", "wandb_run_id": "abc123"}))
+    (run_dir / "wandb" / "offline-run-20260101_000000-abc123").mkdir(parents=True)
+    import wandb
+
+    def boom(*a, **k):
+        raise RuntimeError("no wandb here")
+
+    monkeypatch.setattr(wandb, "init", boom)
+    assert main([str(run_dir), "--out", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "wandb: skipped" in err and "no wandb here" in err
+    assert (tmp_path / "out" / "report.html").exists()
+
+
+@pytest.mark.parametrize("case", ["missing", "empty", "garbage", "bad_param", "wandb_offline"])
+def test_bad_input_one_line_error(case, tmp_path, capsys, monkeypatch):
+    if case == "missing":
+        argv = [str(tmp_path / "nope")]
+    elif case == "empty":
+        (tmp_path / "empty").mkdir()
+        argv = [str(tmp_path / "empty")]
+    elif case == "garbage":
+        (tmp_path / "g").mkdir()
+        (tmp_path / "g" / "metrics.jsonl").write_text('{"step": 0}\nnot json\n{"step": 1}\n')
+        argv = [str(tmp_path / "g")]
+    elif case == "bad_param":
+        argv = [str(tmp_path), "--set", "nonsense=1"]
+    else:
+        monkeypatch.setenv("WANDB_MODE", "offline")
+        argv = ["--wandb", "ent/proj/abc", "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
+
+
+def test_cli_subprocess_missing_dir_has_no_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "analysis", str(tmp_path / "missing")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {tmp_path / 'missing'}: no such file or directory"

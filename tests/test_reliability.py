@@ -1,0 +1,456 @@
+"""Reliability: exact resume after SIGKILL / SIGTERM, atomic outputs, one-line errors (no
+traceback, non-zero exit, nothing overwritten) for bad input, numerical faults, wandb without a
+network, and no code execution from checkpoint files.
+
+Every training here is tiny and single-threaded (bit-identical CPU results need the same thread
+count in every process)."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import compose_config
+from train import checkpoint as ckpt
+from train.cli import run
+from train.loggers import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE_CALLBACKS = ("attention", "copying", "heldout")
+TINY = ["logger=none", "device=cpu", "model.d_model=32", "train.total_tokens=300000", "schedule.n_log=10",
+        "schedule.n_linear=5", "probes.n_heldout=32"]
+# 6 steps of 4096 tokens, checkpoints at a few of them: for the checkpoint-damage tests.
+SMALL = ["logger=none", "device=cpu", "model.d_model=32", "train.total_tokens=24576", "schedule.n_log=2",
+         "schedule.n_linear=2", "probes.n_heldout=16"]
+
+
+def _drop_extra_callbacks() -> list[str]:
+    """Keep the three basic callbacks only (the tests are about the loop, not the scores)."""
+    return [f"~callbacks.{name}" for name in compose_config().callbacks if name not in BASE_CALLBACKS]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WANDB_MODE="offline",
+               PYTHONUNBUFFERED="1")
+    env.pop("HYDRA_FULL_ERROR", None)
+    return env
+
+
+def _cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, env=_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _snapshot(run_dir: Path) -> dict[str, str]:
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(run_dir).rglob("*")) if p.is_file()}
+
+
+def _checkpoints(run_dir: Path) -> list[str]:
+    return [d.name for d in ckpt.list_checkpoints(run_dir)]
+
+
+def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if proc.poll() is not None:
+            raise AssertionError(f"training ended (rc={proc.returncode}) before the test could stop it:\n"
+                                 f"{proc.stderr.read()[-3000:]}")
+        if time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError("training did not reach the expected checkpoint in time")
+        time.sleep(0.02)
+
+
+def _one_line_error(err: str) -> str:
+    """The error output must be exactly one line 'error: ...' (Hydra's log lines aside)."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+def _train_in_process(run_dir: Path, overrides: list[str]) -> Path:
+    run(compose_config(overrides), run_dir)
+    return run_dir
+
+
+# -- exact resume ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, single_thread):
+    """The uninterrupted run."""
+    return _train_in_process(tmp_path_factory.mktemp("reference") / "run", TINY + _drop_extra_callbacks())
+
+
+@pytest.fixture(scope="module")
+def interrupted(tmp_path_factory, single_thread):
+    """The same run, SIGKILLed after 6 checkpoints, resumed through the CLI and stopped with
+    SIGTERM, then resumed again to the end. Returns what was seen along the way."""
+    run_dir = tmp_path_factory.mktemp("interrupted") / "run"
+    seen: dict = {"run_dir": run_dir}
+    cmd = [sys.executable, "-m", "train", *TINY, *_drop_extra_callbacks(), f"hydra.run.dir={run_dir}"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: len(_checkpoints(run_dir)) >= 6, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    seen["kill_rc"] = proc.returncode
+    seen["killed_status"] = json.loads((run_dir / "status.json").read_text())
+    seen["killed_checkpoints"] = _checkpoints(run_dir)
+    seen["hydra_record"] = _snapshot(run_dir / ".hydra")
+    # What a kill in the middle of a write leaves: a torn last metrics line and a half-written
+    # checkpoint directory.
+    with open(run_dir / "metrics.jsonl", "a") as fh:
+        fh.write('{"step": 999999, "tokens": 1, "loss/hel')
+    (run_dir / "checkpoints" / "step_0099999.tmp").mkdir()
+    (run_dir / "checkpoints" / "step_0099999.tmp" / "meta.json").write_text("{")
+
+    # Resume through the CLI (Hydra's run dir comes from resume=), then SIGTERM it between
+    # checkpoints.
+    n_before = len(seen["killed_checkpoints"])
+    proc = subprocess.Popen([sys.executable, "-m", "train", f"resume={run_dir}"], cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for(lambda: len(_checkpoints(run_dir)) >= max(10, n_before + 2), proc)  # step 30; next is 40
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    seen["term_rc"], seen["term_err"] = proc.returncode, err
+    seen["term_status"] = json.loads((run_dir / "status.json").read_text())
+    seen["term_checkpoints"] = {d.name: (ckpt.read_meta(d)["kind"], (d / ckpt.STATE_FILE).is_file())
+                                for d in ckpt.list_checkpoints(run_dir)}
+    seen["stale_tmp_left"] = (run_dir / "checkpoints" / "step_0099999.tmp").exists()
+
+    # And to the end, in process.
+    _train_in_process(run_dir, [f"resume={run_dir}"])
+    return seen
+
+
+def test_sigkill_and_sigterm_resume_is_bit_identical(reference, interrupted):
+    run_dir = interrupted["run_dir"]
+    assert interrupted["kill_rc"] == -signal.SIGKILL
+    assert interrupted["killed_status"]["state"] == "running"  # killed hard: no chance to clean up
+    ref_rows, rows = read_metrics(reference / "metrics.jsonl"), read_metrics(run_dir / "metrics.jsonl")
+    assert len(ref_rows) == 15
+    assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]  # no duplicates, no torn line
+    assert rows == ref_rows  # every value, bit for bit (JSON floats round-trip exactly)
+    assert _checkpoints(run_dir) == _checkpoints(reference)  # the interrupt checkpoint is gone again
+    for name in _checkpoints(reference):
+        a = (reference / "checkpoints" / name / ckpt.MODEL_FILE).read_bytes()
+        b = (run_dir / "checkpoints" / name / ckpt.MODEL_FILE).read_bytes()
+        assert a == b, f"weights differ at {name}"
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "finished" and len(status["resumed_from_steps"]) == 2
+    assert not interrupted["stale_tmp_left"]
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_143(interrupted):
+    err = interrupted["term_err"]
+    assert interrupted["term_rc"] == 128 + signal.SIGTERM, err[-2000:]
+    assert "Traceback" not in err
+    line = next(line for line in err.splitlines() if line.startswith("received SIGTERM at step "))
+    step = int(line.split("at step ")[1].split(";")[0])
+    assert interrupted["term_status"]["state"] == "interrupted" and interrupted["term_status"]["step"] == step
+    kind, has_state = interrupted["term_checkpoints"][f"step_{step:07d}"]
+    assert has_state  # resumable from exactly where it stopped
+    assert kind in ("interrupt", "scheduled")
+    assert step > int(interrupted["killed_checkpoints"][-1][5:])
+
+
+def test_resume_leaves_the_runs_hydra_record_alone(interrupted):
+    run_dir = interrupted["run_dir"]
+    assert _snapshot(run_dir / ".hydra") == interrupted["hydra_record"]
+    overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
+    assert "resume=" not in overrides and "train.total_tokens=300000" in overrides
+
+
+# -- numerical faults ---------------------------------------------------------------------------
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, capsys, single_thread):
+    run_dir = tmp_path / "nan"
+    overrides = SMALL + _drop_extra_callbacks() + ["train.total_tokens=49152", "train.debug_nan_at_step=9"]
+    with pytest.raises(SystemExit) as exc:
+        run(compose_config(overrides), run_dir)
+    assert exc.value.code == 3
+    line = _one_line_error(capsys.readouterr().err)
+    assert "non-finite loss at step 9" in line
+    last = read_metrics(run_dir / "metrics.jsonl")[-1]
+    assert last["event"] == "nonfinite" and last["step"] == 9
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "failed" and "step 9" in status["error"]
+    newest = ckpt.list_checkpoints(run_dir)[-1]
+    assert int(newest.name[5:]) < 9 and (newest / ckpt.STATE_FILE).is_file()
+    model, _ = ckpt.load_model(newest)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+# -- bad input: config values (in process: validation runs before anything is built) -----------
+
+BAD_CONFIGS = [
+    (["model.n_layers=0"], "model.n_layers must be positive"),
+    (["model.d_model=-8"], "model.d_model must be positive"),
+    (["model.n_heads=0"], "model.n_heads must be positive"),
+    (["data.n_ctx=0"], "data.n_ctx must be positive"),
+    (["train.batch_size=0"], "train.batch_size must be positive"),
+    (["train.total_tokens=-5"], "train.total_tokens must be positive"),
+    (["train.total_tokens=1000"], "less than one batch"),
+    (["probes.n_heldout=0"], "probes.n_heldout must be positive"),
+    (["model.positional=rotary", "model.d_head=15"], "rotary needs an even model.d_head"),
+    (["probes.icl_late=70"], "probes.icl_late=70 lies outside the context"),
+    (["probes.icl_early=-1"], "probes.icl_early=-1 lies outside the context"),
+    (["probes.repeats=40"], "is longer than the context data.n_ctx=64"),
+    (["model.positional=alibi"], "unknown model.positional 'alibi'"),
+    (["data.path=/nonexistent/tokens.npy"], "data.path does not exist: /nonexistent/tokens.npy"),
+    (["optim.schedule=step"], "unknown optim.schedule 'step'"),
+    (["device=tpu"], "unknown device 'tpu'"),
+]
+
+
+@pytest.mark.parametrize("overrides,message", BAD_CONFIGS, ids=[" ".join(o) for o, _ in BAD_CONFIGS])
+def test_bad_config_value_is_one_line_error(tmp_path, capsys, overrides, message):
+    run_dir = tmp_path / "run"
+    with pytest.raises(SystemExit) as exc:
+        run(compose_config(["logger=none", *overrides]), run_dir)
+    assert exc.value.code == 2
+    assert message in _one_line_error(capsys.readouterr().err)
+    assert not run_dir.exists()  # rejected before the run directory was even created
+
+
+def test_unreadable_data_file_is_one_line_error(tmp_path, capsys):
+    """Caught while building the data (inside Hydra's instantiate), reported without its wrapper."""
+    bad = tmp_path / "tokens.npy"
+    bad.write_bytes(b"this is not a numpy file")
+    with pytest.raises(SystemExit) as exc:
+        run(compose_config(["logger=none", "device=cpu", f"data.path={bad}"]), tmp_path / "run")
+    assert exc.value.code == 2
+    assert f"cannot read tokens from {bad}" in _one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "status.json").exists()
+
+
+def test_d_model_need_not_equal_heads_times_d_head():
+    """W_O maps n_heads * d_head back to d_model, so the sizes are independent (documented)."""
+    from hydra.utils import instantiate
+
+    from train.config import validate
+
+    cfg = compose_config(["model.d_model=30", "model.n_heads=3", "model.d_head=7"])
+    validate(cfg)
+    model = instantiate(cfg.model)
+    logits = model(torch.zeros(2, 10, dtype=torch.long)).logits
+    assert logits.shape == (2, 10, cfg.data.vocab_size) and torch.isfinite(logits).all()
+
+
+# -- bad input through the real command line (no torch import: these are fast) ----------------
+
+def test_cli_bad_value_exits_2_without_traceback(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _cli("logger=none", "model.positional=rotary", "model.d_head=7", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 2
+    assert "even model.d_head" in _one_line_error(proc.stderr)
+    assert not (run_dir / "config.yaml").exists() and not (run_dir / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("override,message", [("model.n_layer=3", "Could not override 'model.n_layer'"),
+                                              ("model.n_layers=two", "could not be converted to Integer")])
+def test_cli_composition_error_exits_nonzero_without_traceback(tmp_path, override, message):
+    proc = _cli("logger=none", override, f"hydra.run.dir={tmp_path / 'run'}")
+    assert proc.returncode != 0
+    assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_refuses_a_finished_run_dir_and_resuming_it(reference):
+    before = _snapshot(reference)
+    proc = _cli("logger=none", f"hydra.run.dir={reference}")
+    assert proc.returncode == 2
+    assert "already holds a run (finished" in _one_line_error(proc.stderr)
+    proc = _cli(f"resume={reference}")
+    assert proc.returncode == 2
+    assert "already finished" in _one_line_error(proc.stderr)
+    assert _snapshot(reference) == before  # Hydra's .hydra/ and log included: nothing written
+
+
+def test_cli_resume_of_a_missing_dir(tmp_path):
+    proc = _cli(f"resume={tmp_path / 'nothing'}")
+    assert proc.returncode == 2
+    assert "resume: no run directory at" in _one_line_error(proc.stderr)
+    assert not (tmp_path / "nothing").exists()  # Hydra did not create it
+
+
+def test_cli_unwritable_output_dir(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    proc = _cli("logger=none", f"hydra.run.dir={blocker / 'run'}")
+    assert proc.returncode == 2
+    assert "cannot write to the output directory" in _one_line_error(proc.stderr)
+    assert blocker.read_text() == "not a directory"
+    if os.geteuid() != 0:  # root ignores permission bits
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        proc = _cli("logger=none", f"hydra.run.dir={locked / 'run'}")
+        assert proc.returncode == 2 and "cannot write" in _one_line_error(proc.stderr)
+
+
+# -- bad input: damaged checkpoints (resume of a copy of a small stopped run) -------------------
+
+@pytest.fixture(scope="module")
+def small_run(tmp_path_factory, single_thread):
+    return _train_in_process(tmp_path_factory.mktemp("small") / "run", SMALL + _drop_extra_callbacks())
+
+
+@pytest.fixture
+def stopped_copy(small_run, tmp_path):
+    """A copy of the small run that looks stopped early (so it may be resumed)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(small_run, run_dir)
+    status = json.loads((run_dir / "status.json").read_text())
+    (run_dir / "status.json").write_text(json.dumps({**status, "state": "interrupted",
+                                                     "wandb_run_id": "abc123xy"}))
+    return run_dir
+
+
+def _newest(run_dir: Path) -> Path:
+    return ckpt.list_checkpoints(run_dir)[-1]
+
+
+def _resume_error(run_dir: Path, capsys) -> str:
+    before = _snapshot(run_dir)
+    with pytest.raises(SystemExit) as exc:
+        run(compose_config([f"resume={run_dir}"]), run_dir)
+    assert exc.value.code == 2
+    line = _one_line_error(capsys.readouterr().err)
+    assert _snapshot(run_dir) == before  # nothing overwritten, nothing added
+    return line
+
+
+def test_resume_of_an_intact_copy_works_and_keeps_the_wandb_id(stopped_copy, monkeypatch, capsys):
+    """The control for the damage tests below, and the wandb run id handed back on resume."""
+    from train import loggers
+
+    seen = []
+    monkeypatch.setattr(loggers.NullLogger, "start", lambda self, d, c, run_id=None: seen.append(run_id) or run_id)
+    run(compose_config([f"resume={stopped_copy}"]), stopped_copy)
+    assert seen == ["abc123xy"]
+    status = json.loads((stopped_copy / "status.json").read_text())
+    assert status["state"] == "finished" and status["wandb_run_id"] == "abc123xy"
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _garble(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[:64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "truncated weights": (lambda d: _truncate(_newest(d) / ckpt.MODEL_FILE), "model.safetensors (missing, truncated"),
+    "corrupted weights": (lambda d: _garble(_newest(d) / ckpt.MODEL_FILE), "model.safetensors (missing, truncated"),
+    "truncated state": (lambda d: _truncate(_newest(d) / ckpt.STATE_FILE), "cannot read resume state"),
+    "corrupted meta": (lambda d: (_newest(d) / ckpt.META_FILE).write_text('{"step": 6, "mo'),
+                       "unreadable checkpoint metadata"),
+    "no resume state": (lambda d: (_newest(d) / ckpt.STATE_FILE).unlink(), "has no checkpoint with a resume state"),
+    "other model in config": (
+        lambda d: (d / "config.yaml").write_text((d / "config.yaml").read_text().replace("d_model: 32", "d_model: 48")),
+        "was written by a different model: d_model=32 (config: 48)"),
+    "corrupted metrics": (
+        lambda d: (d / "metrics.jsonl").write_text("{bad\n" + (d / "metrics.jsonl").read_text()),
+        "metrics.jsonl: line 1 is not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_damaged_checkpoint_is_refused(stopped_copy, capsys, damage):
+    spoil, message = DAMAGE[damage]
+    spoil(stopped_copy)
+    assert message in _resume_error(stopped_copy, capsys)
+
+
+def test_weights_of_another_shape_are_refused(stopped_copy, capsys):
+    from safetensors.torch import save_file
+
+    from train.model import AttnOnlyTransformer
+
+    other = AttnOnlyTransformer(d_vocab=64, n_ctx=64, d_model=48, layernorm=True)  # meta.json still says 32
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(_newest(stopped_copy) / ckpt.MODEL_FILE))
+    line = _resume_error(stopped_copy, capsys)
+    assert "has shape" in line and "48" in line and "the model expects" in line
+
+
+class _Payload:
+    """Unpickling this runs code: it creates the marker file."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
+
+
+def test_pickled_code_in_resume_state_is_refused(stopped_copy, tmp_path, capsys):
+    # The payload is live: an unsafe load would run it.
+    probe = tmp_path / "probe_marker"
+    torch.save({"x": _Payload(probe)}, tmp_path / "probe.pt")
+    torch.load(tmp_path / "probe.pt", weights_only=False)
+    assert probe.exists()
+
+    marker = tmp_path / "pwned_marker"
+    state = _newest(stopped_copy) / ckpt.STATE_FILE
+    torch.save({"optimizer": _Payload(marker), "scheduler": {}, "rng": {}, "loss_sum": torch.zeros(()),
+                "loss_count": 0}, state)
+    line = _resume_error(stopped_copy, capsys)
+    assert "cannot read resume state" in line and "refused" in line
+    assert not marker.exists()
+
+
+def test_config_yaml_naming_foreign_code_is_refused(stopped_copy, tmp_path, capsys):
+    marker = tmp_path / "pwned_marker"
+    config = (stopped_copy / "config.yaml").read_text()
+    assert "  copying:\n    _target_: train.callbacks.CopyingScores\n" in config
+    (stopped_copy / "config.yaml").write_text(config.replace(
+        "_target_: train.callbacks.CopyingScores\n", f"_target_: os.system\n    command: touch {marker}\n"))
+    assert "names code outside this project (os.system)" in _resume_error(stopped_copy, capsys)
+    assert not marker.exists()
+
+
+# -- wandb without a network --------------------------------------------------------------------
+
+def test_wandb_unreachable_falls_back_offline_quickly(tmp_path, monkeypatch, capsys):
+    from train.loggers import WandbLogger
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens: refused at once
+    for var in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy"):
+        monkeypatch.delenv(var, raising=False)
+    logger = WandbLogger(project="reliability")
+    t0 = time.perf_counter()
+    run_id = logger.start(tmp_path, {"name": "t"})
+    seconds = time.perf_counter() - t0
+    logger.log({"tokens": 1, "loss/heldout": 1.0})
+    logger.finish(0)
+    assert "logging offline instead" in capsys.readouterr().err
+    assert logger.mode_used == "offline" and run_id
+    assert seconds < 30, f"wandb.init held training up for {seconds:.1f} s"
+    # Resuming hands the same id back.
+    again = WandbLogger(project="reliability")
+    assert again.start(tmp_path, {"name": "t"}, run_id) == run_id
+    again.finish(0)
