@@ -70,3 +70,13 @@ def test_multirun_sweep_runs_every_job(tmp_path):
     assert layers == [1, 2]
     for r in runs:
         assert (r / "metrics.jsonl").read_text().count("\n") >= 5
+
+
+def test_quick_start_command_writes_a_dated_run_directory(tmp_path):
+    """`python -m train` with no run directory given: Hydra's default outputs/DATE/TIME."""
+    cmd = [sys.executable, "-m", "train", "experiment=smoke", "device=cpu", "logger=none", "train.total_tokens=60000"]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = list((tmp_path / "outputs").glob("*/*/metrics.jsonl"))
+    assert len(runs) == 1
+    assert "run directory:" in proc.stdout

@@ -1,7 +1,7 @@
 """`python -m train [overrides]`: train one model (or a sweep with -m) and track induction heads.
 
-`python -m train resume=RUN_DIR` continues a stopped run (conf/config.yaml points Hydra's run
-directory at RUN_DIR). Before Hydra starts, the run directory named on the command line
+`python -m train resume=RUN_DIR` continues a stopped run (Hydra's run directory is set to
+RUN_DIR here, before Hydra starts). Before Hydra starts, the run directory named on the command line
 (`resume=` or `hydra.run.dir=`) is checked, so that a bad one fails with a one-line error
 before Hydra writes anything into it; on resume Hydra does not rewrite the run's `.hydra/`
 record of how it was started (`hydra.output_subdir=null`)."""
@@ -40,6 +40,8 @@ def precheck(argv: list[str]) -> list[str]:
             check_resume_dir(Path(resume).expanduser().resolve())
         if _argument(argv, "hydra.output_subdir") is None:
             argv = [*argv, "hydra.output_subdir=null"]  # keep the original .hydra/ as it is
+        if _argument(argv, "hydra.run.dir") is None:
+            argv = [*argv, f"hydra.run.dir={resume}"]  # Hydra runs in the resumed run's directory
         return argv
     run_dir = _argument(argv, "hydra.run.dir")
     if run_dir and "${" not in run_dir:
