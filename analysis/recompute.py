@@ -3,7 +3,7 @@
     uv run python -m analysis.recompute RUN_DIR [--callbacks NAME ...] [--out FILE] [--device cpu]
 
 Loads every saved checkpoint (RUN_DIR/checkpoints/step_*/model.safetensors + meta.json), rebuilds
-the probes exactly as training did (``build_probes`` from the run's saved config), runs the
+the probes exactly as training did (``probes_from_config`` on the run's saved config), runs the
 named callbacks (the same classes training uses, in config order, each at its own `every`
 cadence over the checkpoints) and writes one row per checkpoint (step, tokens + metric keys) to
 RUN_DIR/recomputed.jsonl (or --out). Callback names are the keys of the callbacks config: the
@@ -15,7 +15,6 @@ mechanistic (when the induction classification ran), and where the rows went.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -27,9 +26,9 @@ from omegaconf import OmegaConf
 
 from train import checkpoint as ckpt
 from train.callbacks import RunContext
-from train.data import build_probes
-from train.loggers import _jsonable
-from train.schedule import checkpoint_steps
+from train.data import probes_from_config
+from train.loggers import format_row
+from train.schedule import run_schedule
 
 DEFAULT_CALLBACKS = Path(__file__).resolve().parents[1] / "conf" / "callbacks" / "default.yaml"
 
@@ -77,16 +76,13 @@ def recompute(run_dir: Path, names: list[str] | None = None, out: Path | None = 
     cfg = OmegaConf.create(meta["config"])
     model, _ = ckpt.load_model(with_weights[0], device)
     data = instantiate(cfg.data)
-    p = cfg.probes
-    probes = build_probes(data, cfg.data.n_ctx, p.n_probes, p.period, p.repeats, p.n_copy_tokens, p.n_heldout, p.seed)
-    probes.repeated, probes.copy_tokens, probes.heldout = (
-        probes.repeated.to(device), probes.copy_tokens.to(device), probes.heldout.to(device))
+    probes = probes_from_config(data, cfg.data.n_ctx, cfg.probes).to(device)
     callbacks = [instantiate(c) for _, c in callback_configs(meta["config"], names, prefer_defaults)]
     ctx = RunContext(model, probes)
     for cb in callbacks:
         cb.setup(ctx)
     out = Path(out) if out is not None else run_dir / "recomputed.jsonl"
-    schedule = _schedule(cfg)
+    _, _, schedule = run_schedule(cfg)
     rows = []
     with torch.no_grad():
         for index, path in enumerate(checkpoints):
@@ -104,18 +100,8 @@ def recompute(run_dir: Path, names: list[str] | None = None, out: Path | None = 
                 if cb.due(ctx):
                     row |= cb(ctx)
             rows.append(row)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text("".join(json.dumps({k: _jsonable(v) for k, v in r.items()}) + "\n" for r in rows), encoding="utf-8")
-    tmp.replace(out)
+    ckpt.write_text_atomic(out, "".join(format_row(r) for r in rows))
     return rows, out
-
-
-def _schedule(cfg) -> list[int]:
-    """The run's checkpoint steps, as Trainer computes them."""
-    tokens_per_step = cfg.train.batch_size * cfg.data.n_ctx
-    s = cfg.schedule
-    return list(checkpoint_steps(cfg.train.total_tokens // tokens_per_step, tokens_per_step, s.n_log, s.n_linear,
-                                 s.first_tokens))
 
 
 def first_labelled(rows: list[dict[str, Any]], label: str) -> dict[str, int]:

@@ -1,7 +1,7 @@
 """Loading run directories (metrics.jsonl, config.yaml, status.json) for the analysis."""
 from __future__ import annotations
 
-import json
+
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from train.config import read_run_status
 from train.loggers import HEAD_KEY, read_metrics
 
 
@@ -113,11 +114,7 @@ def load_run(run_dir: str | Path, label: str | None = None) -> Run:
             config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
         except Exception:  # noqa: BLE001 - a broken config only loses labels
             config = {}
-    if (run_dir / "status.json").is_file():
-        try:
-            status = json.loads((run_dir / "status.json").read_text(encoding="utf-8"))
-        except (ValueError, OSError):
-            status = {}
+    status = read_run_status(run_dir) or {}
     return Run(run_dir, rows, config if isinstance(config, dict) else {}, status if isinstance(status, dict) else {},
                label or run_dir.name)
 

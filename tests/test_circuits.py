@@ -14,7 +14,7 @@ from train import circuits as C
 from train.callbacks import (AttentionScores, CircuitScores, CopyingScores, HeadAblations, InductionClassification,
                              ProbeRobustness, RunContext)
 from train.checkpoint import list_checkpoints, load_model
-from train.data import Probes, build_probes, repeated_random_tokens
+from train.data import Probes, probes_from_config, repeated_random_tokens
 from train.loggers import read_metrics
 from train.model import AttnOnlyTransformer
 
@@ -274,13 +274,11 @@ def test_ablating_the_hand_built_induction_head_hurts_the_repeats():
 # -- real short trainings ---------------------------------------------------------------------
 def _final_model_and_probes(run_dir):
     model, meta = load_model(list_checkpoints(run_dir)[-1])
-    p = meta["config"]["probes"]
     from hydra.utils import instantiate
+    from omegaconf import OmegaConf
 
-    data = instantiate(meta["config"]["data"])
-    probes = build_probes(data, meta["config"]["data"]["n_ctx"], p["n_probes"], p["period"], p["repeats"],
-                          p["n_copy_tokens"], p["n_heldout"], p["seed"])
-    return model, probes
+    cfg = OmegaConf.create(meta["config"])
+    return model, probes_from_config(instantiate(cfg.data), cfg.data.n_ctx, cfg.probes)
 
 
 def test_two_layer_run_has_a_behavioral_and_mechanistic_head(two_layer_run):

@@ -9,9 +9,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from train import circuits as C
 from train import metrics as M
-from train.data import Probes
+from train.data import Probes, probe_tokens, repeated_random_tokens
 from train.model import AttnOnlyTransformer
 
 
@@ -99,10 +101,6 @@ class HeldoutLoss(Callback):
 # These read the row built so far at this checkpoint (`ctx.row`, set by the loop before the
 # callbacks run) to reuse scores the behavioral callbacks above already computed; without it
 # (or without those callbacks) they compute what they need themselves.
-import torch.nn.functional as F  # noqa: E402
-
-from train import circuits as C  # noqa: E402
-from train.data import probe_tokens, repeated_random_tokens  # noqa: E402
 
 
 def _row_so_far(ctx: RunContext) -> dict[str, Any]:
@@ -338,7 +336,7 @@ class HeadAblations(Callback):
 
     def _losses(self, logits: torch.Tensor) -> tuple[float, float]:
         """(ICL score on the held-out part, loss on the probes' repeated part)."""
-        losses = C.token_losses(logits, self.tokens)
+        losses = M.token_losses(logits, self.tokens)
         text = losses[: self.n_text].mean(0)
         probe = losses[self.n_text :, self.repeat_from : self.probe_len - 1].mean()
         return float(text[self.late] - text[self.early]), float(probe)

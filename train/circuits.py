@@ -38,7 +38,7 @@ centering (TransformerLens's fold_ln + centering); the per-position 1/rms factor
 scalar and is dropped. Without LayerNorms nothing changes. Embedding-side quantities (OV
 eigen-score, QK trace) pass W_E through the reading layer's full LayerNorm direction
 (centering, 1/rms per token, gamma) exactly like the behavioral copying score in
-train/metrics.py (``_layernorm_direction``), and the final LayerNorm likewise.
+train/metrics.py (``layernorm_direction``), and the final LayerNorm likewise.
 
 OV copying eigen-score (per head)
 ---------------------------------
@@ -72,10 +72,9 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from train.metrics import _layernorm_direction
+from train.metrics import head_token_outputs, layernorm_direction
 from train.model import AttnOnlyTransformer
 
 COMPOSITIONS = ("q", "k", "v")
@@ -214,11 +213,8 @@ def ov_eigen_score(model: AttnOnlyTransformer) -> torch.Tensor:
     w_e = model.W_E.detach().float()[1:]
     w_u = _regular_unembed(model)
     out = []
-    for block in model.blocks:
-        attn = block.attn
-        x = _layernorm_direction(w_e, block.ln1)  # [V, d]
-        ov = torch.einsum("td,hde,hem->htm", x, attn.W_V.detach().float(), attn.W_O.detach().float())
-        rows = _layernorm_direction(ov, model.ln_final)  # [h, V, d]
+    for layer in range(model.n_layers):
+        rows = layernorm_direction(head_token_outputs(model, layer, w_e).float(), model.ln_final)  # [h, V, d]
         out.append(_eigen_score(w_u[None] @ rows))  # nonzero eigs of rows @ w_u == those of w_u @ rows
     return torch.stack(out)
 
@@ -234,18 +230,14 @@ def qk_prefix_matching_trace(model: AttnOnlyTransformer, previous_token: torch.T
     prev = previous_token.detach().float().to(w_e.device)
     result = torch.full((model.n_layers, model.n_heads), float("nan"))
     # Head outputs per earlier layer, for each token: K_k[t] = LN_k(W_E)[t] W_OV^k  [h, V, d].
-    outputs = []
-    for block in model.blocks:
-        x = _layernorm_direction(w_e, block.ln1)
-        outputs.append(torch.einsum("td,hde,hem->htm", x, block.attn.W_V.detach().float(),
-                                    block.attn.W_O.detach().float()))
+    outputs = [head_token_outputs(model, layer, w_e).float() for layer in range(model.n_layers)]
     for l in range(1, model.n_layers):
         block = model.blocks[l]
         keys = sum((prev[k][:, None, None] * outputs[k]).sum(0) for k in range(l))  # [V, d]
         lin = _ln_linear(block.ln1, model.d_model, keys)
         if lin is not None:
             keys = keys @ lin  # row vectors through P diag(gamma)
-        queries = _layernorm_direction(w_e, block.ln1)  # [V, d]
+        queries = layernorm_direction(w_e, block.ln1)  # [V, d]
         keys_c = keys - keys.mean(0, keepdim=True)  # A (I - 11^T/V) == Q W_QK (centred keys)^T
         w_q, w_k = block.attn.W_Q.detach().float(), block.attn.W_K.detach().float()
         # A~ = Q W_Q W_K^T keys_c^T; nonzero eigs == those of (W_K^T keys_c^T Q W_Q) [e, e].
@@ -308,28 +300,13 @@ def classify_heads(prefix: torch.Tensor, copying: torch.Tensor, previous_token: 
 @torch.no_grad()
 def residual_inputs(model: AttnOnlyTransformer, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """A clean forward pass: (logits, the residual stream entering each layer, per-layer z
-    [batch, n_heads, pos, d_head]). Mirrors AttnOnlyTransformer.forward through its own modules
-    (tests check that the logits agree)."""
-    n = tokens.shape[1]
-    x = model.W_E[tokens]
-    if model.positional == "learned":
-        x = x + model.W_pos[:n]
+    [batch, n_heads, pos, d_head])."""
+    x, qk_pos = model.embed(tokens)
     resid, zs = [], []
     for layer in range(model.n_layers):
         resid.append(x)
-        x = x + _layer(model, layer, x, lambda z: zs.append(z) or z)
-    return _unembed(model, x), resid, zs
-
-
-def _layer(model: AttnOnlyTransformer, layer: int, x: torch.Tensor, hook) -> torch.Tensor:
-    block = model.blocks[layer]
-    qk_pos = model.W_pos[: x.shape[1]] if model.positional == "shortformer" else None
-    out, _ = block.attn(block.ln1(x), qk_pos, model.rotary, False, hook)
-    return out
-
-
-def _unembed(model: AttnOnlyTransformer, x: torch.Tensor) -> torch.Tensor:
-    return model.ln_final(x) @ model.W_U + model.b_U
+        x = x + model.run_layer(layer, x, qk_pos, z_hooks=lambda _, z: zs.append(z) or z)[0]
+    return model.unembed(x), resid, zs
 
 
 @torch.no_grad()
@@ -355,15 +332,11 @@ def ablated_logits(model: AttnOnlyTransformer, tokens: torch.Tensor, heads: list
 
     if resid is None or not by_layer:
         return model(tokens, z_hooks=hook).logits
+    _, qk_pos = model.embed(tokens)
     x = resid[min(by_layer)]
     for layer in range(min(by_layer), model.n_layers):
-        x = x + _layer(model, layer, x, lambda z, layer=layer: hook(layer, z))
-    return _unembed(model, x)
-
-
-def token_losses(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """[batch, pos - 1] cross-entropy of each next-token prediction."""
-    return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:], reduction="none")
+        x = x + model.run_layer(layer, x, qk_pos, z_hooks=hook)[0]
+    return model.unembed(x)
 
 
 def head_name(layer: int, head: int) -> str:

@@ -187,6 +187,12 @@ class Probes:
     copy_tokens: torch.Tensor  # [k] random tokens for the copying score
     heldout: torch.Tensor  # [n_heldout, n_ctx] training-distribution sequences
 
+    def to(self, device) -> "Probes":
+        """Move the probe tensors to `device` (in place); returns self."""
+        self.repeated, self.copy_tokens, self.heldout = (
+            self.repeated.to(device), self.copy_tokens.to(device), self.heldout.to(device))
+        return self
+
 
 def repeated_random_tokens(
     n: int, period: int, repeats: int, allowed: torch.Tensor, g: torch.Generator
@@ -230,3 +236,9 @@ def build_probes(
     repeated = repeated_random_tokens(n_probes, period, repeats, allowed, g)
     copy_tokens = allowed[torch.randperm(allowed.numel(), generator=g)[:n_copy_tokens]]
     return Probes(repeated, period, repeats, copy_tokens, data.heldout(n_heldout, seed))
+
+
+def probes_from_config(data, n_ctx: int, probes_cfg) -> Probes:
+    """The run's probes from its `probes` config section (training and re-analysis alike)."""
+    p = probes_cfg
+    return build_probes(data, n_ctx, p.n_probes, p.period, p.repeats, p.n_copy_tokens, p.n_heldout, p.seed)

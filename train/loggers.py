@@ -24,6 +24,11 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def format_row(row: dict[str, Any]) -> str:
+    """One metrics.jsonl line (tensors to lists, non-finite floats to strings), newline included."""
+    return json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n"
+
+
 class MetricsFile:
     """Appends one JSON object per checkpoint to metrics.jsonl, flushed and fsynced per row."""
 
@@ -32,7 +37,7 @@ class MetricsFile:
         self._fh = open(self.path, "a", encoding="utf-8")
 
     def write(self, row: dict[str, Any]) -> None:
-        self._fh.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
+        self._fh.write(format_row(row))
         self._fh.flush()
         os.fsync(self._fh.fileno())
 

@@ -21,9 +21,9 @@ from tqdm import tqdm
 from train import checkpoint as ckpt
 from train.callbacks import RunContext
 from train.config import read_run_status
-from train.data import build_probes
-from train.loggers import MetricsFile, read_metrics
-from train.schedule import checkpoint_steps
+from train.data import probes_from_config
+from train.loggers import MetricsFile, format_row, read_metrics
+from train.schedule import run_schedule
 
 
 class TrainingError(RuntimeError):
@@ -123,24 +123,16 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.device = select_device(cfg.device)
-        self.tokens_per_step = cfg.train.batch_size * cfg.data.n_ctx
-        self.total_steps = cfg.train.total_tokens // self.tokens_per_step
         if cfg.train.batch_size <= 0 or cfg.train.total_tokens <= 0:
             raise ValueError("train.batch_size and train.total_tokens must be positive")
-        if self.total_steps < 1:
+        if cfg.train.total_tokens < cfg.train.batch_size * cfg.data.n_ctx:
             raise ValueError(f"train.total_tokens={cfg.train.total_tokens} is less than one batch "
-                             f"({self.tokens_per_step} tokens)")
-        self.schedule = checkpoint_steps(self.total_steps, self.tokens_per_step, cfg.schedule.n_log,
-                                         cfg.schedule.n_linear, cfg.schedule.first_tokens)
+                             f"({cfg.train.batch_size * cfg.data.n_ctx} tokens)")
+        self.tokens_per_step, self.total_steps, self.schedule = run_schedule(cfg)
         seed_everything(cfg.seed)
         self.data = instantiate(cfg.data)
         self.model = instantiate(cfg.model).to(self.device)
-        p = cfg.probes
-        self.probes = build_probes(self.data, cfg.data.n_ctx, p.n_probes, p.period, p.repeats,
-                                   p.n_copy_tokens, p.n_heldout, p.seed)
-        self.probes.repeated = self.probes.repeated.to(self.device)
-        self.probes.copy_tokens = self.probes.copy_tokens.to(self.device)
-        self.probes.heldout = self.probes.heldout.to(self.device)
+        self.probes = probes_from_config(self.data, cfg.data.n_ctx, cfg.probes).to(self.device)
         self.callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
         self.ctx = RunContext(self.model, self.probes)
         for cb in self.callbacks:
@@ -270,7 +262,7 @@ class Trainer:
                 raise ckpt.CheckpointError(f"cannot resume: {e}") from None
             kept = [r for r in rows if isinstance(r, dict) and r.get("step", -1) <= self.step]
             ckpt.remove_stale_temporaries(self.run_dir)
-            ckpt.write_text_atomic(metrics_path, "".join(_dump(r) + "\n" for r in kept))
+            ckpt.write_text_atomic(metrics_path, "".join(format_row(r) for r in kept))
             self.resumed_from.append(self.step)
         metrics = MetricsFile(metrics_path)
         run_id = self.logger.start(self.run_dir, OmegaConf.to_container(self.cfg, resolve=True), run_id)
@@ -337,12 +329,6 @@ class Trainer:
         _write_status(self.run_dir, state, self.step, run_id, seconds, self.resumed_from, error)
 
 
-def _dump(row: dict[str, Any]) -> str:
-    import json
-
-    return json.dumps(row)
-
-
 def _write_status(run_dir: Path, state: str, step: int, run_id: str | None, seconds: float | None = None,
                   resumed_from: list[int] | None = None, error: str | None = None) -> None:
     status: dict[str, Any] = {"state": state, "step": step, "wandb_run_id": run_id}
@@ -353,8 +339,3 @@ def _write_status(run_dir: Path, state: str, step: int, run_id: str | None, seco
     if error:
         status["error"] = error
     ckpt.write_json_atomic(Path(run_dir) / "status.json", status)
-
-
-def read_status(run_dir: Path) -> dict[str, Any] | None:
-    """status.json of a run: None when absent or unreadable."""
-    return read_run_status(run_dir) or None

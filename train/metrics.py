@@ -74,7 +74,7 @@ def previous_token_score(patterns: torch.Tensor) -> torch.Tensor:
     return patterns.diagonal(offset=-1, dim1=-2, dim2=-1).mean(dim=(1, 3))
 
 
-def _layernorm_direction(x: torch.Tensor, ln) -> torch.Tensor:
+def layernorm_direction(x: torch.Tensor, ln) -> torch.Tensor:
     """Apply a LayerNorm's centering, scaling and weight (not its bias); identity if no LN."""
     if not isinstance(ln, torch.nn.LayerNorm):
         return x
@@ -84,15 +84,21 @@ def _layernorm_direction(x: torch.Tensor, ln) -> torch.Tensor:
 
 
 @torch.no_grad()
+def head_token_outputs(model: AttnOnlyTransformer, layer: int, embeddings: torch.Tensor) -> torch.Tensor:
+    """[n_heads, t, d_model]: what each head of `layer` writes to the residual stream when it
+    attends fully to a position holding each embedding row (through that layer's LayerNorm
+    direction; no biases)."""
+    block = model.blocks[layer]
+    x = layernorm_direction(embeddings, block.ln1)  # [t, d_model]
+    return torch.einsum("td,hde,hem->htm", x, block.attn.W_V, block.attn.W_O)
+
+
+@torch.no_grad()
 def direct_path_logits(model: AttnOnlyTransformer, tokens: torch.Tensor) -> torch.Tensor:
     """[n_layers, n_heads, len(tokens), d_vocab]: each head's direct-path logits when it attends
     fully to each token."""
-    out = []
-    for block in model.blocks:
-        x = _layernorm_direction(model.W_E[tokens], block.ln1)  # [t, d_model]
-        ov = torch.einsum("td,hde,hem->htm", x, block.attn.W_V, block.attn.W_O)
-        out.append(_layernorm_direction(ov, model.ln_final) @ model.W_U)
-    return torch.stack(out)
+    return torch.stack([layernorm_direction(head_token_outputs(model, layer, model.W_E[tokens]), model.ln_final)
+                        @ model.W_U for layer in range(model.n_layers)])
 
 
 @torch.no_grad()
@@ -110,10 +116,13 @@ def per_position_loss(model: AttnOnlyTransformer, tokens: torch.Tensor, batch_si
     """[n_ctx - 1]: mean cross-entropy of the prediction at each position over `tokens`."""
     total = torch.zeros(tokens.shape[1] - 1, device=tokens.device)
     for chunk in tokens.split(batch_size):
-        logits = model(chunk).logits[:, :-1].float()
-        loss = F.cross_entropy(logits.transpose(1, 2), chunk[:, 1:], reduction="none")
-        total += loss.sum(0)
+        total += token_losses(model(chunk).logits, chunk).sum(0)
     return total / tokens.shape[0]
+
+
+def token_losses(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """[batch, pos - 1] cross-entropy of each next-token prediction."""
+    return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:], reduction="none")
 
 
 def icl_indices(n_ctx: int, early: int | None = None, late: int | None = None) -> tuple[int, int]:

@@ -171,24 +171,36 @@ class AttnOnlyTransformer(nn.Module):
         return_patterns: bool = False,
         z_hooks: ZHook | None = None,
     ) -> ModelOutput:
+        x, qk_pos = self.embed(tokens)
+        patterns = [] if return_patterns else None
+        for layer in range(self.n_layers):
+            out, pattern = self.run_layer(layer, x, qk_pos, return_patterns, z_hooks)
+            x = x + out
+            if patterns is not None:
+                patterns.append(pattern)
+        return ModelOutput(logits=self.unembed(x), patterns=patterns)
+
+    # The three stages of the forward pass, for code that starts or stops part-way (ablations).
+    def embed(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The residual stream entering layer 0, and the positions for queries/keys (shortformer)."""
         n = tokens.shape[1]
         if n > self.n_ctx:
             raise ValueError(f"sequence length {n} exceeds the model's context n_ctx={self.n_ctx}")
         x = self.W_E[tokens]
-        qk_pos = None
         if self.positional == "learned":
             x = x + self.W_pos[:n]
-        elif self.positional == "shortformer":
-            qk_pos = self.W_pos[:n]
-        patterns = [] if return_patterns else None
-        for layer, block in enumerate(self.blocks):
-            hook = None if z_hooks is None else (lambda z, layer=layer: z_hooks(layer, z))
-            out, pattern = block.attn(block.ln1(x), qk_pos, self.rotary, return_patterns, hook)
-            x = x + out
-            if patterns is not None:
-                patterns.append(pattern)
-        logits = self.ln_final(x) @ self.W_U + self.b_U
-        return ModelOutput(logits=logits, patterns=patterns)
+        qk_pos = self.W_pos[:n] if self.positional == "shortformer" else None
+        return x, qk_pos
+
+    def run_layer(self, layer: int, x: torch.Tensor, qk_pos: torch.Tensor | None,
+                  return_pattern: bool = False, z_hooks: ZHook | None = None):
+        """Layer `layer`'s attention output (added to the residual stream by the caller)."""
+        block = self.blocks[layer]
+        hook = None if z_hooks is None else (lambda z: z_hooks(layer, z))
+        return block.attn(block.ln1(x), qk_pos, self.rotary, return_pattern, hook)
+
+    def unembed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln_final(x) @ self.W_U + self.b_U
 
     @property
     def layers(self) -> list[Attention]:

@@ -20,3 +20,12 @@ def checkpoint_steps(total_steps: int, tokens_per_step: int, n_log: int, n_linea
         points += list(np.linspace(0, total_tokens, n_linear + 1))
     steps = {min(total_steps, int(round(p / tokens_per_step))) for p in points}
     return sorted(steps)
+
+
+def run_schedule(cfg) -> tuple[int, int, list[int]]:
+    """(tokens per step, total steps, checkpoint steps) of a run's config."""
+    tokens_per_step = cfg.train.batch_size * cfg.data.n_ctx
+    total_steps = cfg.train.total_tokens // tokens_per_step
+    s = cfg.schedule
+    return tokens_per_step, total_steps, checkpoint_steps(total_steps, tokens_per_step, s.n_log, s.n_linear,
+                                                         s.first_tokens)
