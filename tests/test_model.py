@@ -119,3 +119,24 @@ def test_bad_model_arguments_are_refused(bad):
 def test_rotary_needs_an_even_head_size():
     with pytest.raises(ValueError, match="even d_head"):
         AttnOnlyTransformer(d_vocab=10, n_ctx=8, d_model=9, n_heads=1, d_head=9, positional="rotary")
+
+
+def test_training_steps_are_bit_identical_on_cpu():
+    """Same seed, same data: the same weights after training, with the default thread count
+    (the embedding's backward must not accumulate in a thread-dependent order)."""
+    from train.data import RepeatsLanguage
+
+    def train_a_few_steps():
+        torch.manual_seed(0)
+        m = AttnOnlyTransformer(64, 64, 2, 4, 64, 16, layernorm=True, init_std=0.1)
+        opt = torch.optim.AdamW(m.parameters(), 3e-3)
+        data = RepeatsLanguage(64, 64)
+        for step in range(4):
+            x = data.batch(step, 64)
+            loss = torch.nn.functional.cross_entropy(m(x).logits[:, :-1].reshape(-1, 64), x[:, 1:].reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return torch.cat([p.detach().flatten() for p in m.parameters()])
+
+    assert torch.equal(train_a_few_steps(), train_a_few_steps())

@@ -186,7 +186,7 @@ class AttnOnlyTransformer(nn.Module):
         n = tokens.shape[1]
         if n > self.n_ctx:
             raise ValueError(f"sequence length {n} exceeds the model's context n_ctx={self.n_ctx}")
-        x = self.W_E[tokens]
+        x = F.embedding(tokens, self.W_E)  # deterministic backward on CPU (indexing is not)
         if self.positional == "learned":
             x = x + self.W_pos[:n]
         qk_pos = self.W_pos[:n] if self.positional == "shortformer" else None
