@@ -72,7 +72,7 @@ def hand_probes() -> Probes:
     allowed = torch.arange(1, V)
     repeated = repeated_random_tokens(16, PERIOD, REPEATS, allowed, g)
     heldout = torch.cat([torch.zeros(64, 1, dtype=torch.long), torch.randint(1, V, (64, N_CTX - 1), generator=g)], 1)
-    return Probes(repeated, PERIOD, REPEATS, allowed.clone(), heldout)
+    return Probes(repeated, PERIOD, REPEATS, allowed.clone(), heldout, allowed)
 
 
 def run_callbacks(model, probes, callbacks) -> dict:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from train import circuits as C
 from train import metrics as M
-from train.data import Probes, probe_tokens, repeated_random_tokens
+from train.data import Probes, repeated_random_tokens
 from train.model import AttnOnlyTransformer
 
 
@@ -197,8 +197,7 @@ class ProbeRobustness(Callback):
     def setup(self, ctx: RunContext) -> None:
         heldout = ctx.probes.heldout.cpu()
         n_ctx = min(heldout.shape[1], ctx.model.n_ctx)
-        # The training probes' token set: probe_tokens() of the token counts (here of held-out data).
-        allowed = probe_tokens(torch.bincount(heldout.flatten(), minlength=ctx.model.d_vocab).float())
+        allowed = ctx.probes.allowed  # the main probe's token set
         g = torch.Generator().manual_seed(self.seed)
         sets: list[tuple[str, torch.Tensor]] = []
         for period, repeats in self.variants:

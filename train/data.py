@@ -186,6 +186,7 @@ class Probes:
     repeats: int
     copy_tokens: torch.Tensor  # [k] random tokens for the copying score
     heldout: torch.Tensor  # [n_heldout, n_ctx] training-distribution sequences
+    allowed: torch.Tensor  # the tokens random probes draw from (see probe_tokens); kept on the CPU
 
     def to(self, device) -> "Probes":
         """Move the probe tensors to `device` (in place); returns self."""
@@ -235,7 +236,7 @@ def build_probes(
     allowed = probe_tokens(data.token_frequencies())
     repeated = repeated_random_tokens(n_probes, period, repeats, allowed, g)
     copy_tokens = allowed[torch.randperm(allowed.numel(), generator=g)[:n_copy_tokens]]
-    return Probes(repeated, period, repeats, copy_tokens, data.heldout(n_heldout, seed))
+    return Probes(repeated, period, repeats, copy_tokens, data.heldout(n_heldout, seed), allowed)
 
 
 def probes_from_config(data, n_ctx: int, probes_cfg) -> Probes:
