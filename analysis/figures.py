@@ -10,6 +10,7 @@ import numpy as np
 from analysis.phase import PhaseParams, local_linear, smooth
 from analysis.plots import plt
 from analysis.runs import Run
+from train import names as N
 
 WINDOW_COLOR = "tab:orange"
 
@@ -41,12 +42,12 @@ def _grid_tokens(sm):
 def fig_loss(run: Run, result: dict[str, Any], params: PhaseParams = PhaseParams()):
     """Held-out loss with the bump marked, and d loss / d ln(tokens)."""
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, dpi=100)
-    t, loss = _positive(run.tokens, run.series("loss/heldout"))
+    t, loss = _positive(run.tokens, run.series(N.LOSS_HELDOUT))
     ax.plot(t, loss, ".", ms=3, color="tab:blue", label="held-out loss")
-    if run.has("loss/train"):
-        tt, lt = _positive(run.tokens, run.series("loss/train"))
+    if run.has(N.LOSS_TRAIN):
+        tt, lt = _positive(run.tokens, run.series(N.LOSS_TRAIN))
         ax.plot(tt, lt, "-", lw=0.6, color="0.6", alpha=0.7, label="train loss")
-    sm = smooth(run.tokens, run.series("loss/heldout"), params)
+    sm = smooth(run.tokens, run.series(N.LOSS_HELDOUT), params)
     bump = result.get("loss_bump", {})
     if sm is not None:
         ax.plot(_grid_tokens(sm), sm.value, "-", color="tab:blue", lw=1.2, label="smoothed")
@@ -74,15 +75,15 @@ def fig_loss(run: Run, result: dict[str, Any], params: PhaseParams = PhaseParams
 
 def fig_icl(run: Run, result: dict[str, Any], params: PhaseParams = PhaseParams()):
     fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
-    t, icl = _positive(run.tokens, run.series("icl_score"))
+    t, icl = _positive(run.tokens, run.series(N.ICL_SCORE))
     ax.plot(t, icl, ".", ms=3, color="tab:green", label="ICL score")
-    sm = smooth(run.tokens, run.series("icl_score"), params)
+    sm = smooth(run.tokens, run.series(N.ICL_SCORE), params)
     if sm is not None:
         ax.plot(_grid_tokens(sm), sm.value, "-", color="tab:green", lw=1.2)
     win = result.get("icl_jump", {})
     _shade(ax, win if win.get("detected") else None, label="ICL jump")
     _burn_in(ax, result)
-    late, early = _last(run, "icl_late"), _last(run, "icl_early")
+    late, early = _last(run, N.ICL_LATE), _last(run, N.ICL_EARLY)
     ax.set_ylabel(f"ICL score: loss[{late}] - loss[{early}]" if late is not None else "ICL score (nats)")
     ax.set_xlabel("tokens")
     ax.set_xscale("log")
@@ -104,17 +105,17 @@ def _last(run: Run, key: str):
 
 def fig_heads(run: Run, result: dict[str, Any]):
     """Prefix matching (and copying) per head over training, induction heads highlighted."""
-    metrics = [m for m in ("prefix_matching", "copying") if run.head_names(m)]
+    metrics = [m for m in (N.PREFIX_MATCHING, N.COPYING) if run.head_names(m)]
     if not metrics:
         return None
     fig, axes = plt.subplots(len(metrics), 1, figsize=(7, 3.2 * len(metrics)), sharex=True, dpi=100, squeeze=False)
     induction = set(result.get("induction_heads", []))
     names = run.head_names(metrics[0])
-    n_layers = 1 + max(int(n[1:].split("H")[0]) for n in names)
+    n_layers = 1 + max(N.parse_head_name(n)[0] for n in names)
     cmap = plt.get_cmap("tab10")
     for ax, metric in zip(axes[:, 0], metrics):
         for name, series in run.head_series(metric).items():
-            layer, head = (int(v) for v in name[1:].split("H"))
+            layer, head = N.parse_head_name(name)
             t, y = _positive(run.tokens, series)
             hot = name in induction
             ax.plot(t, y, ["-", "--", ":", "-."][layer % 4], lw=2.2 if hot else 0.9, alpha=1.0 if hot else 0.6,
@@ -174,8 +175,8 @@ def fig_per_position(run: Run, result: dict[str, Any]):
 
 def fig_labels(run: Run):
     """is_behavioral / is_mechanistic per head over time (only when those keys exist)."""
-    beh, mech = run.head_series("is_behavioral"), run.head_series("is_mechanistic")
-    names = sorted(set(beh) | set(mech), key=lambda n: tuple(int(v) for v in n[1:].split("H")))
+    beh, mech = run.head_series(N.IS_BEHAVIORAL), run.head_series(N.IS_MECHANISTIC)
+    names = sorted(set(beh) | set(mech), key=N.parse_head_name)
     if not names:
         return None
     t = run.tokens
@@ -263,8 +264,8 @@ def fig_pca(runs: list[Run], results: dict[str, dict[str, Any]]):
 
 def _max_prefix(run: Run) -> np.ndarray:
     """Max prefix matching over heads of layers >= 1 (over all heads for 1-layer models)."""
-    hs = run.head_series("prefix_matching")
-    later = {k: v for k, v in hs.items() if not k.startswith("L0H")} or hs
+    hs = run.head_series(N.PREFIX_MATCHING)
+    later = {k: v for k, v in hs.items() if N.parse_head_name(k)[0] > 0} or hs
     if not later:
         return np.full(len(run.rows), np.nan)
     return np.nanmax(np.vstack(list(later.values())), axis=0)
@@ -297,7 +298,7 @@ def group_curves(runs: list[Run], getter, n_grid: int = 200) -> dict[str, tuple[
 def fig_compare(runs: list[Run], results: dict[str, dict[str, Any]]):
     """Loss, ICL score and max prefix matching of all runs, grouped by n_layers (mean and
     min-max spread over seeds), phase-change steepest points as ticks."""
-    panels = [("held-out loss", lambda r: r.series("loss/heldout")), ("ICL score", lambda r: r.series("icl_score")),
+    panels = [("held-out loss", lambda r: r.series(N.LOSS_HELDOUT)), ("ICL score", lambda r: r.series(N.ICL_SCORE)),
               ("max prefix matching (layers >= 1)", _max_prefix)]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4), dpi=100)
     cmap = plt.get_cmap("tab10")

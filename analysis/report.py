@@ -16,13 +16,15 @@ from analysis import figures
 from analysis.phase import PhaseParams, detect_phase_change
 from analysis.plots import plt
 from analysis.runs import AnalysisError, Run
+from train import names as N
+from train.rundir import CONFIG_FILE, METRICS_FILE
 
 
 def analyze_run(run: Run, params: PhaseParams = PhaseParams()) -> dict[str, Any]:
-    if not run.has("loss/heldout") and not run.has("icl_score"):
-        raise AnalysisError(f"{run.path}: metrics.jsonl has neither loss/heldout nor icl_score")
-    result = detect_phase_change(run.tokens, run.series("loss/heldout"), run.series("icl_score"),
-                                 run.head_series("prefix_matching"), params)
+    if not run.has(N.LOSS_HELDOUT) and not run.has(N.ICL_SCORE):
+        raise AnalysisError(f"{run.path}: {METRICS_FILE} has neither {N.LOSS_HELDOUT} nor {N.ICL_SCORE}")
+    result = detect_phase_change(run.tokens, run.series(N.LOSS_HELDOUT), run.series(N.ICL_SCORE),
+                                 run.head_series(N.PREFIX_MATCHING), params)
     return result
 
 
@@ -124,7 +126,7 @@ def _html(runs, results, per_run_figs, joint, params: PhaseParams) -> str:
         icl, bump = res["icl_jump"], res["loss_bump"]
         parts.append(
             "<tr>" + f"<td class='l'>{html.escape(r.label)}</td><td>{r.n_layers}</td><td>{r.seed}</td>"
-            + (f"<td class='yes'>yes</td>" if res["phase_change"] else "<td class='no'>no</td>")
+            + ("<td class='yes'>yes</td>" if res["phase_change"] else "<td class='no'>no</td>")
             + "".join(f"<td>{_fmt_tokens(w.get(k))}</td>" for k in ("start_tokens", "steepest_tokens", "end_tokens"))
             + f"<td>{icl['size']:.2f}{'' if icl['detected'] else ' (no)'}</td><td>{_fmt_tokens(icl['steepest_tokens']) if icl['detected'] else '-'}</td>"
             + f"<td>{bump['size']:.2f}{'' if bump['detected'] else ' (no)'}</td><td>{_fmt_tokens(bump['steepest_tokens']) if bump['detected'] else '-'}</td>"
@@ -229,19 +231,19 @@ def fetch_wandb_history(run_path: str, dest: Path) -> Path:
         for row in api_run.scan_history():
             row = {k: v for k, v in row.items() if not k.startswith("_") and (
                 isinstance(v, (int, float, list)) and not isinstance(v, bool))}
-            if "tokens" in row:
+            if N.TOKENS in row:
                 rows.append(row)
         config = dict(api_run.config)
     except Exception as e:  # noqa: BLE001 - network / auth / missing run
         raise AnalysisError(f"--wandb {run_path}: cannot read the run ({type(e).__name__}: {e})") from None
     if not rows:
-        raise AnalysisError(f"--wandb {run_path}: the run's history has no rows with 'tokens'")
+        raise AnalysisError(f"--wandb {run_path}: the run's history has no rows with '{N.TOKENS}'")
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    (dest / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     try:
         import yaml
 
-        (dest / "config.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+        (dest / CONFIG_FILE).write_text(yaml.safe_dump(config), encoding="utf-8")
     except Exception:  # noqa: BLE001
         pass
     print(f"wandb: read {len(rows)} rows of {run_path} into {dest}", file=sys.stderr)

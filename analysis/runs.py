@@ -2,15 +2,14 @@
 from __future__ import annotations
 
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from train.config import read_run_status
-from train.loggers import HEAD_KEY, read_metrics
+from train import names as N
+from train.rundir import CONFIG_FILE, METRICS_FILE, read_metrics, read_status
 
 
 class AnalysisError(Exception):
@@ -42,7 +41,7 @@ class Run:
     def n_layers(self) -> int | None:
         n = (self.config.get("model") or {}).get("n_layers")
         if n is None:
-            layers = [int(m["layer"]) for k in self.rows[-1] if (m := HEAD_KEY.match(k))] if self.rows else []
+            layers = [p[1] for k in self.rows[-1] if (p := N.parse_head_key(k))] if self.rows else []
             n = 1 + max(layers) if layers else None
         return n
 
@@ -57,7 +56,7 @@ class Run:
 
     @property
     def tokens(self) -> np.ndarray:
-        return self.series("tokens")
+        return self.series(N.TOKENS)
 
     def series(self, key: str) -> np.ndarray:
         return np.array([_num(r.get(key)) for r in self.rows], dtype=float)
@@ -67,26 +66,24 @@ class Run:
 
     def head_names(self, metric: str) -> list[str]:
         """Sorted head names ("L1H0", ...) that have `metric` in any row."""
-        names = set()
-        for r in self.rows:
-            for k in r:
-                m = HEAD_KEY.match(k)
-                if m and m["metric"] == metric:
-                    names.add((int(m["layer"]), int(m["head"])))
-        return [f"L{l}H{h}" for l, h in sorted(names)]
+        return [N.head_name(l, h) for l, h in self._heads(metric)]
 
     def head_series(self, metric: str) -> dict[str, np.ndarray]:
-        return {name: self.series(f"{metric}/{name}") for name in self.head_names(metric)}
+        return {N.head_name(l, h): self.series(N.head_key(metric, l, h)) for l, h in self._heads(metric)}
+
+    def _heads(self, metric: str) -> list[tuple[int, int]]:
+        return sorted({h for r in self.rows for h in N.heads_in(r, metric)})
 
     def per_position_loss(self) -> tuple[np.ndarray, np.ndarray] | None:
         """(tokens [C], loss [C, n_positions]) over checkpoints that have a full vector."""
-        rows = [r for r in self.rows if isinstance(r.get("per_position_loss"), list)]
+        key = N.PER_POSITION_LOSS
+        rows = [r for r in self.rows if isinstance(r.get(key), list)]
         if not rows:
             return None
-        n = max(len(r["per_position_loss"]) for r in rows)
-        rows = [r for r in rows if len(r["per_position_loss"]) == n]
-        mat = np.array([[_num(v) for v in r["per_position_loss"]] for r in rows], dtype=float)
-        return np.array([_num(r.get("tokens")) for r in rows]), mat
+        n = max(len(r[key]) for r in rows)
+        rows = [r for r in rows if len(r[key]) == n]
+        mat = np.array([[_num(v) for v in r[key]] for r in rows], dtype=float)
+        return np.array([_num(r.get(N.TOKENS)) for r in rows]), mat
 
     @property
     def wandb_run_id(self) -> str | None:
@@ -95,26 +92,26 @@ class Run:
 
 def load_run(run_dir: str | Path, label: str | None = None) -> Run:
     run_dir = Path(run_dir)
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS_FILE
     if not path.is_file():
-        raise AnalysisError(f"{run_dir}: no metrics.jsonl")
+        raise AnalysisError(f"{run_dir}: no {METRICS_FILE}")
     try:
         raw = read_metrics(path)
     except (ValueError, OSError, UnicodeDecodeError) as e:
         raise AnalysisError(f"{path}: cannot read ({e})") from None
-    rows = [r for r in raw if isinstance(r, dict) and "event" not in r and "tokens" in r]
-    rows.sort(key=lambda r: _num(r.get("tokens")))
+    rows = [r for r in raw if isinstance(r, dict) and N.EVENT not in r and N.TOKENS in r]
+    rows.sort(key=lambda r: _num(r.get(N.TOKENS)))
     if not rows:
         raise AnalysisError(f"{path}: no checkpoint rows")
     config, status = {}, {}
-    if (run_dir / "config.yaml").is_file():
+    if (run_dir / CONFIG_FILE).is_file():
         try:
             import yaml
 
-            config = yaml.safe_load((run_dir / "config.yaml").read_text(encoding="utf-8")) or {}
+            config = yaml.safe_load((run_dir / CONFIG_FILE).read_text(encoding="utf-8")) or {}
         except Exception:  # noqa: BLE001 - a broken config only loses labels
             config = {}
-    status = read_run_status(run_dir) or {}
+    status = read_status(run_dir) or {}
     return Run(run_dir, rows, config if isinstance(config, dict) else {}, status if isinstance(status, dict) else {},
                label or run_dir.name)
 
@@ -127,15 +124,15 @@ def find_run_dirs(paths: list[str | Path], exclude: Path | None = None) -> list[
         if not p.exists():
             raise AnalysisError(f"{p}: no such file or directory")
         if p.is_file():
-            if p.name != "metrics.jsonl":
-                raise AnalysisError(f"{p}: not a run directory or metrics.jsonl")
+            if p.name != METRICS_FILE:
+                raise AnalysisError(f"{p}: not a run directory or {METRICS_FILE}")
             found.append(p.parent)
             continue
-        hits = sorted(m.parent for m in p.rglob("metrics.jsonl")
+        hits = sorted(m.parent for m in p.rglob(METRICS_FILE)
                       if "wandb" not in m.relative_to(p).parts
                       and not (exclude and _is_within(m, exclude)))
         if not hits:
-            raise AnalysisError(f"{p}: no metrics.jsonl found in it or below it")
+            raise AnalysisError(f"{p}: no {METRICS_FILE} found in it or below it")
         found.extend(hits)
     unique = list(dict.fromkeys(d.resolve() for d in found))
     return unique
@@ -177,11 +174,3 @@ def default_out_dir(paths: list[str | Path]) -> Path:
     if len(ps) == 1:
         return ps[0] / "report"
     return Path(_common_root(ps)) / "report"
-
-
-def finite(a) -> bool:
-    return bool(np.isfinite(np.asarray(a, dtype=float)).any())
-
-
-def isnan(v) -> bool:
-    return isinstance(v, float) and math.isnan(v)

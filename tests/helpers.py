@@ -1,13 +1,17 @@
 """Shared helpers for tests: compose configs with Hydra's compose API and run short trainings."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 from hydra import compose, initialize_config_dir
 
 from train.config import register_configs
 
-CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+ROOT = Path(__file__).resolve().parents[1]
+CONF_DIR = str(ROOT / "conf")
 register_configs()
 
 # A short CPU run that still shows the phase change (about 30 s for 2 layers on 2 cores).
@@ -15,8 +19,8 @@ SHORT_RUN = [
     "logger=none",
     "device=cpu",
     "train.total_tokens=2500000",
-    "schedule.n_log=30",
-    "schedule.n_linear=20",
+    "checkpoint.n_log=30",
+    "checkpoint.n_linear=20",
     "probes.n_heldout=128",
 ]
 
@@ -31,3 +35,25 @@ def train_run(run_dir: Path, overrides: list[str]) -> Path:
 
     run(compose_config(overrides), Path(run_dir))
     return Path(run_dir)
+
+
+def cli_env() -> dict[str, str]:
+    """The environment of a training subprocess: single-threaded (bit-identical CPU results need
+    the same thread count in every process), offline, unbuffered."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", WANDB_MODE="offline", PYTHONUNBUFFERED="1")
+    env.pop("HYDRA_FULL_ERROR", None)
+    return env
+
+
+def cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`python -m train ARGS` in a subprocess (environment: cli_env)."""
+    return subprocess.run([sys.executable, "-m", "train", *args], cwd=ROOT, env=cli_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def one_line_error(err: str) -> str:
+    """The error output must be exactly one line 'error: ...' (Hydra's log lines aside)."""
+    assert "Traceback" not in err, err
+    lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    return lines[0]

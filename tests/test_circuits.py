@@ -11,12 +11,15 @@ import pytest
 import torch
 
 from train import circuits as C
-from train.callbacks import (AttentionScores, CircuitScores, CopyingScores, HeadAblations, InductionClassification,
-                             ProbeRobustness, RunContext)
-from train.checkpoint import list_checkpoints, load_model
+from train import names as N
+from train.callbacks import (AttentionScores, CircuitScores, CopyingScores, HeadAblations,
+                             InductionClassification, ProbeRobustness, RunContext, evaluate_checkpoint,
+                             prepare_callbacks)
+from train.checkpoint import load_model
+from train.config import ConfigError
 from train.data import Probes, probes_from_config, repeated_random_tokens
-from train.loggers import read_metrics
 from train.model import AttnOnlyTransformer
+from train.rundir import list_checkpoints, read_metrics
 
 # -- a hand-built 2-layer model ---------------------------------------------------------------
 # Residual stream (d_model 64): token one-hots in dims 0..15 (vocab 16, BOS = 0), position
@@ -76,14 +79,9 @@ def hand_probes() -> Probes:
 
 
 def run_callbacks(model, probes, callbacks) -> dict:
+    """One checkpoint's row, through the code training uses (callbacks named by their class)."""
     ctx = RunContext(model, probes)
-    ctx.row = {}
-    for cb in callbacks:
-        cb.setup(ctx)
-    with torch.no_grad():
-        for cb in callbacks:
-            ctx.row |= cb(ctx)
-    return ctx.row
+    return evaluate_checkpoint(prepare_callbacks({type(cb).__name__: cb for cb in callbacks}, ctx), ctx)
 
 
 def hand_pipeline(model=None) -> dict:
@@ -165,13 +163,40 @@ def test_thresholds_change_the_labels():
     assert row["is_behavioral/L1H0"] == 0 and row["is_behavioral/L1H1"] == 0
 
 
-def test_classification_without_earlier_rows_matches():
-    """InductionClassification alone (no ctx.row from the other callbacks) computes the same labels."""
-    alone = run_callbacks(hand_built(), hand_probes(), [InductionClassification()])
-    full = hand_pipeline()
-    for key in ("is_behavioral/L1H0", "is_behavioral/L1H1", "is_mechanistic/L1H0", "is_mechanistic/L1H1",
-                "induction_heads/disagreeing"):
-        assert alone[key] == full[key], key
+def test_callback_order_in_the_config_does_not_matter():
+    """Readers run after the callbacks they read from, whatever order they are listed in."""
+    robust = lambda: ProbeRobustness(variants=[[3, 8]], heldout_segments=[], n_probes=16)  # noqa: E731
+    listed = [InductionClassification(), robust(), CircuitScores(), CopyingScores(), AttentionScores()]
+    reordered = run_callbacks(hand_built(), hand_probes(), listed)
+    full = run_callbacks(hand_built(), hand_probes(),
+                         [AttentionScores(), CopyingScores(), CircuitScores(), robust(), InductionClassification()])
+    assert reordered == full
+    assert reordered["is_mechanistic/L1H0"] == 1 and reordered["is_behavioral/L1H1"] == 1
+
+
+def test_a_missing_need_is_refused_before_anything_runs():
+    ctx = RunContext(hand_built(), hand_probes())
+    with pytest.raises(ConfigError, match=r"callbacks.induction needs 'prefix_matching', which no configured"):
+        prepare_callbacks({"induction": InductionClassification(), "copying": CopyingScores()}, ctx)
+    with pytest.raises(ConfigError, match=r"callbacks.circuits \(every 3\) reads 'previous_token' from "
+                                          r"callbacks.attention, which runs every 2"):
+        prepare_callbacks({"attention": AttentionScores(every=2), "circuits": CircuitScores(every=3)}, ctx)
+    with pytest.raises(ConfigError, match="both provide 'copying'"):
+        prepare_callbacks({"a": CopyingScores(), "b": CopyingScores()}, ctx)
+    # A cadence that divides is fine; optional inputs (the ablation's induction heads) may be absent.
+    prepare_callbacks({"attention": AttentionScores(every=2), "circuits": CircuitScores(every=4),
+                       "ablation": HeadAblations(every=5, icl_early=5, icl_late=28)}, ctx)
+
+
+def test_flattened_keys_follow_the_key_format(hand_row):
+    """Every row key is a plain name, a per-head key, a per-pair key or a named part (train/names.py)."""
+    for key in hand_row:
+        parts = key.split("/")
+        assert len(parts) <= 3, key
+        if len(parts) == 3:
+            assert N.parse_head_key("/".join(parts[:2])) and N.parse_head_name(parts[2]), key
+    assert N.head_table(hand_row, "is_behavioral") == [[0, 0], [1, 1]]
+    assert isinstance(hand_row["is_behavioral/L1H0"], int) and isinstance(hand_row["copying/L1H0"], float)
 
 
 # -- OV eigen-score ---------------------------------------------------------------------------
@@ -297,7 +322,7 @@ def test_two_layer_run_has_a_behavioral_and_mechanistic_head(two_layer_run):
     # Causal check on the final checkpoint: ablating the induction heads removes most of the ICL score.
     model, probes = _final_model_and_probes(two_layer_run)
     ctx = RunContext(model, probes)
-    ctx.row = dict(last)
+    ctx.scores = {N.INDUCTION_HEADS: {"both_heads": last["induction_heads/both_heads"]}}
     cb = HeadAblations(every=1, n_heldout=None)
     cb.setup(ctx)
     with torch.no_grad():
@@ -334,7 +359,9 @@ def test_recompute_reproduces_the_training_labels(two_layer_run, tmp_path, capsy
         labels = [k for k in r if k.startswith(("is_behavioral/", "is_mechanistic/"))]
         assert labels and all(r[k] == t[k] for k in labels), r["step"]
         assert r["k_composition/L1H0/L0H1"] == pytest.approx(t["k_composition/L1H0/L0H1"], abs=1e-5)
-        assert "prefix_matching/L1H0" not in r  # only the chosen callbacks' keys
+        # The chosen callbacks and those they need (attention, copying), nothing else.
+        assert r["prefix_matching/L1H0"] == pytest.approx(t["prefix_matching/L1H0"], abs=1e-5)
+        assert not any(k.startswith(("loss/", "icl_", "prefix_matching_min/", "ablation/")) for k in r)
 
 
 def test_recompute_missing_run_is_one_line_error(tmp_path, capsys):

@@ -1,17 +1,23 @@
 """Config composition with Hydra's compose API: every file in conf/, typed-schema errors, and a
 multirun sweep launched as a subprocess."""
+import dataclasses
+import inspect
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 from hydra.errors import ConfigCompositionException
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from hydra.utils import get_class, instantiate
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
 from tests.helpers import CONF_DIR, compose_config
-from train.callbacks import Callback
+from train.callbacks import Callback, InductionClassification
+from train.config import Config
+from train.data import RepeatsLanguage, build_data, build_probes
+from train.loggers import WandbLogger
 from train.model import AttnOnlyTransformer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,8 +43,82 @@ def test_every_config_file_composes_and_builds(group, option):
     instantiate(cfg.logger)
 
 
-def test_groups_mirror_the_code():
-    assert {"model", "data", "optim", "callbacks", "logger", "experiment"} <= set(GROUPS)
+# -- conf/ mirrors the code: a group per schema section, every key shown, the same defaults ----------
+SECTIONS = {f.name: f for f in dataclasses.fields(Config) if f.default_factory is not dataclasses.MISSING}
+
+
+def _default_option(group: str) -> str:
+    """The option conf/config.yaml's defaults list picks for a group."""
+    for entry in OmegaConf.load(Path(CONF_DIR) / "config.yaml").defaults:
+        if isinstance(entry, DictConfig) and group in entry:
+            return entry[group]
+    raise AssertionError(f"conf/config.yaml picks no option of {group}")
+
+
+def _signature_defaults(fn) -> dict:
+    return {name: p.default for name, p in inspect.signature(fn).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def _as_lists(value):
+    return [_as_lists(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def test_groups_mirror_the_schema_sections():
+    """One config group per section of the schema (train/config.py), plus the experiment presets."""
+    assert set(GROUPS) == set(SECTIONS) | {"experiment"}
+
+
+@pytest.mark.parametrize("section", sorted(set(SECTIONS) - {"callbacks"}))
+def test_default_group_file_shows_every_key_with_the_schema_default(section):
+    schema = OmegaConf.to_container(OmegaConf.structured(SECTIONS[section].default_factory()))
+    shown = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / section / f"{_default_option(section)}.yaml"))
+    follows_data = {k for k, v in schema.items() if isinstance(v, str) and v.startswith("${")}  # model.d_vocab, n_ctx
+    assert set(shown) == set(schema) - follows_data
+    for key, value in shown.items():
+        assert value == _as_lists(schema[key]), f"conf/{section}: {key}={value!r}, schema default {schema[key]!r}"
+
+
+@pytest.mark.parametrize("builder,section", [
+    (AttnOnlyTransformer, "model"), (RepeatsLanguage, "data"), (build_data, "data"),
+    (build_probes, "probes"), (WandbLogger, "logger"),
+])
+def test_constructors_share_the_schema_defaults(builder, section):
+    schema = OmegaConf.to_container(OmegaConf.structured(SECTIONS[section].default_factory()))
+    shared = {k: v for k, v in _signature_defaults(builder).items() if k in schema and v is not None}
+    assert shared, builder
+    for key, value in shared.items():
+        assert value == schema[key], f"{builder.__name__}({key}={value!r}) but the schema says {schema[key]!r}"
+
+
+def test_callback_files_show_every_constructor_argument_with_its_default():
+    """conf/callbacks/default.yaml lists every argument of every callback with the code's default
+    (values that follow another section, ${...}, excepted)."""
+    from train.circuits import Thresholds
+
+    entries = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "callbacks" / "default.yaml"))
+    for name, entry in entries.items():
+        cls = get_class(entry["_target_"])
+        defaults = _signature_defaults(cls)
+        if cls is InductionClassification:  # thresholds: the fields of Thresholds
+            defaults |= {f.name: f.default for f in dataclasses.fields(Thresholds)}
+        shown = {k: v for k, v in entry.items() if k != "_target_"}
+        assert set(shown) == set(defaults), f"callbacks.{name}: {sorted(set(shown) ^ set(defaults))}"
+        for key, value in shown.items():
+            if isinstance(value, str) and value.startswith("${"):
+                continue
+            assert value == _as_lists(defaults[key]), (name, key, value, defaults[key])
+
+
+def test_readme_table_names_files_that_exist():
+    text = (ROOT / "README.md").read_text()
+    table = text[text.index("## Where things are"):]
+    end = table.find("\n## ", 5)
+    table = table if end < 0 else table[:end]
+    paths = re.findall(r"`((?:train|analysis|tests|conf|docs|scripts)/[^`]*)`", table)
+    assert len(paths) >= 10
+    for path in paths:
+        assert (ROOT / path).exists(), path
 
 
 def test_misspelled_key_fails_at_composition():

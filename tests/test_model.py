@@ -101,7 +101,7 @@ def test_z_hook_zero_ablation_removes_a_heads_contribution():
     def zero_all(layer, z):
         return torch.zeros_like(z)
 
-    out = m(tokens, z_hooks=zero_all).logits
+    out = m(tokens, z_hook=zero_all).logits
     with torch.no_grad():
         x = m.W_E[tokens] + m.W_pos[:32]
         for block in m.blocks:

@@ -2,9 +2,9 @@
 seen as the x-axis, and a heatmap image per checkpoint."""
 import pytest
 
-from analysis.wandb_files import read_offline_history
+from tests.wandb_files import read_offline_history
 from tests.helpers import train_run
-from train.loggers import read_metrics
+from train.rundir import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_offline_history_has_prefix_matching_keys(wandb_run):
 def test_offline_run_is_finished(wandb_run):
     from wandb.proto import wandb_internal_pb2 as pb
 
-    from analysis.wandb_files import _payloads, find_run_file
+    from tests.wandb_files import _payloads, find_run_file
 
     kinds = []
     for payload in _payloads(find_run_file(wandb_run / "wandb").read_bytes()):

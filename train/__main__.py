@@ -1,10 +1,12 @@
 """`python -m train [overrides]`: train one model (or a sweep with -m) and track induction heads.
 
 `python -m train resume=RUN_DIR` continues a stopped run (Hydra's run directory is set to
-RUN_DIR here, before Hydra starts). Before Hydra starts, the run directory named on the command line
-(`resume=` or `hydra.run.dir=`) is checked, so that a bad one fails with a one-line error
-before Hydra writes anything into it; on resume Hydra does not rewrite the run's `.hydra/`
-record of how it was started (`hydra.output_subdir=null`)."""
+RUN_DIR here, before Hydra starts). Hydra writes its `.hydra/` record into the run directory
+before the job starts, so the run directory named on the command line (`resume=` or
+`hydra.run.dir=`) is checked here first (train/rundir.py), and a bad one fails with a one-line
+error before Hydra writes anything into it; the job checks it again (train/cli.py `prepare`)
+because sweeps and the compose API do not pass through here. On resume Hydra does not rewrite
+the run's `.hydra/` record of how it was started (`hydra.output_subdir=null`)."""
 from __future__ import annotations
 
 import sys
@@ -14,7 +16,8 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from train.config import ConfigError, check_new_run_dir, check_resume_dir, register_configs
+from train.config import ConfigError, register_configs
+from train.rundir import check_new_run_dir, check_resume_dir
 
 register_configs()
 

@@ -1,41 +1,56 @@
-"""Callbacks: thin wrappers that schedule metrics (train/metrics.py) and return flat rows.
+"""Callbacks: what runs at a checkpoint. Each one schedules scores defined in train/metrics.py or
+train/circuits.py on probes built in train/data.py, and returns its results by metric name
+(tensors, numbers, lists); `evaluate_checkpoint` publishes them in `RunContext.scores` for the
+callbacks after it and flattens them into the checkpoint's row once (train/names.py).
 
-Each callback is built from config (`_target_`), gets `setup(ctx)` once (build what depends only
-on the fixed probes, never per checkpoint), and `__call__(ctx)` at every `every`-th checkpoint,
-returning a dict of flat keys (`prefix_matching/L1H3`, `icl_score`, ...) for metrics.jsonl."""
+A callback is built from config (`_target_`, conf/callbacks/default.yaml), gets `setup(ctx)` once
+(builds what depends only on the fixed probes, never per checkpoint) and `__call__(ctx)` at every
+`every`-th checkpoint. It declares what it publishes (`provides`) and what it reads from earlier
+callbacks (`needs`; `uses` for what it reads only when it is there). `prepare_callbacks` orders
+the callbacks so that each runs after those it reads from (config order where that leaves a
+choice) and refuses, with a one-line error before training, a configuration where a need has no
+provider or its provider does not run at every checkpoint the reader runs at."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
 
 from train import circuits as C
+from train import data as D
 from train import metrics as M
-from train.data import Probes, repeated_random_tokens
+from train import names as N
+from train.config import ConfigError
+from train.data import Probes
 from train.model import AttnOnlyTransformer
 
 
 @dataclass
 class RunContext:
+    """What the callbacks see. `scores` holds, by metric name, the results of the callbacks that
+    already ran at this checkpoint (emptied at every checkpoint)."""
+
     model: AttnOnlyTransformer
     probes: Probes
     step: int = 0
     tokens: int = 0
     checkpoint_index: int = 0  # how many checkpoints came before this one
-
-
-def per_head(name: str, scores: torch.Tensor) -> dict[str, float]:
-    """[n_layers, n_heads] -> {"name/L{l}H{h}": value}."""
-    return {f"{name}/L{l}H{h}": float(v) for l, row in enumerate(scores.tolist()) for h, v in enumerate(row)}
+    scores: dict[str, Any] = field(default_factory=dict)
 
 
 class Callback:
+    provides: tuple[str, ...] = ()  # result names later callbacks may read
+    needs: tuple[str, ...] = ()  # result names read from ctx.scores; a provider must run first
+    uses: tuple[str, ...] = ()  # read when a configured callback provides them
+
     def __init__(self, every: int = 1):
         if every < 1:
             raise ValueError(f"callback 'every' must be >= 1, got {every}")
         self.every = every
+        self.name = type(self).__name__  # its key under `callbacks:` once prepared
 
     def due(self, ctx: RunContext) -> bool:
         return ctx.checkpoint_index % self.every == 0
@@ -47,9 +62,86 @@ class Callback:
         raise NotImplementedError
 
 
+def instantiate_callbacks(configs: Mapping[str, Any]) -> dict[str, Callback]:
+    """Callbacks from their configs (`_target_` entries; None entries are switched off)."""
+    from hydra.utils import instantiate
+
+    return {name: instantiate(c) for name, c in configs.items() if c is not None}
+
+
+def prepare_callbacks(named: Mapping[str, Callback], ctx: RunContext) -> list[Callback]:
+    """Check the declared needs, order the callbacks (readers after their providers, config
+    order otherwise) and set them up. Raises ConfigError naming the callbacks at fault."""
+    provider: dict[str, str] = {}
+    for name, cb in named.items():
+        cb.name = name
+        for result in cb.provides:
+            if result in provider:
+                raise ConfigError(f"callbacks.{provider[result]} and callbacks.{name} both provide {result!r}")
+            provider[result] = name
+    after: dict[str, set[str]] = {}
+    for name, cb in named.items():
+        after[name] = set()
+        for result in (*cb.needs, *cb.uses):
+            source = provider.get(result)
+            if source is None:
+                if result in cb.needs:
+                    raise ConfigError(f"callbacks.{name} needs {result!r}, which no configured callback provides")
+                continue
+            if cb.every % named[source].every:
+                raise ConfigError(f"callbacks.{name} (every {cb.every}) reads {result!r} from callbacks.{source}, "
+                                  f"which runs every {named[source].every}; make callbacks.{name}.every a multiple "
+                                  f"of {named[source].every}")
+            after[name].add(source)
+    ordered: list[str] = []
+    while len(ordered) < len(named):
+        ready = [n for n in named if n not in ordered and after[n] <= set(ordered)]
+        if not ready:
+            stuck = ", ".join(f"callbacks.{n}" for n in named if n not in ordered)
+            raise ConfigError(f"the callbacks {stuck} read each other's results in a cycle")
+        ordered.append(ready[0])
+    callbacks = [named[n] for n in ordered]
+    for cb in callbacks:
+        cb.setup(ctx)
+    return callbacks
+
+
+def with_providers(named: Mapping[str, Callback], chosen: list[str]) -> set[str]:
+    """The chosen callbacks and, transitively, those that provide what they need."""
+    provider = {result: name for name, cb in named.items() for result in cb.provides}
+    found: set[str] = set()
+    todo = list(chosen)
+    while todo:
+        name = todo.pop()
+        if name not in found:
+            found.add(name)
+            todo += [provider[r] for r in named[name].needs if r in provider]
+    return found
+
+
+def evaluate_checkpoint(callbacks: list[Callback], ctx: RunContext) -> dict[str, Any]:
+    """Run the callbacks due at this checkpoint, in order; returns their flat row keys."""
+    ctx.scores = {}
+    row: dict[str, Any] = {}
+    with torch.no_grad():
+        for cb in callbacks:
+            if not cb.due(ctx):
+                continue
+            results = cb(ctx)
+            missing = [r for r in cb.provides if r not in results]
+            if missing:
+                raise RuntimeError(f"callbacks.{cb.name} did not return {', '.join(missing)}")
+            ctx.scores |= results
+            row |= N.flatten(results)
+    return row
+
+
+# -- behavioral scores and losses ---------------------------------------------------------------
 class AttentionScores(Callback):
     """Prefix-matching and duplicate-token scores on the repeated-random-token probes, and the
-    previous-token score on held-out training-distribution sequences."""
+    previous-token score on the first `n_heldout` held-out training-distribution sequences."""
+
+    provides = (N.PREFIX_MATCHING, N.DUPLICATE_TOKEN, N.PREVIOUS_TOKEN)
 
     def __init__(self, every: int = 1, n_heldout: int = 64):
         super().__init__(every)
@@ -63,21 +155,24 @@ class AttentionScores(Callback):
     def __call__(self, ctx: RunContext) -> dict[str, Any]:
         probe_patterns = M.attention_patterns(ctx.model, ctx.probes.repeated)
         text_patterns = M.attention_patterns(ctx.model, ctx.probes.heldout[: self.n_heldout])
-        row = per_head("prefix_matching", M.masked_attention_score(probe_patterns, self.prefix_mask))
-        row |= per_head("duplicate_token", M.masked_attention_score(probe_patterns, self.duplicate_mask))
-        row |= per_head("previous_token", M.previous_token_score(text_patterns))
-        return row
+        return {N.PREFIX_MATCHING: M.masked_attention_score(probe_patterns, self.prefix_mask),
+                N.DUPLICATE_TOKEN: M.masked_attention_score(probe_patterns, self.duplicate_mask),
+                N.PREVIOUS_TOKEN: M.previous_token_score(text_patterns)}
 
 
 class CopyingScores(Callback):
     """Copying score per head (direct-path OV, weights only) on the probes' random tokens."""
 
+    provides = (N.COPYING,)
+
     def __call__(self, ctx: RunContext) -> dict[str, Any]:
-        return per_head("copying", M.copying_score(ctx.model, ctx.probes.copy_tokens))
+        return {N.COPYING: M.copying_score(ctx.model, ctx.probes.copy_tokens)}
 
 
 class HeldoutLoss(Callback):
     """Held-out loss, the full per-position loss vector, and the ICL score with its indices."""
+
+    provides = (N.LOSS_HELDOUT, N.ICL_SCORE, N.PER_POSITION_LOSS)
 
     def __init__(self, every: int = 1, icl_early: int | None = None, icl_late: int | None = None):
         super().__init__(every)
@@ -88,68 +183,22 @@ class HeldoutLoss(Callback):
 
     def __call__(self, ctx: RunContext) -> dict[str, Any]:
         losses = M.per_position_loss(ctx.model, ctx.probes.heldout)
-        return {
-            "loss/heldout": float(losses.mean()),
-            "icl_score": float(M.icl_score(losses, self.early, self.late)),
-            "icl_early": self.early,
-            "icl_late": self.late,
-            "per_position_loss": [round(x, 5) for x in losses.tolist()],
-        }
+        return {N.LOSS_HELDOUT: float(losses.mean()),
+                N.ICL_SCORE: float(M.icl_score(losses, self.early, self.late)),
+                N.ICL_EARLY: self.early, N.ICL_LATE: self.late,
+                N.PER_POSITION_LOSS: losses}
 
 
-# -- mechanistic circuit scores, induction-head classification, probe robustness, ablations -----
-# These read the row built so far at this checkpoint (`ctx.row`, set by the loop before the
-# callbacks run) to reuse scores the behavioral callbacks above already computed; without it
-# (or without those callbacks) they compute what they need themselves.
-
-
-def _row_so_far(ctx: RunContext) -> dict[str, Any]:
-    row = getattr(ctx, "row", None)
-    return row if isinstance(row, dict) else {}
-
-
-def _head_table(row: dict[str, Any], name: str, n_layers: int, n_heads: int) -> torch.Tensor | None:
-    keys = [f"{name}/L{l}H{h}" for l in range(n_layers) for h in range(n_heads)]
-    if not all(k in row for k in keys):
-        return None
-    return torch.tensor([float(row[k]) for k in keys]).view(n_layers, n_heads)
-
-
-def _shape(ctx: RunContext) -> tuple[int, int]:
-    return ctx.model.n_layers, ctx.model.n_heads
-
-
-def _previous_token(ctx: RunContext, n_heldout: int = 64) -> torch.Tensor:
-    """The previous-token scores of this checkpoint (as AttentionScores computes them)."""
-    table = _head_table(_row_so_far(ctx), "previous_token", *_shape(ctx))
-    if table is None:
-        table = M.previous_token_score(M.attention_patterns(ctx.model, ctx.probes.heldout[:n_heldout]))
-    return table.cpu()
-
-
-def _prefix_matching(ctx: RunContext) -> torch.Tensor:
-    table = _head_table(_row_so_far(ctx), "prefix_matching", *_shape(ctx))
-    if table is None:
-        tokens = ctx.probes.repeated
-        table = M.prefix_matching_score(M.attention_patterns(ctx.model, tokens), tokens)
-    return table.cpu()
-
-
-def _copying(ctx: RunContext) -> torch.Tensor:
-    table = _head_table(_row_so_far(ctx), "copying", *_shape(ctx))
-    return (table if table is not None else M.copying_score(ctx.model, ctx.probes.copy_tokens)).cpu()
-
-
-def composition_key(kind: str, later: tuple[int, int], earlier: tuple[int, int]) -> str:
-    return f"{kind}_composition/{C.head_name(*later)}/{C.head_name(*earlier)}"
-
-
+# -- mechanistic scores, probe robustness, classification, ablations ---------------------------
 class CircuitScores(Callback):
     """Weight-based circuit scores (train/circuits.py): Q-, K-, V-composition for every
-    (later head, earlier head) pair with the random baseline subtracted
-    (`k_composition/L1H2/L0H3`), the baselines (`composition_baseline/k`), the OV copying
-    eigen-score (`ov_copying/L{l}H{h}`) and, for layers >= 1, the QK prefix-matching trace
-    weighted by previous-token scores (`qk_prefix_matching/L{l}H{h}`)."""
+    (later head, earlier head) pair with the random baseline subtracted, the baselines, the OV
+    copying eigen-score and, for layers >= 1, the QK prefix-matching trace weighted by this
+    checkpoint's previous-token scores."""
+
+    provides = (N.COMPOSITION_BASELINE, *(N.composition(k) for k in C.COMPOSITIONS), N.OV_COPYING,
+                N.QK_PREFIX_MATCHING)
+    needs = (N.PREVIOUS_TOKEN,)
 
     def __init__(self, every: int = 1, fold_layernorm: bool = True, baseline_samples: int = 256,
                  baseline_seed: int = 0):
@@ -164,158 +213,104 @@ class CircuitScores(Callback):
 
     def __call__(self, ctx: RunContext) -> dict[str, Any]:
         model = ctx.model
-        row: dict[str, Any] = {f"composition_baseline/{k}": v for k, v in self.baselines.items()}
+        results: dict[str, Any] = {N.COMPOSITION_BASELINE: dict(self.baselines)}
         comp = C.composition_scores(model, self.fold_layernorm, self.baseline_samples, self.baseline_seed)
-        for kind, pairs in comp.items():
-            for (l2, l1), table in pairs.items():
-                for h2, values in enumerate(table.tolist()):
-                    for h1, v in enumerate(values):
-                        row[composition_key(kind, (l2, h2), (l1, h1))] = v
-        row |= per_head("ov_copying", C.ov_eigen_score(model))
-        qk = C.qk_prefix_matching_trace(model, _previous_token(ctx))  # NaN in layer 0: not logged
-        row |= {k: v for k, v in per_head("qk_prefix_matching", qk).items() if v == v}
-        return row
+        results |= {N.composition(kind): pairs for kind, pairs in comp.items()}
+        results[N.OV_COPYING] = C.ov_eigen_score(model)
+        results[N.QK_PREFIX_MATCHING] = C.qk_prefix_matching_trace(model, ctx.scores[N.PREVIOUS_TOKEN].cpu())
+        return results
 
 
 class ProbeRobustness(Callback):
-    """Prefix matching on probe variants built once in setup: repeated random tokens with other
-    periods and lengths (`variants`: [period, repeats] pairs; variants that do not fit the
-    context are dropped) and repeated segments of held-out data (`heldout_segments`). Per head:
-    each variant (`prefix_matching_p8x7/L1H2`, `prefix_matching_text_p10x6/L1H2`), the min and
-    max over variants and the main probe (`prefix_matching_min/..`, `prefix_matching_max/..`), and
-    `probe_fragile/L{l}H{h}` = 1 when the main-probe score is >= `min_main` but some variant
-    falls below `fragile_ratio` x the main score."""
+    """Prefix matching on the probe variants of `train.data.robustness_probes` (`variants`:
+    [period, repeats] of repeated random tokens; `heldout_segments`: of tiled held-out text), all
+    in one batch, and the spread over them and the main probe (min, max, probe_fragile)."""
 
-    def __init__(self, every: int = 1, variants: list | None = None, heldout_segments: list | None = None,
-                 n_probes: int = 8, seed: int = 4321, fragile_ratio: float = 0.5, min_main: float = 0.3):
+    provides = (N.PREFIX_MATCHING_MIN, N.PREFIX_MATCHING_MAX, N.PROBE_FRAGILE)
+    needs = (N.PREFIX_MATCHING,)
+
+    def __init__(self, every: int = 1, variants: Sequence = ((5, 4), (8, 7), (12, 2), (20, 3)),
+                 heldout_segments: Sequence = ((10, 6),), n_probes: int = 8, seed: int = 4321,
+                 fragile_ratio: float = 0.5, min_main: float = 0.3):
         super().__init__(every)
-        self.variants = [tuple(v) for v in (variants if variants is not None else [[5, 4], [8, 7], [12, 2], [20, 3]])]
-        self.heldout_segments = [tuple(v) for v in (heldout_segments if heldout_segments is not None else [[10, 6]])]
+        self.variants = [tuple(v) for v in variants]
+        self.heldout_segments = [tuple(v) for v in heldout_segments]
         self.n_probes, self.seed = n_probes, seed
         self.fragile_ratio, self.min_main = fragile_ratio, min_main
 
     def setup(self, ctx: RunContext) -> None:
-        heldout = ctx.probes.heldout.cpu()
-        n_ctx = min(heldout.shape[1], ctx.model.n_ctx)
-        allowed = ctx.probes.allowed  # the main probe's token set
-        g = torch.Generator().manual_seed(self.seed)
-        sets: list[tuple[str, torch.Tensor]] = []
-        for period, repeats in self.variants:
-            if 1 + period * repeats <= n_ctx and period <= allowed.numel() and repeats >= 2:
-                sets.append((f"p{period}x{repeats}", repeated_random_tokens(self.n_probes, period, repeats, allowed, g)))
-        for period, repeats in self.heldout_segments:
-            if 1 + period * repeats <= n_ctx and repeats >= 2:
-                seg = heldout[-self.n_probes:, 1 : 1 + period]
-                sets.append((f"text_p{period}x{repeats}", torch.cat([heldout[-self.n_probes:, :1], seg.repeat(1, repeats)], 1)))
+        sets = D.robustness_probes(ctx.probes, ctx.model.n_ctx, self.variants, self.heldout_segments,
+                                   self.n_probes, self.seed)
         self.names = [name for name, _ in sets]
-        # One batch for all variants: shorter ones are padded at the end, which (causal attention)
-        # changes nothing before the padding; padded queries are left out of the masks.
-        length = max((t.shape[1] for _, t in sets), default=0)
-        tokens, masks, self.rows = [], [], []
-        for _, t in sets:
-            pad = length - t.shape[1]
-            mask = M.prefix_matching_mask(t)
-            tokens.append(torch.cat([t, torch.zeros(t.shape[0], pad, dtype=t.dtype)], 1))
-            masks.append(F.pad(mask, (0, pad, 0, pad)))
-            start = sum(r.stop - r.start for r in self.rows)
-            self.rows.append(range(start, start + t.shape[0]))
-        device = ctx.probes.repeated.device
-        self.tokens = torch.cat(tokens).to(device) if tokens else None
-        self.masks = torch.cat(masks).to(device) if masks else None
+        self.tokens = self.masks = None
+        if sets:
+            # Padded queries are left out of the masks (they have no True key).
+            tokens, self.rows = D.concat_padded([t for _, t in sets])
+            length = tokens.shape[1]
+            masks = [F.pad(M.prefix_matching_mask(t), (0, length - t.shape[1], 0, length - t.shape[1])) for _, t in sets]
+            device = ctx.probes.repeated.device
+            self.tokens, self.masks = tokens.to(device), torch.cat(masks).to(device)
 
     def __call__(self, ctx: RunContext) -> dict[str, Any]:
-        main = _prefix_matching(ctx)
-        scores = {}
+        variants: dict[str, torch.Tensor] = {}
         if self.tokens is not None:
             patterns = M.attention_patterns(ctx.model, self.tokens)
             for name, rows in zip(self.names, self.rows):
-                sl = slice(rows.start, rows.stop)
-                scores[name] = M.masked_attention_score(patterns[:, sl], self.masks[sl]).cpu()
-        row: dict[str, Any] = {}
-        for name, table in scores.items():
-            row |= per_head(f"prefix_matching_{name}", table)
-        stacked = torch.stack([main, *scores.values()])
-        low, high = stacked.min(0).values, stacked.max(0).values
-        row |= per_head("prefix_matching_min", low) | per_head("prefix_matching_max", high)
-        fragile = (main >= self.min_main) & (low < self.fragile_ratio * main)
-        row |= {k: int(v) for k, v in per_head("probe_fragile", fragile.float()).items()}
-        return row
+                variants[name] = M.masked_attention_score(patterns[:, rows], self.masks[rows]).cpu()
+        low, high, fragile = M.probe_spread(ctx.scores[N.PREFIX_MATCHING].cpu(), list(variants.values()),
+                                            self.fragile_ratio, self.min_main)
+        results: dict[str, Any] = {N.prefix_matching_variant(name): t for name, t in variants.items()}
+        return results | {N.PREFIX_MATCHING_MIN: low, N.PREFIX_MATCHING_MAX: high, N.PROBE_FRAGILE: fragile}
 
 
 class InductionClassification(Callback):
-    """Behavioral vs mechanistic induction heads at every checkpoint (thresholds: see
-    train.circuits.Thresholds, written into each row as `induction_thresholds/<name>`).
+    """Behavioral vs mechanistic induction heads at every checkpoint (rules: train.circuits.classify_heads;
+    thresholds: keyword arguments named as the fields of train.circuits.Thresholds, whose
+    defaults they take, and written into each row). Results: the thresholds, the per-head labels,
+    the best K-composition with an earlier previous-token head, the counts and lists of
+    `train.circuits.label_summary`, and the previous-token heads."""
 
-    Per head: `is_behavioral/L{l}H{h}`, `is_mechanistic/L{l}H{h}` (0/1) and
-    `k_composition_prev_token/L{l}H{h}` (best baseline-subtracted K-composition with an
-    earlier-layer previous-token head; absent when there is none). Counts
-    `induction_heads/behavioral`, `/mechanistic`, `/both`, `/disagree`, and the lists
-    `induction_heads/disagreeing` (names of heads labelled by one definition only),
-    `induction_heads/both_heads` and `previous_token_heads`."""
+    provides = (N.INDUCTION_THRESHOLDS, N.IS_BEHAVIORAL, N.IS_MECHANISTIC, N.K_COMPOSITION_PREV_TOKEN,
+                N.INDUCTION_HEADS, N.PREVIOUS_TOKEN_HEADS)
+    needs = (N.PREFIX_MATCHING, N.COPYING, N.PREVIOUS_TOKEN, N.composition("k"), N.OV_COPYING, N.QK_PREFIX_MATCHING)
 
-    def __init__(self, every: int = 1, prefix_matching: float = 0.4, copying: float = 0.08,
-                 previous_token: float = 0.2, k_composition: float = 0.03, ov_copying: float = 0.0,
-                 qk_prefix_matching: float = 0.0, fold_layernorm: bool = True):
+    def __init__(self, every: int = 1, **thresholds: float):
         super().__init__(every)
-        self.thresholds = C.Thresholds(prefix_matching, copying, previous_token, k_composition, ov_copying,
-                                       qk_prefix_matching)
-        self.fold_layernorm = fold_layernorm
-
-    def _circuits(self, ctx: RunContext, previous: torch.Tensor):
-        model, row = ctx.model, _row_so_far(ctx)
-        n_layers, n_heads = _shape(ctx)
-        ov = _head_table(row, "ov_copying", n_layers, n_heads)
-        keys = [f"qk_prefix_matching/L{l}H{h}" for l in range(1, n_layers) for h in range(n_heads)]
-        kk = {(l2, l1): [[composition_key("k", (l2, h2), (l1, h1)) for h1 in range(n_heads)] for h2 in range(n_heads)]
-              for l2 in range(1, n_layers) for l1 in range(l2)}
-        if ov is None or not all(k in row for k in keys) or not all(k in row for t in kk.values() for r in t for k in r):
-            comp = C.composition_scores(model, self.fold_layernorm)["k"]
-            return comp, C.ov_eigen_score(model).cpu(), C.qk_prefix_matching_trace(model, previous)
-        qk = torch.full((n_layers, n_heads), float("nan"))
-        if n_layers > 1:
-            qk[1:] = torch.tensor([float(row[k]) for k in keys]).view(n_layers - 1, n_heads)
-        comp = {p: torch.tensor([[float(row[k]) for k in r] for r in t]) for p, t in kk.items()}
-        return comp, ov, qk
+        try:
+            self.thresholds = C.Thresholds(**thresholds)
+        except TypeError:
+            known = ", ".join(f.name for f in dataclasses.fields(C.Thresholds))
+            raise ValueError(f"unknown induction threshold(s) {', '.join(sorted(thresholds))}; known: {known}") from None
 
     def __call__(self, ctx: RunContext) -> dict[str, Any]:
-        previous = _previous_token(ctx)
-        comp, ov, qk = self._circuits(ctx, previous)
+        s = ctx.scores
+        previous = s[N.PREVIOUS_TOKEN].cpu()
         behavioral, mechanistic, k_prev = C.classify_heads(
-            _prefix_matching(ctx), _copying(ctx), previous, comp, ov, qk, self.thresholds)
-        row: dict[str, Any] = {f"induction_thresholds/{k}": v for k, v in vars(self.thresholds).items()}
-        row |= {k: int(v) for k, v in per_head("is_behavioral", behavioral.float()).items()}
-        row |= {k: int(v) for k, v in per_head("is_mechanistic", mechanistic.float()).items()}
-        row |= {k: v for k, v in per_head("k_composition_prev_token", k_prev).items() if v == v}
-        names = [[C.head_name(l, h) for h in range(behavioral.shape[1])] for l in range(behavioral.shape[0])]
-        flat = [(names[l][h], bool(behavioral[l, h]), bool(mechanistic[l, h]))
-                for l in range(behavioral.shape[0]) for h in range(behavioral.shape[1])]
-        row["induction_heads/behavioral"] = int(behavioral.sum())
-        row["induction_heads/mechanistic"] = int(mechanistic.sum())
-        row["induction_heads/both"] = int((behavioral & mechanistic).sum())
-        row["induction_heads/disagree"] = int((behavioral ^ mechanistic).sum())
-        row["induction_heads/disagreeing"] = [n for n, b, m in flat if b != m]
-        row["induction_heads/both_heads"] = [n for n, b, m in flat if b and m]
-        row["previous_token_heads"] = [names[l][h] for l in range(previous.shape[0]) for h in range(previous.shape[1])
-                                       if previous[l, h] >= self.thresholds.previous_token]
-        return row
+            s[N.PREFIX_MATCHING].cpu(), s[N.COPYING].cpu(), previous, s[N.composition("k")], s[N.OV_COPYING].cpu(),
+            s[N.QK_PREFIX_MATCHING].cpu(), self.thresholds)
+        return {N.INDUCTION_THRESHOLDS: dataclasses.asdict(self.thresholds),
+                N.IS_BEHAVIORAL: behavioral, N.IS_MECHANISTIC: mechanistic, N.K_COMPOSITION_PREV_TOKEN: k_prev,
+                N.INDUCTION_HEADS: C.label_summary(behavioral, mechanistic),
+                N.PREVIOUS_TOKEN_HEADS: C.previous_token_heads(previous, self.thresholds.previous_token)}
 
 
 class HeadAblations(Callback):
-    """Causal check: zero- and mean-ablate each head (through the model's z hooks) and measure
-    the ICL score on the held-out set (same indices as HeldoutLoss) and the loss on the repeated
-    part (repeats 2..R) of the main probes. Mean ablation replaces the head's z by its mean over
-    the batch at each position. Keys per head and kind (zero | mean):
-    `icl_score_{kind}_ablated/L{l}H{h}`, `repeat_loss_{kind}_ablated/L{l}H{h}`,
-    `icl_removed_{kind}/L{l}H{h}` (share of the clean ICL score removed: 1 - ablated / clean),
-    and the clean `ablation/icl_score`, `ablation/repeat_loss`. When the row already holds
-    `induction_heads/both_heads`, those heads are also ablated together
-    (`ablation/icl_score_{kind}_induction_heads`). Default cadence: every 10th checkpoint, on the
-    first 64 held-out sequences (`n_heldout`; None: all)."""
+    """Causal check: zero- and mean-ablate each head (through the model's z hook) and measure the
+    ICL score on the first `n_heldout` held-out sequences (None: all) and the loss on the repeated
+    part of the main probes (train/metrics.py), both in one batch. Mean ablation replaces the
+    head's z by its mean over the held-out part or the probe part at each position
+    (train.circuits.mean_ablation_values). When the induction classification runs, the heads it
+    labels both are also ablated together. Default cadence: every 10th checkpoint.
 
-    def __init__(self, every: int = 10, kinds: list[str] | None = None, n_heldout: int | None = 64,
+    Per-head results come head by head (all of one head's keys together), so they are returned
+    under their row keys."""
+
+    uses = (N.INDUCTION_HEADS,)
+
+    def __init__(self, every: int = 10, kinds: Sequence[str] = ("zero", "mean"), n_heldout: int | None = 64,
                  icl_early: int | None = None, icl_late: int | None = None):
         super().__init__(every)
-        self.kinds = list(kinds) if kinds is not None else ["zero", "mean"]
+        self.kinds = list(kinds)
         for k in self.kinds:
             if k not in ("zero", "mean"):
                 raise ValueError(f"unknown ablation kind {k!r}; use zero or mean")
@@ -326,44 +321,36 @@ class HeadAblations(Callback):
         heldout = heldout if self.n_heldout is None else heldout[: self.n_heldout]
         self.early, self.late = M.icl_indices(heldout.shape[1], self.icl_early, self.icl_late)
         probe = ctx.probes.repeated
-        self.n_text, self.probe_len = heldout.shape[0], probe.shape[1]
-        self.repeat_from = ctx.probes.period  # predictions at i >= period target repeats 2..R
-        # Held-out text and probes in one batch (probes padded at the end: causal, so harmless).
-        length = max(heldout.shape[1], probe.shape[1])
-        pad = lambda t: F.pad(t, (0, length - t.shape[1]))  # noqa: E731
-        self.tokens = torch.cat([pad(heldout), pad(probe)])
+        self.n_text, self.probe_len, self.period = heldout.shape[0], probe.shape[1], ctx.probes.period
+        self.tokens, _ = D.concat_padded([heldout, probe])
 
     def _losses(self, logits: torch.Tensor) -> tuple[float, float]:
         """(ICL score on the held-out part, loss on the probes' repeated part)."""
         losses = M.token_losses(logits, self.tokens)
         text = losses[: self.n_text].mean(0)
-        probe = losses[self.n_text :, self.repeat_from : self.probe_len - 1].mean()
-        return float(text[self.late] - text[self.early]), float(probe)
+        probe = losses[self.n_text :, : self.probe_len - 1]
+        return float(M.icl_score(text, self.early, self.late)), float(M.repeated_part_loss(probe, self.period))
 
     def __call__(self, ctx: RunContext) -> dict[str, Any]:
         model = ctx.model
         logits, resid, zs = C.residual_inputs(model, self.tokens)
         clean_icl, clean_rep = self._losses(logits)
-        # Mean ablation: the head's mean z over the batch at each position, taken separately over
-        # the held-out part and the probe part.
-        means = [torch.cat([z[: self.n_text].mean(0, keepdim=True).expand(self.n_text, -1, -1, -1),
-                            z[self.n_text :].mean(0, keepdim=True).expand(z.shape[0] - self.n_text, -1, -1, -1)])
-                 for z in zs]
-        row: dict[str, Any] = {"ablation/icl_score": clean_icl, "ablation/repeat_loss": clean_rep}
-        both = _row_so_far(ctx).get("induction_heads/both_heads") or []
-        joint = [(int(n[1 : n.index("H")]), int(n[n.index("H") + 1 :])) for n in both]
+        means = C.mean_ablation_values(zs, [self.n_text, self.tokens.shape[0] - self.n_text])
+        both = (ctx.scores.get(N.INDUCTION_HEADS) or {}).get("both_heads") or []
+        joint = [N.parse_head_name(n) for n in both]
+        out: dict[str, Any] = {f"{N.ABLATION}/icl_score": clean_icl, f"{N.ABLATION}/repeat_loss": clean_rep}
         for kind in self.kinds:
             repl = means if kind == "mean" else None
             for l in range(model.n_layers):
                 for h in range(model.n_heads):
                     icl, rep = self._losses(C.ablated_logits(model, self.tokens, [(l, h)], repl, resid))
-                    name = C.head_name(l, h)
-                    row[f"icl_score_{kind}_ablated/{name}"] = icl
-                    row[f"repeat_loss_{kind}_ablated/{name}"] = rep
-                    row[f"icl_removed_{kind}/{name}"] = 1.0 - icl / clean_icl if clean_icl != 0 else 0.0
+                    out[N.head_key(N.ablated(N.ICL_SCORE, kind), l, h)] = icl
+                    out[N.head_key(N.ablated("repeat_loss", kind), l, h)] = rep
+                    out[N.head_key(N.icl_removed(kind), l, h)] = M.icl_removed(clean_icl, icl)
             if joint:
                 icl, rep = self._losses(C.ablated_logits(model, self.tokens, joint, repl, resid))
-                row[f"ablation/icl_score_{kind}_induction_heads"] = icl
-                row[f"ablation/repeat_loss_{kind}_induction_heads"] = rep
-                row[f"ablation/icl_removed_{kind}_induction_heads"] = 1.0 - icl / clean_icl if clean_icl != 0 else 0.0
-        return row
+                out[f"{N.ABLATION}/icl_score_{kind}_induction_heads"] = icl
+                out[f"{N.ABLATION}/repeat_loss_{kind}_induction_heads"] = rep
+                out[f"{N.ABLATION}/{N.icl_removed(kind)}_induction_heads"] = M.icl_removed(clean_icl, icl)
+        return out
+

@@ -1,17 +1,11 @@
-"""Checkpoints: `model.safetensors` + `meta.json` per checkpoint, loadable without pickle, and
-`train_state.pt` (optimizer, scheduler, RNG) beside the newest ones for resuming.
-
-Layout of a run directory:
-    config.yaml                 resolved config
-    metrics.jsonl               one row per checkpoint
-    status.json                 {"state": "running" | "finished" | "failed" | "interrupted", ...}
-    checkpoints/step_000123/    model.safetensors, meta.json [, train_state.pt]
+"""Checkpoint contents: model weights (`model.safetensors`, loadable without pickle) and the
+training state (`train_state.pt`: optimizer, scheduler, RNG, loaded with `weights_only=True`).
+Where checkpoints live, their meta.json and which of them a run keeps: train/rundir.py.
 
 A checkpoint directory is written under a temporary name and renamed into place, so a directory
 named step_* is always complete."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -21,56 +15,15 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from train.model import AttnOnlyTransformer
+from train.rundir import (META_FILE, MODEL_FILE, STATE_FILE, CheckpointError, checkpoint_dir, fsync_dir,
+                          read_meta, write_json_atomic)
 
-MODEL_FILE, META_FILE, STATE_FILE = "model.safetensors", "meta.json", "train_state.pt"
 MODEL_KEYS = ("d_vocab", "n_ctx", "n_layers", "n_heads", "d_model", "d_head", "positional",
               "layernorm", "smeared_keys", "init_std", "rotary_base")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: missing, truncated, corrupted or of another shape."""
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make a rename inside `path` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Write JSON to a temporary name in the same directory, fsync, then rename over `path`."""
-    write_text_atomic(path, json.dumps(obj, indent=2))
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write text to a temporary name in the same directory, fsync, then rename over `path`."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    _fsync_dir(path.parent)
-
-
 def model_kwargs(model_cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: model_cfg[k] for k in MODEL_KEYS if k in model_cfg}
-
-
-def checkpoint_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step_{step:07d}"
 
 
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, meta: dict[str, Any],
@@ -96,37 +49,8 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, meta: dict[str, Any],
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
     return final
-
-
-def list_checkpoints(run_dir: Path) -> list[Path]:
-    """Complete checkpoint directories of a run, oldest first."""
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    dirs = [d for d in root.iterdir() if d.is_dir() and d.name.startswith("step_") and d.name[5:].isdigit()]
-    return sorted((d for d in dirs if (d / META_FILE).is_file()), key=lambda d: int(d.name[5:]))
-
-
-def remove_stale_temporaries(run_dir: Path) -> None:
-    """Delete half-written checkpoint directories (`*.tmp`) left by a killed run."""
-    root = Path(run_dir) / "checkpoints"
-    if root.is_dir():
-        for d in root.iterdir():
-            if d.name.endswith(".tmp"):
-                shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
-
-
-def read_meta(ckpt: Path) -> dict[str, Any]:
-    path = Path(ckpt) / META_FILE
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"unreadable checkpoint metadata {path}: {e}") from None
-    if not (isinstance(meta, dict) and isinstance(meta.get("step"), int) and isinstance(meta.get("model"), dict)):
-        raise CheckpointError(f"checkpoint metadata {path} lacks its step or model description")
-    return meta
 
 
 def check_same_model(meta: dict[str, Any], model_cfg: dict[str, Any], ckpt: Path) -> None:
@@ -180,13 +104,3 @@ def load_weights(model: torch.nn.Module, ckpt: Path) -> None:
                 f"{path}: {name} has shape {tuple(tensor.shape)}, the model expects {tuple(expected[name].shape)}"
             )
     model.load_state_dict(weights)
-
-
-def prune_train_states(run_dir: Path, keep: int, save_weights: bool = True) -> None:
-    """Delete optimizer state from all but the newest `keep` checkpoints (and, when weights are
-    not kept, the weights that were written only for resuming)."""
-    with_state = [d for d in list_checkpoints(run_dir) if (d / STATE_FILE).exists()]
-    for d in with_state[: max(0, len(with_state) - keep)]:
-        (d / STATE_FILE).unlink(missing_ok=True)
-        if not save_weights:
-            (d / MODEL_FILE).unlink(missing_ok=True)

@@ -2,8 +2,8 @@
 
 Sources: Elhage et al. 2021 ("A Mathematical Framework for Transformer Circuits") for the QK/OV
 circuits and composition scores; Olsson et al. 2022 (appendix) for the OV eigen-score and the
-QK prefix-matching trace. Definitions as in /work/shared/METRICS.md; the readings this project
-picks are written down here and tested in tests/test_circuits.py.
+QK prefix-matching trace. The readings this project picks are written down here and in
+docs/METRICS.md, and tested in tests/test_circuits.py.
 
 Orientation (transpose convention)
 ----------------------------------
@@ -76,6 +76,7 @@ from torch import nn
 
 from train.metrics import head_token_outputs, layernorm_direction
 from train.model import AttnOnlyTransformer
+from train.names import head_name
 
 COMPOSITIONS = ("q", "k", "v")
 
@@ -226,7 +227,6 @@ def qk_prefix_matching_trace(model: AttnOnlyTransformer, previous_token: torch.T
 
     previous_token: [n_layers, n_heads] previous-token scores weighting the earlier heads."""
     w_e = model.W_E.detach().float()[1:]
-    n_v = w_e.shape[0]
     prev = previous_token.detach().float().to(w_e.device)
     result = torch.full((model.n_layers, model.n_heads), float("nan"))
     # Head outputs per earlier layer, for each token: K_k[t] = LN_k(W_E)[t] W_OV^k  [h, V, d].
@@ -256,7 +256,7 @@ class Thresholds:
                   one earlier-layer head whose previous_token score >= previous_token, and
                   ov_copying > ov_copying and qk_prefix_matching > qk_prefix_matching.
 
-    copying defaults to 0.08: METRICS.md's share-of-positive-mass copying score is about
+    copying defaults to 0.08: the share-of-positive-mass copying score is about
     2 / d_vocab for a random head (0.03 at vocab 64) and only ~0.13-0.14 for trained heads that
     put their top-1 logit on the attended token >90% of the time, so 0.08 sits between them at
     vocab 64 (for a much smaller vocabulary, raise it above 2 / d_vocab).
@@ -296,6 +296,23 @@ def classify_heads(prefix: torch.Tensor, copying: torch.Tensor, previous_token: 
     return behavioral, circuit, k_prev
 
 
+def label_summary(behavioral: torch.Tensor, mechanistic: torch.Tensor) -> dict[str, object]:
+    """Counts of heads labelled behavioral, mechanistic, both and only one of the two, and the
+    names of the heads labelled by one definition only (`disagreeing`) and by both (`both_heads`)."""
+    n_layers, n_heads = behavioral.shape
+    flat = [(head_name(l, h), bool(behavioral[l, h]), bool(mechanistic[l, h]))
+            for l in range(n_layers) for h in range(n_heads)]
+    return {"behavioral": int(behavioral.sum()), "mechanistic": int(mechanistic.sum()),
+            "both": int((behavioral & mechanistic).sum()), "disagree": int((behavioral ^ mechanistic).sum()),
+            "disagreeing": [n for n, b, m in flat if b != m], "both_heads": [n for n, b, m in flat if b and m]}
+
+
+def previous_token_heads(previous_token: torch.Tensor, threshold: float) -> list[str]:
+    """Names of the heads whose previous-token score is >= threshold."""
+    n_layers, n_heads = previous_token.shape
+    return [head_name(l, h) for l in range(n_layers) for h in range(n_heads) if previous_token[l, h] >= threshold]
+
+
 # -- causal checks: ablating heads through the model's z hooks ----------------------------------
 @torch.no_grad()
 def residual_inputs(model: AttnOnlyTransformer, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
@@ -305,8 +322,16 @@ def residual_inputs(model: AttnOnlyTransformer, tokens: torch.Tensor) -> tuple[t
     resid, zs = [], []
     for layer in range(model.n_layers):
         resid.append(x)
-        x = x + model.run_layer(layer, x, qk_pos, z_hooks=lambda _, z: zs.append(z) or z)[0]
+        x = x + model.run_layer(layer, x, qk_pos, z_hook=lambda _, z: zs.append(z) or z)[0]
     return model.unembed(x), resid, zs
+
+
+def mean_ablation_values(zs: list[torch.Tensor], groups: list[int]) -> list[torch.Tensor]:
+    """Per layer, each head's z [batch, n_heads, pos, d_head] replaced by its mean over the batch at
+    each position, taken separately within consecutive groups of rows of the given sizes (so
+    that differently built inputs in one batch, e.g. text and probes, each get their own mean)."""
+    return [torch.cat([part.mean(0, keepdim=True).expand(len(part), -1, -1, -1) for part in z.split(groups)])
+            for z in zs]
 
 
 @torch.no_grad()
@@ -331,13 +356,9 @@ def ablated_logits(model: AttnOnlyTransformer, tokens: torch.Tensor, heads: list
         return z
 
     if resid is None or not by_layer:
-        return model(tokens, z_hooks=hook).logits
+        return model(tokens, z_hook=hook).logits
     _, qk_pos = model.embed(tokens)
     x = resid[min(by_layer)]
     for layer in range(min(by_layer), model.n_layers):
-        x = x + model.run_layer(layer, x, qk_pos, z_hooks=hook)[0]
+        x = x + model.run_layer(layer, x, qk_pos, z_hook=hook)[0]
     return model.unembed(x)
-
-
-def head_name(layer: int, head: int) -> str:
-    return f"L{layer}H{head}"

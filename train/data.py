@@ -12,6 +12,10 @@ The embedded language ("repeats") mixes two kinds of structure:
 
 Every sequence starts with BOS (token id 0). ``batch(step)`` is a pure function of
 (seed, step), so a resumed run sees exactly the data an uninterrupted one would.
+
+Every probe set the metrics run on is built here too: the main probes (`build_probes`) and the
+robustness variants (`robustness_probes`). Constructor defaults are the config schema's
+(train/config.py: DataConfig, ProbeConfig).
 """
 from __future__ import annotations
 
@@ -20,6 +24,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+
+from train.config import DataConfig as _Data
+from train.config import ProbeConfig as _Probes
 
 BOS = 0
 
@@ -35,14 +43,14 @@ class RepeatsLanguage:
 
     def __init__(
         self,
-        vocab_size: int = 128,
-        n_ctx: int = 128,
-        seed: int = 0,
-        p_repeat: float = 0.6,
-        p_uniform_segment: float = 0.5,
-        min_period: int = 8,
-        max_period: int = 40,
-        branching: int = 4,
+        vocab_size: int = _Data.vocab_size,
+        n_ctx: int = _Data.n_ctx,
+        seed: int = _Data.seed,
+        p_repeat: float = _Data.p_repeat,
+        p_uniform_segment: float = _Data.p_uniform_segment,
+        min_period: int = _Data.min_period,
+        max_period: int = _Data.max_period,
+        branching: int = _Data.branching,
     ):
         if vocab_size < 8:
             raise ValueError(f"data.vocab_size must be at least 8, got {vocab_size}")
@@ -126,8 +134,8 @@ class RepeatsLanguage:
 class TokenFile:
     """Token sequences from disk: a `.npy` array ([n_seq, n_ctx] or a flat token stream) or a
     directory saved by `datasets.Dataset.save_to_disk` with an ``input_ids`` column.
-    Windows of n_ctx tokens are drawn at random (seeded by step); BOS is prepended when the
-    data has none."""
+    Windows of n_ctx - 1 tokens are drawn at random (seeded by step), and BOS is prepended to
+    each."""
 
     def __init__(self, path: str, n_ctx: int, vocab_size: int, seed: int = 0, heldout_fraction: float = 0.05):
         path = os.path.expanduser(path)
@@ -170,7 +178,8 @@ class TokenFile:
         return torch.bincount(self.train_tokens, minlength=self.vocab_size).float()
 
 
-def build_data(vocab_size: int, n_ctx: int, seed: int = 0, path: str | None = None, **kwargs):
+def build_data(vocab_size: int = _Data.vocab_size, n_ctx: int = _Data.n_ctx, seed: int = _Data.seed,
+               path: str | None = _Data.path, **kwargs):
     """Build the data source from config: the embedded language, or a token file at `path`."""
     if path:
         return TokenFile(path, n_ctx=n_ctx, vocab_size=vocab_size, seed=seed)
@@ -217,12 +226,12 @@ def probe_tokens(frequencies: torch.Tensor, exclude_fraction: float = 0.1) -> to
 def build_probes(
     data,
     n_ctx: int,
-    n_probes: int = 16,
-    period: int = 25,
-    repeats: int = 4,
-    n_copy_tokens: int = 64,
-    n_heldout: int = 512,
-    seed: int = 1234,
+    n_probes: int = _Probes.n_probes,
+    period: int = _Probes.period,
+    repeats: int = _Probes.repeats,
+    n_copy_tokens: int = _Probes.n_copy_tokens,
+    n_heldout: int = _Probes.n_heldout,
+    seed: int = _Probes.seed,
 ) -> Probes:
     """Olsson's prefix-matching probe (BOS + 25 random tokens x 4) when it fits the context;
     otherwise the period is scaled down so that `repeats` copies fit."""
@@ -243,3 +252,40 @@ def probes_from_config(data, n_ctx: int, probes_cfg) -> Probes:
     """The run's probes from its `probes` config section (training and re-analysis alike)."""
     p = probes_cfg
     return build_probes(data, n_ctx, p.n_probes, p.period, p.repeats, p.n_copy_tokens, p.n_heldout, p.seed)
+
+
+def robustness_probes(probes: Probes, n_ctx: int, variants: list[tuple[int, int]],
+                      heldout_segments: list[tuple[int, int]], n_probes: int, seed: int) -> list[tuple[str, torch.Tensor]]:
+    """Prefix-matching probe variants, as (name, tokens [n_probes, 1 + period * repeats]):
+
+    * `p{period}x{repeats}` for each (period, repeats) in `variants`: repeated random tokens from
+      the main probes' token set (`probes.allowed`), seeded by `seed`;
+    * `text_p{period}x{repeats}` for each pair in `heldout_segments`: BOS + the first `period`
+      tokens of each of the last `n_probes` held-out sequences, tiled `repeats` times.
+
+    Variants that do not fit the context (or need more distinct tokens than the main probes'
+    token set has, or fewer than 2 repeats) are left out."""
+    heldout = probes.heldout.cpu()
+    n_ctx = min(heldout.shape[1], n_ctx)
+    allowed = probes.allowed
+    g = torch.Generator().manual_seed(seed)
+    sets: list[tuple[str, torch.Tensor]] = []
+    for period, repeats in variants:
+        if 1 + period * repeats <= n_ctx and period <= allowed.numel() and repeats >= 2:
+            sets.append((f"p{period}x{repeats}", repeated_random_tokens(n_probes, period, repeats, allowed, g)))
+    for period, repeats in heldout_segments:
+        if 1 + period * repeats <= n_ctx and repeats >= 2:
+            segment = heldout[-n_probes:, 1 : 1 + period]
+            sets.append((f"text_p{period}x{repeats}", torch.cat([heldout[-n_probes:, :1], segment.repeat(1, repeats)], 1)))
+    return sets
+
+
+def concat_padded(batches: list[torch.Tensor]) -> tuple[torch.Tensor, list[slice]]:
+    """Token batches [n_i, len_i] as one batch [sum n_i, max len_i], each padded at the end with
+    BOS (causal attention: padding changes nothing before it), and the rows of each batch."""
+    length = max(t.shape[1] for t in batches)
+    rows, start = [], 0
+    for t in batches:
+        rows.append(slice(start, start + t.shape[0]))
+        start += t.shape[0]
+    return torch.cat([F.pad(t, (0, length - t.shape[1]), value=BOS) for t in batches]), rows

@@ -1,9 +1,7 @@
-"""Where checkpoint rows go. `metrics.jsonl` is always written (it is the run's record); a logger
-chosen by config (`logger=wandb` or `logger=none`) receives the same rows."""
+"""Where checkpoint rows go besides metrics.jsonl (which train/rundir.py always writes: it is the
+run's record): a logger chosen by config (`logger=wandb` or `logger=none`) receives the same rows."""
 from __future__ import annotations
 
-import json
-import math
 import netrc
 import os
 import re
@@ -11,72 +9,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-HEAD_KEY = re.compile(r"^(?P<metric>[^/]+)/L(?P<layer>\d+)H(?P<head>\d+)$")
-
-
-def _jsonable(value: Any) -> Any:
-    if hasattr(value, "tolist"):
-        value = value.tolist()
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)  # "nan" / "inf": JSON has no literal for them
-    if isinstance(value, list):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def format_row(row: dict[str, Any]) -> str:
-    """One metrics.jsonl line (tensors to lists, non-finite floats to strings), newline included."""
-    return json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n"
-
-
-class MetricsFile:
-    """Appends one JSON object per checkpoint to metrics.jsonl, flushed and fsynced per row."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self._fh = open(self.path, "a", encoding="utf-8")
-
-    def write(self, row: dict[str, Any]) -> None:
-        self._fh.write(format_row(row))
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-
-    def close(self) -> None:
-        self._fh.close()
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a metrics.jsonl; a torn last line (a run killed mid-write) is dropped."""
-    rows = []
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:
-                break
-            raise ValueError(f"{path}: line {i + 1} is not valid JSON") from None
-    return rows
-
-
-def head_table(row: dict[str, Any], metric: str) -> list[list[float]] | None:
-    """[n_layers][n_heads] values of a per-head metric in one row, or None if absent."""
-    cells = {}
-    for key, value in row.items():
-        m = HEAD_KEY.match(key)
-        if m and m["metric"] == metric:
-            cells[int(m["layer"]), int(m["head"])] = value
-    if not cells:
-        return None
-    n_layers = 1 + max(l for l, _ in cells)
-    n_heads = 1 + max(h for _, h in cells)
-    return [[cells.get((l, h), float("nan")) for h in range(n_heads)] for l in range(n_layers)]
-
+from train import names as N
+from train.config import WANDB_MODES
+from train.config import LoggerConfig as _Defaults
 
 def heatmap_pixels(table: list[list[float]], cell: int = 24):
-    """A per-head table [n_layers][n_heads] in [0, 1] as an RGB uint8 image (viridis), one
+    """A per-head table [n_layers][n_heads] in [0, 1] as an RGB uint8 image (viridis; layers are
+    rows, L0 at the top, heads are columns), one
     `cell` x `cell` block per head: cheap enough to log at every checkpoint."""
     import numpy as np
     from matplotlib import colormaps
@@ -158,14 +97,14 @@ def _server_unreachable(timeout: float = 3.0) -> str | None:
 
 class WandbLogger:
     """Weights & Biases: online when logged in, offline otherwise (prints the `wandb sync`
-    command). The x-axis of every metric is tokens seen; per-head metrics keep their
-    `prefix_matching/L{l}H{h}` keys; a heads x layers heatmap image is logged per checkpoint."""
+    command). The x-axis of every metric is tokens seen; per-head metrics keep their row keys
+    (train/names.py); a layers x heads heatmap image of prefix matching is logged per checkpoint."""
 
-    def __init__(self, project: str = "induction-heads", entity: str | None = None, group: str | None = None,
-                 tags: list[str] | None = None, mode: str = "auto", heatmap_every: int = 1,
-                 init_timeout: float = 30.0, **_: Any):
-        if mode not in ("auto", "online", "offline"):
-            raise ValueError(f"logger.mode must be auto, online or offline, got {mode!r}")
+    def __init__(self, project: str = _Defaults.project, entity: str | None = _Defaults.entity,
+                 group: str | None = _Defaults.group, tags: list[str] | None = None, mode: str = _Defaults.mode,
+                 heatmap_every: int = _Defaults.heatmap_every, init_timeout: float = 30.0, **_: Any):
+        if mode not in WANDB_MODES:
+            raise ValueError(f"logger.mode must be one of {', '.join(WANDB_MODES)}, got {mode!r}")
         self.project, self.entity, self.group, self.tags = project, entity, group, list(tags or [])
         self.mode, self.heatmap_every = mode, max(1, heatmap_every)
         # wandb's own default is 90 s of retries; once the server answered the pre-flight
@@ -219,8 +158,8 @@ class WandbLogger:
                 return run_id
         self.mode_used = mode
         try:
-            self.run.define_metric("tokens")
-            self.run.define_metric("*", step_metric="tokens")
+            self.run.define_metric(N.TOKENS)
+            self.run.define_metric("*", step_metric=N.TOKENS)
         except Exception as e:  # noqa: BLE001
             _warn(f"wandb: define_metric failed ({_one_line(e)})")
         return self.run.id
@@ -233,7 +172,7 @@ class WandbLogger:
             if self._n_logged % self.heatmap_every == 0:
                 image = self._heatmap(row)
                 if image is not None:
-                    data["heads/prefix_matching"] = image
+                    data[N.HEATMAP] = image
             self._n_logged += 1
             self.run.log(data)
         except Exception as e:  # noqa: BLE001 - a logging failure must not stop training
@@ -244,11 +183,11 @@ class WandbLogger:
     def _heatmap(self, row: dict[str, Any]):
         import wandb
 
-        table = head_table(row, "prefix_matching")
+        table = N.head_table(row, N.PREFIX_MATCHING)
         if table is None:
             return None
         return wandb.Image(heatmap_pixels(table), caption=f"prefix matching, layers (rows, L0 at the top) "
-                                                           f"x heads, at {row.get('tokens', 0):,} tokens")
+                                                           f"x heads, at {row.get(N.TOKENS, 0):,} tokens")
 
     def finish(self, exit_code: int = 0) -> None:
         if self.run is None:

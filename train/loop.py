@@ -1,10 +1,9 @@
-"""The training loop: AdamW with warmup and a schedule, gradient clipping, bf16 autocast on CUDA,
-checkpoints and callbacks on a schedule in tokens seen, exact resume, and safe stops."""
+"""The training loop: AdamW with a learning-rate schedule, gradient clipping, bf16 autocast on CUDA,
+callbacks and checkpoints on the checkpoint schedule (train/schedules.py), exact resume, and safe
+stops. Files in the run directory are written through train/rundir.py."""
 from __future__ import annotations
 
-import math
 import random
-import shutil
 import signal
 import sys
 import time
@@ -19,11 +18,11 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from train import checkpoint as ckpt
-from train.callbacks import RunContext
-from train.config import read_run_status
+from train import names as N
+from train import rundir
+from train.callbacks import RunContext, evaluate_checkpoint, instantiate_callbacks, prepare_callbacks
 from train.data import probes_from_config
-from train.loggers import MetricsFile, format_row, read_metrics
-from train.schedule import run_schedule
+from train.schedules import lr_multiplier, run_steps
 
 
 class TrainingError(RuntimeError):
@@ -41,23 +40,7 @@ def select_device(name: str) -> torch.device:
         raise ValueError("device=cuda was asked for, but no CUDA device is available")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ValueError("device=mps was asked for, but MPS is not available")
-    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
-        raise ValueError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
-    return torch.device(name)
-
-
-def lr_multiplier(step: int, warmup_steps: int, total_steps: int, schedule: str, min_ratio: float) -> float:
-    """Linear warmup to 1, then constant, cosine or linear decay to `min_ratio` at the end."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    if schedule == "cosine":
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    if schedule == "linear":
-        return 1.0 - (1 - min_ratio) * min(1.0, progress)
-    raise ValueError(f"unknown optim.schedule {schedule!r}; use constant, cosine or linear")
+    return torch.device(name)  # names are checked by train.config.validate
 
 
 def seed_everything(seed: int) -> None:
@@ -123,33 +106,25 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         self.device = select_device(cfg.device)
-        if cfg.train.batch_size <= 0 or cfg.train.total_tokens <= 0:
-            raise ValueError("train.batch_size and train.total_tokens must be positive")
-        if cfg.train.total_tokens < cfg.train.batch_size * cfg.data.n_ctx:
-            raise ValueError(f"train.total_tokens={cfg.train.total_tokens} is less than one batch "
-                             f"({cfg.train.batch_size * cfg.data.n_ctx} tokens)")
-        self.tokens_per_step, self.total_steps, self.schedule = run_schedule(cfg)
+        self.tokens_per_step, self.total_steps, self.checkpoint_steps = run_steps(cfg)
         seed_everything(cfg.seed)
         self.data = instantiate(cfg.data)
         self.model = instantiate(cfg.model).to(self.device)
         self.probes = probes_from_config(self.data, cfg.data.n_ctx, cfg.probes).to(self.device)
-        self.callbacks = [instantiate(c) for c in cfg.callbacks.values() if c is not None]
         self.ctx = RunContext(self.model, self.probes)
-        for cb in self.callbacks:
-            cb.setup(self.ctx)
+        self.callbacks = prepare_callbacks(instantiate_callbacks(cfg.callbacks), self.ctx)
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas),
                                            weight_decay=o.weight_decay)
         warmup = max(1, o.warmup_tokens // self.tokens_per_step)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda s: lr_multiplier(s, warmup, self.total_steps, o.schedule, o.min_lr_ratio))
-        lr_multiplier(warmup, warmup, self.total_steps, o.schedule, o.min_lr_ratio)  # validate the name early
+            self.optimizer, lambda s: lr_multiplier(s, warmup, self.total_steps, o.lr_schedule, o.min_lr_ratio))
         self.logger = instantiate(cfg.logger)
         self.step = 0
         self.loss_sum = torch.zeros((), device=self.device)
         self.loss_count = 0
         self.exit_code = 1
-        self.resumed_from: list[int] = []
+        self.resumed_from: list[int] = []  # steps at which earlier segments of this run were resumed
 
     # -- state ---------------------------------------------------------------------------------
     def train_state(self) -> dict[str, Any]:
@@ -162,33 +137,19 @@ class Trainer:
                 "config": OmegaConf.to_container(self.cfg, resolve=True)}
 
     def save(self, kind: str = "scheduled") -> Path:
-        keep = self.cfg.checkpoint.keep_resume_states
+        c = self.cfg.checkpoint
         # An interrupt checkpoint must always be resumable, whatever keep_resume_states says.
-        with_state = keep > 0 or kind == "interrupt"
+        with_state = c.keep_resume_states > 0 or kind == "interrupt"
         path = ckpt.save_checkpoint(self.run_dir, self.model, self.meta(kind),
-                                    self.train_state() if with_state else None,
-                                    save_weights=self.cfg.checkpoint.save_weights)
+                                    self.train_state() if with_state else None, save_weights=c.save_weights)
         if kind != "interrupt":
-            # Checkpoints written only because the run was stopped are not part of the schedule:
-            # once training has passed them they go, so a resumed run's directory matches an
-            # uninterrupted one.
-            for old in ckpt.list_checkpoints(self.run_dir):
-                if old != path and int(old.name[5:]) < self.step and self._is_interrupt(old):
-                    shutil.rmtree(old, ignore_errors=True)
-            ckpt.prune_train_states(self.run_dir, keep, self.cfg.checkpoint.save_weights)
+            rundir.prune(self.run_dir, self.step, c.keep_resume_states, c.save_weights)
         return path
-
-    @staticmethod
-    def _is_interrupt(path: Path) -> bool:
-        try:
-            return ckpt.read_meta(path).get("kind") == "interrupt"
-        except ckpt.CheckpointError:
-            return False
 
     def restore(self, path: Path) -> None:
         """Load model, optimizer, scheduler, RNG and the running train-loss sums of a checkpoint.
         Everything is read and checked before anything is changed on disk."""
-        meta = ckpt.read_meta(path)
+        meta = rundir.read_meta(path)
         ckpt.check_same_model(meta, OmegaConf.to_container(self.cfg.model, resolve=True), path)
         ckpt.load_weights(self.model, path)
         state = ckpt.load_train_state(path, self.device)
@@ -199,38 +160,35 @@ class Trainer:
             self.loss_sum = state["loss_sum"].to(self.device)
             self.loss_count = int(state["loss_count"])
         except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as e:
-            raise ckpt.CheckpointError(f"resume state in {path} does not fit this run: {e}") from None
+            raise rundir.CheckpointError(f"resume state in {path} does not fit this run: {e}") from None
         self.step = int(meta["step"])
         if not 0 <= self.step <= self.total_steps:
-            raise ckpt.CheckpointError(f"checkpoint {path} is at step {self.step}, outside this run's "
-                                       f"{self.total_steps} steps")
+            raise rundir.CheckpointError(f"checkpoint {path} is at step {self.step}, outside this run's "
+                                         f"{self.total_steps} steps")
 
     # -- one checkpoint ------------------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:
         self.model.eval()
         self.ctx.step, self.ctx.tokens = self.step, self.step * self.tokens_per_step
-        self.ctx.checkpoint_index = self.schedule.index(self.step)
-        row: dict[str, Any] = {"step": self.step, "tokens": self.ctx.tokens,
-                               "lr": self.optimizer.param_groups[0]["lr"]}
+        self.ctx.checkpoint_index = self.checkpoint_steps.index(self.step)
+        row: dict[str, Any] = {N.STEP: self.step, N.TOKENS: self.ctx.tokens, N.LR: self.optimizer.param_groups[0]["lr"]}
         if self.loss_count:
-            row["loss/train"] = float(self.loss_sum) / self.loss_count
+            row[N.LOSS_TRAIN] = float(self.loss_sum) / self.loss_count
         self.loss_sum.zero_()
         self.loss_count = 0
-        self.ctx.row = row  # the row so far: later callbacks reuse earlier callbacks' scores
-        with torch.no_grad():
-            for cb in self.callbacks:
-                if cb.due(self.ctx):
-                    row |= cb(self.ctx)
+        row |= evaluate_checkpoint(self.callbacks, self.ctx)
         self.model.train()
         return row
 
     # -- the loop ------------------------------------------------------------------------------
-    def train_step(self, tokens: torch.Tensor) -> torch.Tensor:
+    def loss(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Mean next-token cross-entropy of a batch."""
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             logits = self.model(tokens).logits
-        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
-        if self.cfg.train.get("debug_nan_at_step") == self.step:  # test-only fault injection
-            loss = loss * float("nan")
+        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+    def train_step(self, tokens: torch.Tensor) -> torch.Tensor:
+        loss = self.loss(tokens)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         clip = self.cfg.optim.grad_clip
@@ -245,97 +203,84 @@ class Trainer:
         self.loss_count += 1
         return loss
 
-    def run(self, resume_from: Path | None = None, run_id: str | None = None,
-            resumed_from: list[int] | None = None, prior_seconds: float = 0.0) -> dict[str, Any]:
-        """Train to the end (or to a stop signal or fault). `self.exit_code` says how it ended:
-        0 finished, 128 + signal number when stopped by SIGTERM/SIGINT. `resumed_from` and
-        `prior_seconds` carry the history of earlier segments of a resumed run into status.json."""
-        metrics_path = self.run_dir / "metrics.jsonl"
-        self.resumed_from = list(resumed_from or [])
-        if resume_from is not None:
-            self.restore(resume_from)  # raises before anything on disk changes
-            # Rows the killed run wrote after its checkpoint are recomputed, so they go (and a
-            # torn last line with them): the file continues exactly as an uninterrupted run's.
-            try:
-                rows = read_metrics(metrics_path) if metrics_path.exists() else []
-            except (ValueError, UnicodeDecodeError) as e:
-                raise ckpt.CheckpointError(f"cannot resume: {e}") from None
-            kept = [r for r in rows if isinstance(r, dict) and r.get("step", -1) <= self.step]
-            ckpt.remove_stale_temporaries(self.run_dir)
-            ckpt.write_text_atomic(metrics_path, "".join(format_row(r) for r in kept))
+    def run(self, resume_checkpoint: Path | None = None, previous_status: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Train to the end (or to a stop signal or fault), from the start or from
+        `resume_checkpoint`. `previous_status` (the run's status.json when resuming) carries the
+        wandb run id, the wall time and the resume steps of earlier segments. `self.exit_code`
+        says how it ended: 0 finished, 128 + signal number when stopped by SIGTERM/SIGINT."""
+        previous = previous_status or {}
+        self.resumed_from = list(previous.get("resumed_from_steps") or [])
+        prior_seconds = float(previous.get("wall_seconds") or 0.0)
+        if resume_checkpoint is not None:
+            self.restore(resume_checkpoint)  # raises before anything on disk changes
+            rundir.rewind_metrics(self.run_dir, self.step)
+            rundir.remove_stale_temporaries(self.run_dir)
             self.resumed_from.append(self.step)
-        metrics = MetricsFile(metrics_path)
-        run_id = self.logger.start(self.run_dir, OmegaConf.to_container(self.cfg, resolve=True), run_id)
+        metrics = rundir.MetricsFile(self.run_dir)
+        run_id = self.logger.start(self.run_dir, OmegaConf.to_container(self.cfg, resolve=True),
+                                   previous.get("wandb_run_id"))
         self._status("running", run_id, prior_seconds or None)
-        pending = [s for s in self.schedule if s > self.step or (resume_from is None and s == self.step)]
-        last_row: dict[str, Any] = {}
+        pending = [s for s in self.checkpoint_steps
+                   if s > self.step or (resume_checkpoint is None and s == self.step)]
         bar = tqdm(total=self.total_steps * self.tokens_per_step, initial=self.step * self.tokens_per_step,
                    unit="tok", unit_scale=True, dynamic_ncols=True, disable=not sys.stderr.isatty(),
                    desc=f"{self.cfg.model.n_layers}L")
-        t0 = time.perf_counter() - float(prior_seconds or 0.0)  # wall time summed over segments
-        self.exit_code, state, error = 1, "failed", None
+        t0 = time.perf_counter() - prior_seconds  # wall time summed over segments
+        self.exit_code, state, self._error = 1, "failed", None
         try:
             with _StopSignal() as stop:
-                while True:
-                    saved_now = False
-                    if pending and pending[0] == self.step:
-                        pending.pop(0)
-                        last_row = self.evaluate()
-                        metrics.write(last_row)
-                        self.logger.log(last_row | {"time/elapsed_s": time.perf_counter() - t0})
-                        self.save()
-                        saved_now = True
-                        if "loss/heldout" in last_row:
-                            bar.set_postfix(loss=f"{last_row['loss/heldout']:.3f}", refresh=False)
-                    if self.step >= self.total_steps:
-                        break
-                    if stop.received is not None:
-                        path = ckpt.checkpoint_dir(self.run_dir, self.step)
-                        if not saved_now:
-                            path = self.save(kind="interrupt")
-                        name = signal.Signals(stop.received).name
-                        print(f"\nreceived {name} at step {self.step}; checkpoint written to {path}; "
-                              f"resume with resume={self.run_dir}", file=sys.stderr)
-                        self.exit_code, state = 128 + stop.received, "interrupted"
-                        return last_row
-                    tokens = self.data.batch(self.step, self.cfg.train.batch_size).to(self.device, non_blocking=True)
-                    try:
-                        self.train_step(tokens)
-                    except TrainingError as e:
-                        error = str(e)
-                        metrics.write({"event": "nonfinite", "step": self.step,
-                                       "tokens": self.step * self.tokens_per_step, "message": str(e)})
-                        raise
-                    self.step += 1
-                    bar.update(self.tokens_per_step)
-            self.exit_code, state = 0, "finished"
+                last_row = self._loop(pending, metrics, bar, stop, t0)
+            if stop.received is not None:
+                self.exit_code, state = 128 + stop.received, "interrupted"
+            else:
+                self.exit_code, state = 0, "finished"
             return last_row
         except KeyboardInterrupt:  # a second signal while stopping: no new checkpoint
-            self.exit_code, state, error = 130, "interrupted", "stopped by a second signal"
+            self.exit_code, state, self._error = 130, "interrupted", "stopped by a second signal"
             raise
         except BaseException as e:
-            error = error or f"{type(e).__name__}: {e}"
+            self._error = self._error or f"{type(e).__name__}: {e}"
             raise
         finally:
             bar.close()
             metrics.close()
-            self._status(state, run_id, time.perf_counter() - t0, error)
+            self._status(state, run_id, time.perf_counter() - t0, self._error)
             try:
                 self.logger.finish(self.exit_code)
             except Exception as e:  # noqa: BLE001 - the logger must not hide how training ended
                 print(f"warning: logger did not finish cleanly: {type(e).__name__}: {e}", file=sys.stderr)
 
+    def _loop(self, pending: list[int], metrics: rundir.MetricsFile, bar, stop: "_StopSignal", t0: float):
+        """Steps and checkpoints until the end or a stop signal; returns the last checkpoint's row."""
+        last_row: dict[str, Any] = {}
+        while True:
+            saved_now = False
+            if pending and pending[0] == self.step:
+                pending.pop(0)
+                last_row = self.evaluate()
+                metrics.write(last_row)
+                self.logger.log(last_row | {N.ELAPSED: time.perf_counter() - t0})
+                self.save()
+                saved_now = True
+                if N.LOSS_HELDOUT in last_row:
+                    bar.set_postfix(loss=f"{last_row[N.LOSS_HELDOUT]:.3f}", refresh=False)
+            if self.step >= self.total_steps:
+                return last_row
+            if stop.received is not None:
+                path = rundir.checkpoint_dir(self.run_dir, self.step) if saved_now else self.save(kind="interrupt")
+                print(f"\nreceived {signal.Signals(stop.received).name} at step {self.step}; checkpoint written "
+                      f"to {path}; resume with resume={self.run_dir}", file=sys.stderr)
+                return last_row
+            tokens = self.data.batch(self.step, self.cfg.train.batch_size).to(self.device, non_blocking=True)
+            try:
+                self.train_step(tokens)
+            except TrainingError as e:
+                self._error = str(e)
+                metrics.write({N.EVENT: "nonfinite", N.STEP: self.step,
+                               N.TOKENS: self.step * self.tokens_per_step, "message": str(e)})
+                raise
+            self.step += 1
+            bar.update(self.tokens_per_step)
+
     def _status(self, state: str, run_id: str | None, seconds: float | None = None, error: str | None = None):
-        _write_status(self.run_dir, state, self.step, run_id, seconds, self.resumed_from, error)
-
-
-def _write_status(run_dir: Path, state: str, step: int, run_id: str | None, seconds: float | None = None,
-                  resumed_from: list[int] | None = None, error: str | None = None) -> None:
-    status: dict[str, Any] = {"state": state, "step": step, "wandb_run_id": run_id}
-    if seconds is not None:
-        status["wall_seconds"] = round(seconds, 2)
-    if resumed_from:
-        status["resumed_from_steps"] = list(resumed_from)
-    if error:
-        status["error"] = error
-    ckpt.write_json_atomic(Path(run_dir) / "status.json", status)
+        rundir.write_status(self.run_dir, state, self.step, run_id, seconds, self.resumed_from, error)

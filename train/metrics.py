@@ -1,12 +1,13 @@
 """Behavioral induction-head metrics: pure functions of (model, probe tokens) returning tensors.
 
-Definitions (see the README's "Metrics" section; sources in Olsson et al. 2022):
+Definitions (docs/METRICS.md has each one with its probe data, range and known values; sources in
+Olsson et al. 2022):
 
 * prefix-matching score [n_layers, n_heads]: for every query position i whose token occurred
   earlier, the attention mass on the positions right after those earlier occurrences
   (j + 1 for every j < i with token_j == token_i), averaged over such queries and probes.
   On BOS + random segment x repeats, the queries are exactly those in repeats 2..R.
-  Perfect induction head: 1; uniform attention: about (number of occurrences) / i.
+  Perfect induction head: 1; uniform attention: about (number of occurrences) / (i + 1).
 * previous-token score [n_layers, n_heads]: mean attention from position i to i - 1, i >= 1.
 * duplicate-token score [n_layers, n_heads]: attention mass on earlier occurrences of the
   query's own token, over queries that have one.
@@ -18,6 +19,12 @@ Definitions (see the README's "Metrics" section; sources in Olsson et al. 2022):
   position i (of token i + 1) over the held-out set.
 * ICL score: per_position_loss[late] - per_position_loss[early]; negative means the model uses
   its context. Default indices scale Olsson's 50 and 500 (of 512) with the context length.
+* repeated-part loss: mean loss of the predictions of the repeats 2..R of a probe (positions
+  period..end - 1 predict them).
+* ICL removed by an ablation: 1 - ablated ICL score / clean ICL score (0 when the clean score is 0).
+* probe spread [n_layers, n_heads]: min and max prefix matching over the main probe and its
+  variants; a head is probe-fragile when its main score is >= min_main but some variant scores
+  below fragile_ratio x the main score.
 """
 from __future__ import annotations
 
@@ -137,3 +144,23 @@ def icl_indices(n_ctx: int, early: int | None = None, late: int | None = None) -
 
 def icl_score(position_loss: torch.Tensor, early: int, late: int) -> torch.Tensor:
     return position_loss[late] - position_loss[early]
+
+
+def repeated_part_loss(losses: torch.Tensor, period: int) -> torch.Tensor:
+    """Mean of token losses [batch, pos - 1] of BOS + segment x repeats probes over the predictions
+    of repeats 2..R (positions period .. pos - 2)."""
+    return losses[:, period:].mean()
+
+
+def icl_removed(clean: float, ablated: float) -> float:
+    """Share of the clean ICL score removed by an ablation: 1 - ablated / clean (0 if clean is 0)."""
+    return 1.0 - ablated / clean if clean != 0 else 0.0
+
+
+def probe_spread(main: torch.Tensor, variants: list[torch.Tensor], fragile_ratio: float,
+                 min_main: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(min, max, fragile) [n_layers, n_heads] of prefix-matching scores over the main probe and
+    its variants; fragile is bool (see the module docstring)."""
+    stacked = torch.stack([main, *variants])
+    low, high = stacked.min(0).values, stacked.max(0).values
+    return low, high, (main >= min_main) & (low < fragile_ratio * main)

@@ -10,7 +10,8 @@
 The residual stream is x = W_E[tokens] (+ W_pos); each layer adds its attention output; logits are
 LN_final(x) @ W_U + b_U (LayerNorms are optional, pre-norm). Training uses fused
 scaled-dot-product attention; pass ``return_patterns=True`` to get explicit attention patterns
-(the probes do), and ``z_hooks`` to read or replace per-head outputs (ablations do).
+(the probes do), and ``z_hook`` to read or replace per-head outputs (ablations do).
+Constructor defaults are the config schema's (train/config.py, ModelConfig).
 """
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-POSITIONAL_SCHEMES = ("learned", "shortformer", "rotary")
+from train.config import POSITIONAL_SCHEMES
+from train.config import ModelConfig as _Defaults
 
 # z_hook(layer, z) -> z, with z [batch, n_heads, pos, d_head]: the per-head attention output
 # before W_O. Returning a modified tensor ablates or patches heads.
@@ -36,9 +38,9 @@ class ModelOutput:
 
 
 class Attention(nn.Module):
-    def __init__(self, d_model: int, n_heads: int, d_head: int, smeared_keys: bool):
+    def __init__(self, layer: int, d_model: int, n_heads: int, d_head: int, smeared_keys: bool):
         super().__init__()
-        self.n_heads, self.d_head = n_heads, d_head
+        self.layer, self.n_heads, self.d_head = layer, n_heads, d_head
         self.W_Q = nn.Parameter(torch.empty(n_heads, d_model, d_head))
         self.W_K = nn.Parameter(torch.empty(n_heads, d_model, d_head))
         self.W_V = nn.Parameter(torch.empty(n_heads, d_model, d_head))
@@ -56,7 +58,7 @@ class Attention(nn.Module):
         qk_pos: torch.Tensor | None = None,
         rotary: "Rotary | None" = None,
         return_pattern: bool = False,
-        z_hook: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        z_hook: ZHook | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         if qk_pos is None:  # one matmul for all three projections
             q, k, v = _project(x, (self.W_Q, self.W_K, self.W_V), (self.b_Q, self.b_K, self.b_V))
@@ -78,7 +80,7 @@ class Attention(nn.Module):
         else:
             z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         if z_hook is not None:
-            z = z_hook(z)
+            z = z_hook(self.layer, z)
         b, h, n, e = z.shape
         out = z.transpose(1, 2).reshape(b, n, h * e) @ self.W_O.reshape(h * e, -1) + self.b_O
         return out, pattern
@@ -113,10 +115,10 @@ class Rotary(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d_model, n_heads, d_head, layernorm, smeared_keys):
+    def __init__(self, layer, d_model, n_heads, d_head, layernorm, smeared_keys):
         super().__init__()
         self.ln1 = nn.LayerNorm(d_model) if layernorm else nn.Identity()
-        self.attn = Attention(d_model, n_heads, d_head, smeared_keys)
+        self.attn = Attention(layer, d_model, n_heads, d_head, smeared_keys)
 
 
 class AttnOnlyTransformer(nn.Module):
@@ -124,15 +126,15 @@ class AttnOnlyTransformer(nn.Module):
         self,
         d_vocab: int,
         n_ctx: int,
-        n_layers: int = 2,
-        n_heads: int = 4,
-        d_model: int = 64,
-        d_head: int = 16,
-        positional: str = "learned",
-        layernorm: bool = False,
-        smeared_keys: bool = False,
-        init_std: float = 0.02,
-        rotary_base: float = 10000.0,
+        n_layers: int = _Defaults.n_layers,
+        n_heads: int = _Defaults.n_heads,
+        d_model: int = _Defaults.d_model,
+        d_head: int = _Defaults.d_head,
+        positional: str = _Defaults.positional,
+        layernorm: bool = _Defaults.layernorm,
+        smeared_keys: bool = _Defaults.smeared_keys,
+        init_std: float = _Defaults.init_std,
+        rotary_base: float = _Defaults.rotary_base,
     ):
         super().__init__()
         if positional not in POSITIONAL_SCHEMES:
@@ -148,7 +150,7 @@ class AttnOnlyTransformer(nn.Module):
         self.W_pos = nn.Parameter(torch.empty(n_ctx, d_model)) if positional != "rotary" else None
         self.rotary = Rotary(d_head, n_ctx, rotary_base) if positional == "rotary" else None
         self.blocks = nn.ModuleList(
-            Block(d_model, n_heads, d_head, layernorm, smeared_keys) for _ in range(n_layers)
+            Block(layer, d_model, n_heads, d_head, layernorm, smeared_keys) for layer in range(n_layers)
         )
         self.ln_final = nn.LayerNorm(d_model) if layernorm else nn.Identity()
         self.W_U = nn.Parameter(torch.empty(d_model, d_vocab))
@@ -169,12 +171,12 @@ class AttnOnlyTransformer(nn.Module):
         self,
         tokens: torch.Tensor,
         return_patterns: bool = False,
-        z_hooks: ZHook | None = None,
+        z_hook: ZHook | None = None,
     ) -> ModelOutput:
         x, qk_pos = self.embed(tokens)
         patterns = [] if return_patterns else None
         for layer in range(self.n_layers):
-            out, pattern = self.run_layer(layer, x, qk_pos, return_patterns, z_hooks)
+            out, pattern = self.run_layer(layer, x, qk_pos, return_patterns, z_hook)
             x = x + out
             if patterns is not None:
                 patterns.append(pattern)
@@ -193,15 +195,10 @@ class AttnOnlyTransformer(nn.Module):
         return x, qk_pos
 
     def run_layer(self, layer: int, x: torch.Tensor, qk_pos: torch.Tensor | None,
-                  return_pattern: bool = False, z_hooks: ZHook | None = None):
-        """Layer `layer`'s attention output (added to the residual stream by the caller)."""
+                  return_pattern: bool = False, z_hook: ZHook | None = None):
+        """Layer `layer`'s attention output and pattern (the caller adds the output to the stream)."""
         block = self.blocks[layer]
-        hook = None if z_hooks is None else (lambda z: z_hooks(layer, z))
-        return block.attn(block.ln1(x), qk_pos, self.rotary, return_pattern, hook)
+        return block.attn(block.ln1(x), qk_pos, self.rotary, return_pattern, z_hook)
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         return self.ln_final(x) @ self.W_U + self.b_U
-
-    @property
-    def layers(self) -> list[Attention]:
-        return [block.attn for block in self.blocks]
