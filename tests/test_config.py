@@ -160,3 +160,20 @@ def test_quick_start_command_writes_a_dated_run_directory(tmp_path):
     runs = list((tmp_path / "outputs").glob("*/*/metrics.jsonl"))
     assert len(runs) == 1
     assert "run directory:" in proc.stdout
+
+
+def test_configs_saved_with_the_old_names_still_load():
+    """Runs saved before `schedule` moved into `checkpoint` and `optim.schedule` became
+    `optim.lr_schedule` load as the same config (resume and recompute read saved configs)."""
+    from train.config import ConfigError, load_saved_config
+
+    current = OmegaConf.to_container(compose_config(["logger=none"]), resolve=True)
+    old = OmegaConf.to_container(compose_config(["logger=none"]), resolve=True)
+    old["schedule"] = {k: old["checkpoint"].pop(k) for k in ("n_log", "n_linear", "first_tokens")}
+    old["optim"]["schedule"] = old["optim"].pop("lr_schedule")
+    old["train"]["debug_nan_at_step"] = None
+    old["callbacks"]["induction"]["fold_layernorm"] = True
+    assert OmegaConf.to_container(load_saved_config(old, "old"), resolve=True) == current
+    old["data"]["_target_"] = "os.system"
+    with pytest.raises(ConfigError, match=r"old names code outside this project \(os.system\)"):
+        load_saved_config(old, "old")
