@@ -8,9 +8,10 @@ evaluates the named callbacks at each checkpoint with the same code training use
 (``train.callbacks.evaluate_checkpoint``), each at its own `every` cadence over the run's
 checkpoint schedule. Writes one row per checkpoint (step, tokens + metric keys) to
 RUN_DIR/recomputed.jsonl (or --out). Callback names are the keys of the callbacks config: the
-run's own saved entries first, then conf/callbacks/default.yaml for callbacks added since (so
-new metrics can be computed for old runs). Without --callbacks, all of the current defaults
-run; a named callback brings the callbacks whose results it needs. Prints one line per head with
+run's own saved entries first, then those of conf/callbacks/ (default.yaml, and the optional
+ones such as `llc` in with_llc.yaml) for callbacks added since, so new metrics can be computed
+for old runs. Without --callbacks, all of the current defaults (default.yaml) run; a named
+callback brings the callbacks whose results it needs. Prints one line per head with
 the first checkpoint at which it was labelled behavioral / mechanistic (when the induction
 classification ran), and where the rows went.
 """
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 from train import checkpoint as ckpt
@@ -33,27 +34,41 @@ from train.config import ConfigError, load_saved_config
 from train.data import probes_from_config
 from train.schedules import run_steps
 
-DEFAULT_CALLBACKS = Path(__file__).resolve().parents[1] / "conf" / "callbacks" / "default.yaml"
+CALLBACK_CONFIGS = Path(__file__).resolve().parents[1] / "conf" / "callbacks"
 
 
 class RecomputeError(ValueError):
     """A user-facing problem (missing run, no weights, unknown callback): one line, no traceback."""
 
 
+def _entries(path: Path):
+    """The callback entries of one conf/callbacks/ file (its Hydra defaults list left out)."""
+    entries = OmegaConf.load(path)
+    return OmegaConf.create({k: v for k, v in entries.items() if k != "defaults"})
+
+
 def callback_configs(cfg, names: list[str] | None, prefer_defaults: bool = False) -> dict[str, Any]:
     """{name: resolved config} of the chosen callbacks and those whose results they need, in
     config order. `cfg` is the run's saved config."""
-    defaults = OmegaConf.load(DEFAULT_CALLBACKS)
-    saved = cfg.get("callbacks") or OmegaConf.create({})
-    # Saved entries win (unless prefer_defaults); interpolations in the defaults
-    # (${probes.icl_early}) resolve against the run's saved config.
-    cfg.callbacks = OmegaConf.merge(saved, defaults) if prefer_defaults else OmegaConf.merge(defaults, saved)
+    defaults = OmegaConf.load(CALLBACK_CONFIGS / "default.yaml")
+    known = OmegaConf.merge(*(_entries(p) for p in sorted(CALLBACK_CONFIGS.glob("*.yaml"))))
+    # Saved entries win (unless prefer_defaults); entries the run switched off (null) come from
+    # conf/ when asked for or needed; interpolations in conf/ (${probes.icl_early}) resolve
+    # against the run's saved config.
+    saved = OmegaConf.create({k: v for k, v in (cfg.get("callbacks") or {}).items() if v is not None})
+    cfg.callbacks = OmegaConf.merge(saved, known) if prefer_defaults else OmegaConf.merge(known, saved)
     available = {name: c for name, c in cfg.callbacks.items() if c is not None}
     chosen = [n for n in defaults if n in available] if names is None else names
     unknown = [n for n in chosen if n not in available]
     if unknown:
         raise RecomputeError(f"unknown callback(s) {', '.join(unknown)}; available: {', '.join(available)}")
-    needed = with_providers(instantiate_callbacks(available), chosen)
+    classes = {}
+    for name, c in available.items():
+        try:
+            classes[name] = get_class(c._target_)
+        except Exception as e:  # noqa: BLE001 - any bad target is the same user-facing problem
+            raise RecomputeError(f"callbacks.{name}: cannot load {c.get('_target_')!r} ({e})") from None
+    needed = with_providers(classes, chosen)
     return {name: OmegaConf.to_container(c, resolve=True) for name, c in available.items() if name in needed}
 
 
@@ -91,7 +106,7 @@ def recompute(run_dir: Path, names: list[str] | None = None, out: Path | None = 
         ctx.step, ctx.tokens = int(m["step"]), int(m["tokens"])
         ctx.checkpoint_index = schedule.index(ctx.step) if ctx.step in schedule else checkpoints.index(path)
         rows.append({N.STEP: ctx.step, N.TOKENS: ctx.tokens} | evaluate_checkpoint(callbacks, ctx))
-    out = Path(out) if out is not None else run_dir / "recomputed.jsonl"
+    out = Path(out) if out is not None else run_dir / rundir.RECOMPUTED_FILE
     rundir.write_text_atomic(out, "".join(rundir.format_row(r) for r in rows))
     return rows, out
 
@@ -114,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="output file (default: RUN_DIR/recomputed.jsonl)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--use-defaults", action="store_true",
-                        help="take callback settings from conf/callbacks/default.yaml even where the run saved its own")
+                        help="take callback settings from conf/callbacks/ even where the run saved its own")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     try:
@@ -127,12 +142,11 @@ def main(argv: list[str] | None = None) -> int:
         b, m = behavioral.get(head), mechanistic.get(head)
         print(f"{head}: first behavioral at {'never' if b is None else f'{b:,} tokens'}, "
               f"first mechanistic at {'never' if m is None else f'{m:,} tokens'}")
-    summary = f"{N.INDUCTION_HEADS}/"
-    if rows and f"{summary}behavioral" in rows[-1]:
-        last = rows[-1]
-        print(f"last checkpoint ({last[N.TOKENS]:,} tokens): behavioral {last.get(summary + 'behavioral')}, "
-              f"mechanistic {last.get(summary + 'mechanistic')}, both {last.get(summary + 'both')}, "
-              f"disagreeing {last.get(summary + 'disagreeing')}")
+    last = rows[-1] if rows else {}
+    if N.part_key(N.INDUCTION_HEADS, N.BEHAVIORAL) in last:
+        counts = ", ".join(f"{part} {last.get(N.part_key(N.INDUCTION_HEADS, part))}"
+                           for part in (N.BEHAVIORAL, N.MECHANISTIC, N.BOTH, N.DISAGREEING))
+        print(f"last checkpoint ({last[N.TOKENS]:,} tokens): {counts}")
     print(f"recomputed {len(rows)} checkpoints in {time.perf_counter() - t0:.1f} s -> {out}")
     return 0
 

@@ -183,18 +183,26 @@ def test_a_missing_need_is_refused_before_anything_runs():
         prepare_callbacks({"attention": AttentionScores(every=2), "circuits": CircuitScores(every=3)}, ctx)
     with pytest.raises(ConfigError, match="both provide 'copying'"):
         prepare_callbacks({"a": CopyingScores(), "b": CopyingScores()}, ctx)
-    # A cadence that divides is fine; optional inputs (the ablation's induction heads) may be absent.
+    # A cadence that divides is fine; optional inputs (the ablation's induction heads) may be
+    # absent, or present at only some of the reader's checkpoints.
     prepare_callbacks({"attention": AttentionScores(every=2), "circuits": CircuitScores(every=4),
                        "ablation": HeadAblations(every=5, icl_early=5, icl_late=28)}, ctx)
+    ordered = prepare_callbacks({"ablation": HeadAblations(every=10, icl_early=5, icl_late=28),
+                                 "induction": InductionClassification(every=3), "attention": AttentionScores(),
+                                 "copying": CopyingScores(), "circuits": CircuitScores()}, ctx)
+    assert [cb.name for cb in ordered] == ["attention", "copying", "circuits", "induction", "ablation"]
 
 
 def test_flattened_keys_follow_the_key_format(hand_row):
     """Every row key is a plain name, a per-head key, a per-pair key or a named part (train/names.py)."""
+    named_parts = {N.COMPOSITION_BASELINE, N.INDUCTION_THRESHOLDS, N.INDUCTION_HEADS}
     for key in hand_row:
         parts = key.split("/")
         assert len(parts) <= 3, key
         if len(parts) == 3:
             assert N.parse_head_key("/".join(parts[:2])) and N.parse_head_name(parts[2]), key
+        elif len(parts) == 2:
+            assert N.parse_head_key(key) or parts[0] in named_parts, key
     assert N.head_table(hand_row, "is_behavioral") == [[0, 0], [1, 1]]
     assert isinstance(hand_row["is_behavioral/L1H0"], int) and isinstance(hand_row["copying/L1H0"], float)
 

@@ -34,7 +34,7 @@ BAD_CONFIGS = [
 
 
 @pytest.mark.parametrize("overrides,message", BAD_CONFIGS, ids=[" ".join(o) for o, _ in BAD_CONFIGS])
-def test_bad_config_value_isone_line_error(tmp_path, capsys, overrides, message):
+def test_bad_config_value_is_one_line_error(tmp_path, capsys, overrides, message):
     run_dir = tmp_path / "run"
     with pytest.raises(SystemExit) as exc:
         run(compose_config(["logger=none", *overrides]), run_dir)
@@ -43,7 +43,7 @@ def test_bad_config_value_isone_line_error(tmp_path, capsys, overrides, message)
     assert not run_dir.exists()  # rejected before the run directory was even created
 
 
-def test_unreadable_data_file_isone_line_error(tmp_path, capsys):
+def test_unreadable_data_file_is_one_line_error(tmp_path, capsys):
     """Caught while building the data (inside Hydra's instantiate), reported without its wrapper."""
     bad = tmp_path / "tokens.npy"
     bad.write_bytes(b"this is not a numpy file")
@@ -54,7 +54,7 @@ def test_unreadable_data_file_isone_line_error(tmp_path, capsys):
     assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "status.json").exists()
 
 
-def test_dropping_a_callback_others_need_isone_line_error(tmp_path, capsys):
+def test_dropping_a_callback_others_need_is_one_line_error(tmp_path, capsys):
     """The classification reads the attention scores: dropping them fails before training."""
     with pytest.raises(SystemExit) as exc:
         run(compose_config(["logger=none", "device=cpu", "callbacks.attention=null"]), tmp_path / "run")

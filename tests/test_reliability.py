@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -203,6 +204,26 @@ def test_cli_refuses_a_finished_run_dir_and_resuming_it(reference):
     assert proc.returncode == 2
     assert "already finished" in _one_line_error(proc.stderr)
     assert _snapshot(reference) == before  # Hydra's .hydra/ and log included: nothing written
+
+
+def test_a_signal_during_the_last_step_still_finishes(tmp_path, single_thread, monkeypatch):
+    """SIGTERM while the last step runs: the run completes its final checkpoint and is finished
+    (exit 0), not interrupted (a preempted job must not be requeued for nothing)."""
+    from train.loop import Trainer
+
+    clean_loss = Trainer.loss
+
+    def term_in_last_step(self, tokens):
+        if self.step == self.total_steps - 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return clean_loss(self, tokens)
+
+    monkeypatch.setattr(Trainer, "loss", term_in_last_step)
+    run_dir = tmp_path / "last"
+    row = run(compose_config(SMALL + _drop_extra_callbacks()), run_dir)
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "finished" and row["step"] == status["step"] == 6
+    assert all(rundir.read_meta(d)["kind"] == "scheduled" for d in rundir.list_checkpoints(run_dir))
 
 
 # -- bad input: damaged checkpoints (resume of a copy of a small stopped run) -------------------

@@ -88,7 +88,8 @@ def prepare_callbacks(named: Mapping[str, Callback], ctx: RunContext) -> list[Ca
                 if result in cb.needs:
                     raise ConfigError(f"callbacks.{name} needs {result!r}, which no configured callback provides")
                 continue
-            if cb.every % named[source].every:
+            # A need must be there at every checkpoint the reader runs at; a use is read when it is.
+            if result in cb.needs and cb.every % named[source].every:
                 raise ConfigError(f"callbacks.{name} (every {cb.every}) reads {result!r} from callbacks.{source}, "
                                   f"which runs every {named[source].every}; make callbacks.{name}.every a multiple "
                                   f"of {named[source].every}")
@@ -106,8 +107,9 @@ def prepare_callbacks(named: Mapping[str, Callback], ctx: RunContext) -> list[Ca
     return callbacks
 
 
-def with_providers(named: Mapping[str, Callback], chosen: list[str]) -> set[str]:
-    """The chosen callbacks and, transitively, those that provide what they need."""
+def with_providers(named: Mapping[str, Callback | type[Callback]], chosen: list[str]) -> set[str]:
+    """The chosen callbacks and, transitively, those that provide what they need (callbacks or
+    their classes: `provides` and `needs` are class attributes)."""
     provider = {result: name for name, cb in named.items() for result in cb.provides}
     found: set[str] = set()
     todo = list(chosen)
@@ -336,21 +338,23 @@ class HeadAblations(Callback):
         logits, resid, zs = C.residual_inputs(model, self.tokens)
         clean_icl, clean_rep = self._losses(logits)
         means = C.mean_ablation_values(zs, [self.n_text, self.tokens.shape[0] - self.n_text])
-        both = (ctx.scores.get(N.INDUCTION_HEADS) or {}).get("both_heads") or []
+        both = (ctx.scores.get(N.INDUCTION_HEADS) or {}).get(N.BOTH_HEADS) or []
         joint = [N.parse_head_name(n) for n in both]
-        out: dict[str, Any] = {f"{N.ABLATION}/icl_score": clean_icl, f"{N.ABLATION}/repeat_loss": clean_rep}
+        out: dict[str, Any] = {N.part_key(N.ABLATION, N.ICL_SCORE): clean_icl,
+                               N.part_key(N.ABLATION, N.REPEAT_LOSS): clean_rep}
         for kind in self.kinds:
             repl = means if kind == "mean" else None
+            icl_key, rep_key, removed_key = N.ablated(N.ICL_SCORE, kind), N.ablated(N.REPEAT_LOSS, kind), N.icl_removed(kind)
             for l in range(model.n_layers):
                 for h in range(model.n_heads):
                     icl, rep = self._losses(C.ablated_logits(model, self.tokens, [(l, h)], repl, resid))
-                    out[N.head_key(N.ablated(N.ICL_SCORE, kind), l, h)] = icl
-                    out[N.head_key(N.ablated("repeat_loss", kind), l, h)] = rep
-                    out[N.head_key(N.icl_removed(kind), l, h)] = M.icl_removed(clean_icl, icl)
+                    out[N.head_key(icl_key, l, h)] = icl
+                    out[N.head_key(rep_key, l, h)] = rep
+                    out[N.head_key(removed_key, l, h)] = M.icl_removed(clean_icl, icl)
             if joint:
                 icl, rep = self._losses(C.ablated_logits(model, self.tokens, joint, repl, resid))
-                out[f"{N.ABLATION}/icl_score_{kind}_induction_heads"] = icl
-                out[f"{N.ABLATION}/repeat_loss_{kind}_induction_heads"] = rep
-                out[f"{N.ABLATION}/{N.icl_removed(kind)}_induction_heads"] = M.icl_removed(clean_icl, icl)
+                out[N.part_key(N.ABLATION, N.of_induction_heads(icl_key))] = icl
+                out[N.part_key(N.ABLATION, N.of_induction_heads(rep_key))] = rep
+                out[N.part_key(N.ABLATION, N.of_induction_heads(removed_key))] = M.icl_removed(clean_icl, icl)
         return out
 

@@ -15,8 +15,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from train.model import AttnOnlyTransformer
-from train.rundir import (META_FILE, MODEL_FILE, STATE_FILE, CheckpointError, checkpoint_dir, fsync_dir,
-                          read_meta, write_json_atomic)
+from train.rundir import (META_FILE, MODEL_FILE, STATE_FILE, TMP_SUFFIX, CheckpointError, checkpoint_dir,
+                          fsync_dir, read_meta, write_json_atomic)
 
 MODEL_KEYS = ("d_vocab", "n_ctx", "n_layers", "n_heads", "d_model", "d_head", "positional",
               "layernorm", "smeared_keys", "init_std", "rotary_base")
@@ -29,7 +29,7 @@ def model_kwargs(model_cfg: dict[str, Any]) -> dict[str, Any]:
 def save_checkpoint(run_dir: Path, model: torch.nn.Module, meta: dict[str, Any],
                     train_state: dict[str, Any] | None = None, save_weights: bool = True) -> Path:
     final = checkpoint_dir(run_dir, meta["step"])
-    tmp = final.with_name(final.name + ".tmp")
+    tmp = final.with_name(final.name + TMP_SUFFIX)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     if save_weights or train_state is not None:
@@ -42,7 +42,7 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, meta: dict[str, Any],
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     if final.exists():  # re-saving a step: move the old one aside, publish, then delete it
-        old = final.with_name(final.name + ".old.tmp")
+        old = final.with_name(final.name + ".old" + TMP_SUFFIX)
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
         os.replace(tmp, final)

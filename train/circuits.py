@@ -76,6 +76,7 @@ from torch import nn
 
 from train.metrics import head_token_outputs, layernorm_direction
 from train.model import AttnOnlyTransformer
+from train import names as N
 from train.names import head_name
 
 COMPOSITIONS = ("q", "k", "v")
@@ -302,9 +303,9 @@ def label_summary(behavioral: torch.Tensor, mechanistic: torch.Tensor) -> dict[s
     n_layers, n_heads = behavioral.shape
     flat = [(head_name(l, h), bool(behavioral[l, h]), bool(mechanistic[l, h]))
             for l in range(n_layers) for h in range(n_heads)]
-    return {"behavioral": int(behavioral.sum()), "mechanistic": int(mechanistic.sum()),
-            "both": int((behavioral & mechanistic).sum()), "disagree": int((behavioral ^ mechanistic).sum()),
-            "disagreeing": [n for n, b, m in flat if b != m], "both_heads": [n for n, b, m in flat if b and m]}
+    return {N.BEHAVIORAL: int(behavioral.sum()), N.MECHANISTIC: int(mechanistic.sum()),
+            N.BOTH: int((behavioral & mechanistic).sum()), N.DISAGREE: int((behavioral ^ mechanistic).sum()),
+            N.DISAGREEING: [n for n, b, m in flat if b != m], N.BOTH_HEADS: [n for n, b, m in flat if b and m]}
 
 
 def previous_token_heads(previous_token: torch.Tensor, threshold: float) -> list[str]:

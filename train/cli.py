@@ -147,8 +147,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 print(f"resuming {run_dir} from step {rundir.read_meta(resume_checkpoint)['step']}", file=sys.stderr)
             row = trainer.run(resume_checkpoint, status)
     except TrainingError as e:
-        fail(f"{e}. The last good checkpoint is kept in {run_dir / 'checkpoints'}; "
-             f"the event is recorded in {run_dir / 'metrics.jsonl'}.", EXIT_FAULT)
+        fail(f"{e}. The last good checkpoint is kept in {run_dir / rundir.CHECKPOINTS}; "
+             f"the event is recorded in {run_dir / rundir.METRICS_FILE}.", EXIT_FAULT)
     except KeyboardInterrupt:
         fail(f"stopped by a second signal; resume from the last checkpoint with resume={run_dir}", 130)
     except (ConfigError, rundir.CheckpointError, OSError, OmegaConfBaseException) as e:

@@ -7,7 +7,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 from train import names as N
 from train.config import WANDB_MODES
@@ -101,7 +101,7 @@ class WandbLogger:
     (train/names.py); a layers x heads heatmap image of prefix matching is logged per checkpoint."""
 
     def __init__(self, project: str = _Defaults.project, entity: str | None = _Defaults.entity,
-                 group: str | None = _Defaults.group, tags: list[str] | None = None, mode: str = _Defaults.mode,
+                 group: str | None = _Defaults.group, tags: Sequence[str] = (), mode: str = _Defaults.mode,
                  heatmap_every: int = _Defaults.heatmap_every, init_timeout: float = 30.0, **_: Any):
         if mode not in WANDB_MODES:
             raise ValueError(f"logger.mode must be one of {', '.join(WANDB_MODES)}, got {mode!r}")

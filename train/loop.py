@@ -21,6 +21,7 @@ from train import checkpoint as ckpt
 from train import names as N
 from train import rundir
 from train.callbacks import RunContext, evaluate_checkpoint, instantiate_callbacks, prepare_callbacks
+from train.config import validate
 from train.data import probes_from_config
 from train.schedules import lr_multiplier, run_steps
 
@@ -105,6 +106,7 @@ class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: str | Path):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        validate(cfg)  # the one home of value checks (the command line ran it already)
         self.device = select_device(cfg.device)
         self.tokens_per_step, self.total_steps, self.checkpoint_steps = run_steps(cfg)
         seed_everything(cfg.seed)
@@ -136,13 +138,13 @@ class Trainer:
                 "model": OmegaConf.to_container(self.cfg.model, resolve=True),
                 "config": OmegaConf.to_container(self.cfg, resolve=True)}
 
-    def save(self, kind: str = "scheduled") -> Path:
+    def save(self, kind: str = rundir.SCHEDULED) -> Path:
         c = self.cfg.checkpoint
         # An interrupt checkpoint must always be resumable, whatever keep_resume_states says.
-        with_state = c.keep_resume_states > 0 or kind == "interrupt"
+        with_state = c.keep_resume_states > 0 or kind == rundir.INTERRUPT
         path = ckpt.save_checkpoint(self.run_dir, self.model, self.meta(kind),
                                     self.train_state() if with_state else None, save_weights=c.save_weights)
-        if kind != "interrupt":
+        if kind != rundir.INTERRUPT:
             rundir.prune(self.run_dir, self.step, c.keep_resume_states, c.save_weights)
         return path
 
@@ -219,24 +221,24 @@ class Trainer:
         metrics = rundir.MetricsFile(self.run_dir)
         run_id = self.logger.start(self.run_dir, OmegaConf.to_container(self.cfg, resolve=True),
                                    previous.get("wandb_run_id"))
-        self._status("running", run_id, prior_seconds or None)
+        self._status(rundir.RUNNING, run_id, prior_seconds or None)
         pending = [s for s in self.checkpoint_steps
                    if s > self.step or (resume_checkpoint is None and s == self.step)]
         bar = tqdm(total=self.total_steps * self.tokens_per_step, initial=self.step * self.tokens_per_step,
                    unit="tok", unit_scale=True, dynamic_ncols=True, disable=not sys.stderr.isatty(),
                    desc=f"{self.cfg.model.n_layers}L")
         t0 = time.perf_counter() - prior_seconds  # wall time summed over segments
-        self.exit_code, state, self._error = 1, "failed", None
+        self.exit_code, state, self._error = 1, rundir.FAILED, None
         try:
             with _StopSignal() as stop:
-                last_row = self._loop(pending, metrics, bar, stop, t0)
-            if stop.received is not None:
-                self.exit_code, state = 128 + stop.received, "interrupted"
+                last_row, stopped_by = self._loop(pending, metrics, bar, stop, t0)
+            if stopped_by is not None:
+                self.exit_code, state = 128 + stopped_by, rundir.INTERRUPTED
             else:
-                self.exit_code, state = 0, "finished"
+                self.exit_code, state = 0, rundir.FINISHED
             return last_row
         except KeyboardInterrupt:  # a second signal while stopping: no new checkpoint
-            self.exit_code, state, self._error = 130, "interrupted", "stopped by a second signal"
+            self.exit_code, state, self._error = 130, rundir.INTERRUPTED, "stopped by a second signal"
             raise
         except BaseException as e:
             self._error = self._error or f"{type(e).__name__}: {e}"
@@ -250,8 +252,11 @@ class Trainer:
             except Exception as e:  # noqa: BLE001 - the logger must not hide how training ended
                 print(f"warning: logger did not finish cleanly: {type(e).__name__}: {e}", file=sys.stderr)
 
-    def _loop(self, pending: list[int], metrics: rundir.MetricsFile, bar, stop: "_StopSignal", t0: float):
-        """Steps and checkpoints until the end or a stop signal; returns the last checkpoint's row."""
+    def _loop(self, pending: list[int], metrics: rundir.MetricsFile, bar, stop: "_StopSignal",
+              t0: float) -> tuple[dict[str, Any], int | None]:
+        """Steps and checkpoints until the end or a stop signal. Returns the last checkpoint's row
+        and the signal that stopped training early (None when it reached the end: a signal that
+        arrives during the last step does not turn a finished run into an interrupted one)."""
         last_row: dict[str, Any] = {}
         while True:
             saved_now = False
@@ -265,12 +270,12 @@ class Trainer:
                 if N.LOSS_HELDOUT in last_row:
                     bar.set_postfix(loss=f"{last_row[N.LOSS_HELDOUT]:.3f}", refresh=False)
             if self.step >= self.total_steps:
-                return last_row
+                return last_row, None
             if stop.received is not None:
-                path = rundir.checkpoint_dir(self.run_dir, self.step) if saved_now else self.save(kind="interrupt")
+                path = rundir.checkpoint_dir(self.run_dir, self.step) if saved_now else self.save(rundir.INTERRUPT)
                 print(f"\nreceived {signal.Signals(stop.received).name} at step {self.step}; checkpoint written "
                       f"to {path}; resume with resume={self.run_dir}", file=sys.stderr)
-                return last_row
+                return last_row, stop.received
             tokens = self.data.batch(self.step, self.cfg.train.batch_size).to(self.device, non_blocking=True)
             try:
                 self.train_step(tokens)

@@ -40,8 +40,11 @@ IS_BEHAVIORAL, IS_MECHANISTIC, K_COMPOSITION_PREV_TOKEN = "is_behavioral", "is_m
 # named parts
 COMPOSITION_BASELINE, INDUCTION_THRESHOLDS, INDUCTION_HEADS = (
     "composition_baseline", "induction_thresholds", "induction_heads")
+# ... the parts of induction_heads: counts of heads, and lists of head names
+BEHAVIORAL, MECHANISTIC, BOTH, DISAGREE = "behavioral", "mechanistic", "both", "disagree"
+DISAGREEING, BOTH_HEADS = "disagreeing", "both_heads"
 PREVIOUS_TOKEN_HEADS = "previous_token_heads"  # a list of head names
-ABLATION = "ablation"
+ABLATION, REPEAT_LOSS = "ablation", "repeat_loss"
 
 VECTOR_DECIMALS = 5
 
@@ -66,6 +69,18 @@ def ablated(metric: str, kind: str) -> str:
 
 def icl_removed(kind: str) -> str:
     return f"icl_removed_{kind}"
+
+
+def of_induction_heads(metric: str) -> str:
+    """The same ablation metric with all heads labelled both ablated together (a part of ABLATION):
+    "icl_score_zero_ablated" -> "icl_score_zero_induction_heads", "icl_removed_zero" ->
+    "icl_removed_zero_induction_heads"."""
+    return metric.removesuffix("_ablated") + "_induction_heads"
+
+
+def part_key(name: str, part: str) -> str:
+    """"induction_heads", "both" -> "induction_heads/both"."""
+    return f"{name}/{part}"
 
 
 # -- heads --------------------------------------------------------------------------------------
@@ -136,7 +151,7 @@ def _flatten_one(name: str, value: Any) -> dict[str, Any]:
             return _per_pair(name, value)
         out: dict[str, Any] = {}
         for part, v in value.items():
-            out |= _flatten_one(f"{name}/{part}", v)
+            out |= _flatten_one(part_key(name, part), v)
         return out
     return {name: value}
 

@@ -7,6 +7,7 @@ run directory with this module before anything heavy is imported.
     status.json                   {"state": running | finished | failed | interrupted, "step",
                                    "wandb_run_id", "wall_seconds", "resumed_from_steps", "error"}
     .lock                         held by the one process training in the directory
+    recomputed.jsonl              rows of `python -m analysis.recompute` (when it was run)
     checkpoints/step_0000123/     model.safetensors, meta.json [, train_state.pt]
 
 Every JSON or text file is written under a temporary name, fsynced and renamed into place, so a
@@ -31,7 +32,10 @@ CHECKPOINTS = "checkpoints"
 MODEL_FILE, META_FILE, STATE_FILE = "model.safetensors", "meta.json", "train_state.pt"
 # Files whose presence means a directory already holds a run.
 RUN_MARKERS = (STATUS_FILE, METRICS_FILE, CONFIG_FILE, CHECKPOINTS)
-STATES = ("running", "finished", "failed", "interrupted")
+RECOMPUTED_FILE = "recomputed.jsonl"  # written by `python -m analysis.recompute`
+RUNNING, FINISHED, FAILED, INTERRUPTED = "running", "finished", "failed", "interrupted"  # status.json states
+SCHEDULED, INTERRUPT = "scheduled", "interrupt"  # meta.json kinds: on the schedule, or written on a stop signal
+TMP_SUFFIX = ".tmp"  # a checkpoint directory being written (or replaced); removed on resume
 
 
 class CheckpointError(ValueError):
@@ -203,7 +207,7 @@ def check_resume_dir(run_dir: Path) -> dict[str, Any]:
     if not (run_dir / CONFIG_FILE).is_file():
         raise ConfigError(f"resume: {run_dir} has no {CONFIG_FILE}, so it is not a run directory")
     status = read_status(run_dir) or {}
-    if status.get("state") == "finished":
+    if status.get("state") == FINISHED:
         raise ConfigError(f"resume: the run in {run_dir} already finished (step {status.get('step')}); "
                           f"nothing to do")
     check_writable(run_dir, create=False)
@@ -269,17 +273,17 @@ def resume_point(run_dir: Path) -> Path:
 
 
 def remove_stale_temporaries(run_dir: Path) -> None:
-    """Delete half-written checkpoint directories (`*.tmp`) left by a killed run."""
+    """Delete half-written checkpoint directories (`*` + TMP_SUFFIX) left by a killed run."""
     root = Path(run_dir) / CHECKPOINTS
     if root.is_dir():
         for d in root.iterdir():
-            if d.name.endswith(".tmp"):
+            if d.name.endswith(TMP_SUFFIX):
                 shutil.rmtree(d, ignore_errors=True) if d.is_dir() else d.unlink(missing_ok=True)
 
 
 def _is_interrupt(path: Path) -> bool:
     try:
-        return read_meta(path).get("kind") == "interrupt"
+        return read_meta(path).get("kind") == INTERRUPT
     except CheckpointError:
         return False
 
