@@ -10,20 +10,26 @@ from pathlib import Path
 
 from analysis.phase import PhaseParams
 from analysis.runs import AnalysisError, default_out_dir, load_runs
+from analysis.stages import StageParams
 
 
-def _params(pairs: list[str]) -> PhaseParams:
-    fields = {f.name: f.type for f in dataclasses.fields(PhaseParams)}
-    values = {}
+def _params(pairs: list[str]) -> tuple[PhaseParams, StageParams]:
+    """--set KEY=VALUE pairs: keys of PhaseParams (analysis/phase.py) or StageParams
+    (analysis/stages.py); int fields take ints, the others floats."""
+    phase_fields = {f.name: type(f.default) for f in dataclasses.fields(PhaseParams)}
+    stage_fields = {f.name: type(f.default) for f in dataclasses.fields(StageParams)}
+    fields = phase_fields | stage_fields
+    phase_values, stage_values = {}, {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or key not in fields:
             raise AnalysisError(f"--set {pair!r}: expected KEY=VALUE with KEY one of {', '.join(fields)}")
         try:
-            values[key] = int(value) if key in ("min_neighbors", "grid_points") else float(value)
+            number = int(value) if fields[key] is int else float(value)
         except ValueError:
             raise AnalysisError(f"--set {pair!r}: {value!r} is not a number") from None
-    return PhaseParams(**values)
+        (phase_values if key in phase_fields else stage_values)[key] = number
+    return PhaseParams(**phase_values), StageParams(**stage_values)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,12 +40,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="also analyse a run's history read back from wandb (needs network)")
     parser.add_argument("--no-wandb", action="store_true", help="do not attach figures to the runs' wandb runs")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="detection parameter (see analysis/phase.py PhaseParams), e.g. --set bandwidth=0.15")
+                        help="detection parameter (analysis/phase.py PhaseParams, analysis/stages.py StageParams), "
+                             "e.g. --set bandwidth=0.15 --set llc_plateau_frac=0.2")
     args = parser.parse_args(argv)
     try:
         if not args.runs and not args.wandb:
             raise AnalysisError("give at least one RUN_DIR (or --wandb ENTITY/PROJECT/RUN_ID)")
-        params = _params(args.set)
+        params, stage_params = _params(args.set)
         from analysis.report import build_report, fetch_wandb_history
 
         paths = list(args.runs)
@@ -50,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             paths.append(fetch_wandb_history(run_path, out / "wandb_history" / run_path.replace("/", "_")))
         runs = load_runs(paths, exclude=None if args.wandb else out)
         summary = build_report(runs, out, params, attach_wandb=not args.no_wandb,
-                               log=lambda m: print(m, file=sys.stderr))
+                               log=lambda m: print(m, file=sys.stderr), stage_params=stage_params)
     except AnalysisError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

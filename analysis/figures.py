@@ -3,6 +3,7 @@ shaded). Every function returns a matplotlib Figure; the caller saves and closes
 from __future__ import annotations
 
 import math
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -322,5 +323,98 @@ def fig_compare(runs: list[Run], results: dict[str, dict[str, Any]]):
         ax.legend(fontsize=7)
     fig.suptitle("runs grouped by number of layers: mean, min-max over seeds; dotted = detected steepest point",
                  fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+# --------------------------------------------------------------------------- developmental stages
+
+STAGE_COLORS = {"local_max": "tab:red", "local_min": "tab:blue", "plateau_start": "0.35", "plateau_end": "0.35"}
+STAGE_STYLES = {"local_max": "-", "local_min": "-", "plateau_start": ":", "plateau_end": "--"}
+PREVIOUS_TOKEN_COLOR = "tab:purple"
+
+
+def fig_stages(run: Run, result: dict[str, Any], stages: dict[str, Any], params: PhaseParams = PhaseParams(),
+               stage_params=None):
+    """Developmental stages on one log-token axis (analysis/stages.py): the LLC (error bars =
+    its std where logged), held-out loss, ICL score, max prefix matching over layers >= 1 and
+    max layer-0 previous-token score, stacked; previous-token window (purple) and induction
+    window (orange) shaded, LLC stage boundaries as vertical lines on every panel. Without LLC
+    the other panels are drawn and the title says so."""
+    from analysis import stages as S
+
+    stage_params = stage_params or S.StageParams()
+    tokens = run.tokens
+    llc = run.series(S.LLC_MEAN)
+    has_llc = bool(np.isfinite(llc).any())
+    pt_series, _ = S.layer0_previous_token(run)
+    panels = []
+    if has_llc:
+        panels.append("llc")
+    panels += ["loss", "icl", "prefix", "previous"]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(8, 1.9 * len(panels) + 0.6), sharex=True, dpi=100,
+                             squeeze=False)
+    axes = dict(zip(panels, axes[:, 0]))
+
+    def series_panel(ax, y, color, ylabel, smoothed=True):
+        t, v = _positive(tokens, y)
+        ok = np.isfinite(v)
+        ax.plot(t[ok], v[ok], ".", ms=3, color=color)
+        sm = smooth(tokens, y, params) if smoothed else None
+        if sm is not None:
+            ax.plot(_grid_tokens(sm), sm.value, "-", color=color, lw=1.2)
+        ax.set_ylabel(ylabel, fontsize=8)
+
+    llc_info = stages.get("llc", {})
+    if has_llc:
+        ax = axes["llc"]
+        t, v, sd = _positive(tokens, llc, run.series(S.LLC_STD))
+        ok = np.isfinite(v)
+        with_sd = ok & np.isfinite(sd)
+        if with_sd.any():
+            ax.errorbar(t[with_sd], v[with_sd], yerr=sd[with_sd], fmt="o", ms=3, color="k", ecolor="0.5",
+                        capsize=2, lw=0.8, label="LLC (mean +- std)")
+        if (ok & ~with_sd).any():
+            ax.plot(t[ok & ~with_sd], v[ok & ~with_sd], "o", ms=3, color="k", label="LLC")
+        sm = S.smooth_llc(tokens, llc, stage_params, params)
+        if sm is not None:
+            ax.plot(_grid_tokens(sm), sm.value, "-", color="k", lw=1.0, alpha=0.7, label="smoothed")
+        ax.set_ylabel("LLC", fontsize=8)
+    series_panel(axes["loss"], run.series(N.LOSS_HELDOUT), "tab:blue", "held-out loss")
+    series_panel(axes["icl"], run.series(N.ICL_SCORE), "tab:green", "ICL score")
+    series_panel(axes["prefix"], _max_prefix(run), WINDOW_COLOR, "max prefix matching\n(layers >= 1)")
+    series_panel(axes["previous"], pt_series, PREVIOUS_TOKEN_COLOR, "max previous-token\n(layer 0)")
+
+    pt_win = stages.get("previous_token") or {}
+    induction = stages.get("induction") or {}
+    ind_win = induction.get("prefix_matching") or induction.get("phase_change")
+    ind_label = (f"induction: prefix-matching rise ({induction['prefix_matching_head']})"
+                 if induction.get("prefix_matching") else "induction: phase-change window")
+    seen = set()
+    for i, ax in enumerate(axes.values()):
+        first = i == 0
+        _shade(ax, pt_win if pt_win.get("detected") else None, label="previous-token rise (layer 0)" if first else None,
+               color=PREVIOUS_TOKEN_COLOR)
+        _shade(ax, ind_win, label=ind_label if first else None)
+        for b in llc_info.get("boundaries", []):
+            kind = b["kind"]
+            label = f"LLC {kind.replace('_', ' ')}" if first and kind not in seen else None
+            if first:
+                seen.add(kind)
+            ax.axvline(b["tokens"], color=STAGE_COLORS.get(kind, "0.3"), ls=STAGE_STYLES.get(kind, "-"), lw=1.1,
+                       label=label)
+        ax.set_xscale("log")
+        ax.tick_params(labelsize=7)
+    top = axes[panels[0]]
+    if top.get_legend_handles_labels()[0]:
+        top.legend(fontsize=6, ncol=2, loc="best")
+    axes[panels[-1]].set_xlabel("tokens")
+    if not has_llc:
+        llc_state = "LLC not logged"
+    else:
+        llc_state = llc_info.get("message", "")
+    order = textwrap.fill(stages.get("order", {}).get("message", ""), 110)
+    fig.suptitle(f"{run.label}: developmental stages - {llc_state}\n{order}",
+                 fontsize=8)
     fig.tight_layout()
     return fig

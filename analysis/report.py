@@ -16,6 +16,7 @@ from analysis import figures
 from analysis.phase import PhaseParams, detect_phase_change
 from analysis.plots import plt
 from analysis.runs import AnalysisError, Run
+from analysis.stages import StageParams, detect_stages
 from train import names as N
 from train.rundir import CONFIG_FILE, METRICS_FILE
 
@@ -41,12 +42,15 @@ def _save(fig, path: Path) -> Path | None:
     return path
 
 
-def run_figures(run: Run, result: dict[str, Any], out_dir: Path, params: PhaseParams) -> dict[str, Path]:
+def run_figures(run: Run, result: dict[str, Any], out_dir: Path, params: PhaseParams,
+                stage_params: StageParams | None = None) -> dict[str, Path]:
     makers = {"loss": lambda: figures.fig_loss(run, result, params),
               "icl": lambda: figures.fig_icl(run, result, params),
               "heads": lambda: figures.fig_heads(run, result),
               "per_position_loss": lambda: figures.fig_per_position(run, result),
               "labels": lambda: figures.fig_labels(run)}
+    if "stages" in result:
+        makers["stages"] = lambda: figures.fig_stages(run, result, result["stages"], params, stage_params)
     out = {}
     for name, make in makers.items():
         p = _save(make(), out_dir / f"{name}.png")
@@ -79,10 +83,14 @@ pre{background:#f7f7f7;padding:.5em;font-size:12px;overflow-x:auto}"""
 
 
 def build_report(runs: list[Run], out_dir: Path, params: PhaseParams = PhaseParams(),
-                 attach_wandb: bool = True, log=print) -> dict[str, Any]:
-    """Detect, draw and write `summary.json` and `report.html` into out_dir."""
+                 attach_wandb: bool = True, log=print, stage_params: StageParams | None = None) -> dict[str, Any]:
+    """Detect, draw and write `summary.json` and `report.html` into out_dir. Each run's result
+    gets a "stages" entry (analysis/stages.py)."""
+    stage_params = stage_params or StageParams()
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {str(r.path): analyze_run(r, params) for r in runs}
+    for r in runs:
+        results[str(r.path)]["stages"] = detect_stages(r, results[str(r.path)], stage_params, params)
     fig_dir = out_dir / "figures"
     per_run_figs: dict[str, dict[str, Path]] = {}
     used = set()
@@ -91,7 +99,7 @@ def build_report(runs: list[Run], out_dir: Path, params: PhaseParams = PhasePara
         while slug in used:
             slug += "_"
         used.add(slug)
-        per_run_figs[str(r.path)] = run_figures(r, results[str(r.path)], fig_dir / slug, params)
+        per_run_figs[str(r.path)] = run_figures(r, results[str(r.path)], fig_dir / slug, params, stage_params)
     joint = {}
     p = _save(figures.fig_pca(runs, results), fig_dir / "pca_per_token_loss.png")
     if p:
@@ -99,7 +107,8 @@ def build_report(runs: list[Run], out_dir: Path, params: PhaseParams = PhasePara
     if len(runs) > 1:
         joint["compare"] = _save(figures.fig_compare(runs, results), fig_dir / "compare.png")
 
-    summary = {"params": params.to_dict(), "runs": [_summary_row(r, results[str(r.path)]) for r in runs]}
+    summary = {"params": params.to_dict(), "stage_params": stage_params.to_dict(),
+               "runs": [_summary_row(r, results[str(r.path)]) for r in runs]}
     groups: dict[str, list] = {}
     for r in runs:
         res = results[str(r.path)]
@@ -107,14 +116,29 @@ def build_report(runs: list[Run], out_dir: Path, params: PhaseParams = PhasePara
     summary["groups"] = {g: {"n_runs": len(v), "n_with_phase_change": sum(x is not None for x in v),
                              "steepest_tokens": v} for g, v in sorted(groups.items())}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    (out_dir / "report.html").write_text(_html(runs, results, per_run_figs, joint, params), encoding="utf-8")
+    (out_dir / "report.html").write_text(_html(runs, results, per_run_figs, joint, params, stage_params),
+                                         encoding="utf-8")
     if attach_wandb:
         for r in runs:
             attach_to_wandb(r, results[str(r.path)], per_run_figs[str(r.path)], log=log)
     return summary
 
 
-def _html(runs, results, per_run_figs, joint, params: PhaseParams) -> str:
+def _stage_table(stages: dict[str, Any]) -> str:
+    """The run's ordered developmental events as a small HTML table."""
+    order = stages["previous_token_before_induction"]
+    verdict = {True: "<span class='yes'>yes</span>", False: "<span class='no'>no</span>",
+               None: "<span class='no'>undetermined</span>"}[order]
+    parts = [(f"<p>Stages: previous-token heads before induction: {verdict} - "
+              f"{html.escape(stages['order']['message'])}; {html.escape(stages['llc']['message'])}</p>")]
+    if stages["events"]:
+        parts.append("<table><tr><th>tokens</th><th class='l'>event</th></tr>" + "".join(
+            f"<tr><td>{_fmt_tokens(e['tokens'])}</td><td class='l'>{html.escape(e['label'])}</td></tr>"
+            for e in stages["events"]) + "</table>")
+    return "".join(parts)
+
+
+def _html(runs, results, per_run_figs, joint, params: PhaseParams, stage_params: StageParams | None = None) -> str:
     parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>Induction-head phase change report</title>",
              f"<style>{CSS}</style></head><body><h1>Induction-head phase change</h1>"]
     parts.append("<h2>Detected windows</h2><table><tr><th>run</th><th>layers</th><th>seed</th><th>phase change</th>"
@@ -142,17 +166,26 @@ def _html(runs, results, per_run_figs, joint, params: PhaseParams) -> str:
     captions = {"loss": "loss with the bump (non-convex stretch) and d loss / d ln(tokens)",
                 "icl": "in-context-learning score", "heads": "prefix matching and copying per head",
                 "per_position_loss": "per-position loss over training and its derivative w.r.t. ln(token index)",
-                "labels": "behavioral / mechanistic induction-head labels per head"}
+                "labels": "behavioral / mechanistic induction-head labels per head",
+                "stages": "developmental stages: LLC, loss, ICL score, prefix matching and layer-0 previous-token "
+                          "score; previous-token rise (purple), induction window (orange), LLC stage boundaries "
+                          "(vertical lines)"}
     for r in runs:
         res = results[str(r.path)]
         parts.append(f"<h2>{html.escape(r.label)}</h2><p><code>{html.escape(str(r.path))}</code><br>"
                      f"<b>{html.escape(res['message'])}</b></p>")
         parts.append("<p>ICL jump: " + html.escape(res["icl_jump"]["reason"]) + "; loss bump: "
                      + html.escape(res["loss_bump"]["reason"]) + "</p>")
+        if "stages" in res:
+            parts.append(_stage_table(res["stages"]))
         for name, path in per_run_figs[str(r.path)].items():
             parts.append(_img(path, captions.get(name, name)))
     parts.append("<h2>Detection parameters</h2><p>See <code>analysis/phase.py</code> for the method.</p><pre>"
-                 + html.escape(json.dumps(params.to_dict(), indent=1)) + "</pre></body></html>")
+                 + html.escape(json.dumps(params.to_dict(), indent=1)) + "</pre>")
+    if stage_params is not None:
+        parts.append("<p>Stages: see <code>analysis/stages.py</code>.</p><pre>"
+                     + html.escape(json.dumps(stage_params.to_dict(), indent=1)) + "</pre>")
+    parts.append("</body></html>")
     return "\n".join(parts)
 
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from train import names as N
-from train.rundir import CONFIG_FILE, METRICS_FILE, read_metrics, read_status
+from train.rundir import CONFIG_FILE, METRICS_FILE, RECOMPUTED_FILE, read_metrics, read_status
 
 
 class AnalysisError(Exception):
@@ -90,6 +90,21 @@ class Run:
         return self.status.get("wandb_run_id")
 
 
+def _add_recomputed(run_dir: Path, rows: list[dict[str, Any]]) -> None:
+    """Keys that `python -m analysis.recompute` wrote to RUN_DIR/recomputed.jsonl and the run's
+    own rows lack (e.g. the LLC, computed after training) join the rows of the same step; the
+    training-time values win where both have a key."""
+    path = run_dir / RECOMPUTED_FILE
+    if not path.is_file():
+        return
+    try:
+        extra = {r.get(N.STEP): r for r in read_metrics(path) if isinstance(r, dict)}
+    except (ValueError, OSError, UnicodeDecodeError) as e:
+        raise AnalysisError(f"{path}: cannot read ({e})") from None
+    for row in rows:
+        row.update({k: v for k, v in extra.get(row.get(N.STEP), {}).items() if k not in row})
+
+
 def load_run(run_dir: str | Path, label: str | None = None) -> Run:
     run_dir = Path(run_dir)
     path = run_dir / METRICS_FILE
@@ -103,6 +118,7 @@ def load_run(run_dir: str | Path, label: str | None = None) -> Run:
     rows.sort(key=lambda r: _num(r.get(N.TOKENS)))
     if not rows:
         raise AnalysisError(f"{path}: no checkpoint rows")
+    _add_recomputed(run_dir, rows)
     config, status = {}, {}
     if (run_dir / CONFIG_FILE).is_file():
         try:

@@ -207,3 +207,18 @@ def test_cli_subprocess_missing_dir_has_no_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {tmp_path / 'missing'}: no such file or directory"
+
+
+def test_recomputed_keys_join_the_runs_rows(tmp_path):
+    """Keys added later by `analysis.recompute` (e.g. the LLC) join the rows of the same step;
+    the training-time values win where both have a key."""
+    from train.rundir import format_row
+
+    rows = [{"step": s, "tokens": 100 * s, "icl_score": -0.1 * s} for s in range(4)]
+    (tmp_path / "metrics.jsonl").write_text("".join(format_row(r) for r in rows))
+    later = [{"step": s, "tokens": 100 * s, "icl_score": 9.0, "llc/mean": float(s)} for s in (0, 2)]
+    (tmp_path / "recomputed.jsonl").write_text("".join(format_row(r) for r in later))
+    run = load_run(tmp_path)
+    assert run.series("icl_score").tolist() == pytest.approx([0.0, -0.1, -0.2, -0.3])
+    llc = run.series("llc/mean")
+    assert llc[0] == 0.0 and llc[2] == 2.0 and math.isnan(llc[1]) and math.isnan(llc[3])

@@ -358,3 +358,41 @@ class HeadAblations(Callback):
                 out[N.part_key(N.ABLATION, N.of_induction_heads(removed_key))] = M.icl_removed(clean_icl, icl)
         return out
 
+
+# -- loss-landscape degeneracy -------------------------------------------------------------------
+class LLCEstimate(Callback):
+    """Local learning coefficient (train/llc.py: definition, default n_beta rule) by SGLD on a deep
+    copy of the model, on the first `n_sequences` held-out sequences. Results under `llc`: mean and
+    std over the chains that stayed finite, every chain's value (NaN where it diverged), how many
+    diverged, and the settings used (`n_beta`: the value used, the default rule's when null).
+    Default cadence: every 10th checkpoint. The default settings were chosen on the default run's
+    checkpoints (analysis/llc_calibrate.py): no chain diverges, chains agree, about 20 s of 2-core
+    CPU per call."""
+
+    provides = (N.LLC,)
+
+    def __init__(self, every: int = 10, lr: float = 1e-3, n_beta: float | None = None,
+                 localization: float = 30.0, num_chains: int = 4, num_draws: int = 160,
+                 num_burnin_steps: int = 100, batch_size: int = 16, seed: int = 0, n_sequences: int = 64):
+        from train.llc import check_settings
+
+        super().__init__(every)
+        self.settings = dict(lr=lr, n_beta=n_beta, localization=localization, num_chains=num_chains,
+                             num_draws=num_draws, num_burnin_steps=num_burnin_steps, batch_size=batch_size,
+                             seed=seed)
+        check_settings(**{k: v for k, v in self.settings.items() if k != "seed"})
+        self.n_sequences = n_sequences
+
+    def setup(self, ctx: RunContext) -> None:
+        self.tokens = ctx.probes.heldout[: self.n_sequences]
+        if self.tokens.shape[0] < self.settings["batch_size"]:
+            raise ConfigError(f"callbacks.{self.name}: batch_size={self.settings['batch_size']} needs at least as many "
+                              f"held-out sequences, have {self.tokens.shape[0]} (n_sequences={self.n_sequences})")
+
+    def __call__(self, ctx: RunContext) -> dict[str, Any]:
+        from train.llc import estimate_llc
+
+        r = estimate_llc(ctx.model, self.tokens, **self.settings)
+        settings = self.settings | {"n_beta": r["n_beta"], "n_sequences": int(self.tokens.shape[0])}
+        return {N.LLC: {"mean": r["mean"], "std": r["std"], "per_chain": r["per_chain"],
+                        "diverged_chains": r["diverged_chains"], "settings": settings}}
