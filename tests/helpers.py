@@ -57,3 +57,17 @@ def one_line_error(err: str) -> str:
     lines = [line for line in err.strip().splitlines() if line.startswith("error:")]
     assert len(lines) == 1, err
     return lines[0]
+
+
+def checkpoint_tokens(total: int, first: int, n_log: int, n_linear: int):
+    """Token counts like the checkpoint schedule's: step 0, log-spaced from `first`, then linear."""
+    import numpy as np
+
+    t = np.concatenate([[0], np.geomspace(first, total, n_log), np.linspace(total / n_linear, total, n_linear)])
+    return np.unique(np.round(t))
+
+
+def sigmoid(z):
+    import numpy as np
+
+    return 1 / (1 + np.exp(-z))

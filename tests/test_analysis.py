@@ -15,18 +15,13 @@ import pytest
 from analysis.__main__ import main
 from analysis.phase import PhaseParams, burn_in_end, detect_bump, detect_jump, detect_phase_change, smooth
 from analysis.runs import load_run
+from tests.helpers import checkpoint_tokens, sigmoid
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def checkpoints(total=4_000_000, first=20_000, n_log=70, n_linear=40):
-    """Token counts like the training schedule: log-spaced, then linear, plus step 0."""
-    t = np.concatenate([[0], np.geomspace(first, total, n_log), np.linspace(total / n_linear, total, n_linear)])
-    return np.unique(np.round(t))
-
-
-def sigmoid(z):
-    return 1 / (1 + np.exp(-z))
+    return checkpoint_tokens(total, first, n_log, n_linear)
 
 
 def smooth_loss(t):

@@ -14,18 +14,13 @@ from analysis.__main__ import main
 from analysis.phase import PhaseParams, detect_phase_change
 from analysis.runs import Run
 from analysis.stages import LLC_MEAN, LLC_STD, StageParams, detect_stages, llc_boundaries
+from tests.helpers import checkpoint_tokens, sigmoid
 from train import names as N
 from train.rundir import format_row
 
 
 def checkpoints(total=8_000_000, first=10_000, n_log=100, n_linear=50):
-    """Token counts like the training schedule: step 0, log-spaced, then linear."""
-    t = np.concatenate([[0], np.geomspace(first, total, n_log), np.linspace(total / n_linear, total, n_linear)])
-    return np.unique(np.round(t))
-
-
-def sigmoid(z):
-    return 1 / (1 + np.exp(-z))
+    return checkpoint_tokens(total, first, n_log, n_linear)
 
 
 def lnt(t):
