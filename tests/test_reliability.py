@@ -130,6 +130,8 @@ def test_sigkill_and_sigterm_resume_is_bit_identical(reference, interrupted):
     run_dir = interrupted["run_dir"]
     assert interrupted["kill_rc"] == -signal.SIGKILL
     assert interrupted["killed_status"]["state"] == "running"  # killed hard: no chance to clean up
+    killed_seconds = interrupted["killed_status"]["wall_seconds"]  # written at every checkpoint
+    assert killed_seconds > 0
     ref_rows, rows = read_metrics(reference / "metrics.jsonl"), read_metrics(run_dir / "metrics.jsonl")
     assert len(ref_rows) == 15
     assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]  # no duplicates, no torn line
@@ -141,6 +143,7 @@ def test_sigkill_and_sigterm_resume_is_bit_identical(reference, interrupted):
         assert a == b, f"weights differ at {name}"
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "finished" and len(status["resumed_from_steps"]) == 2
+    assert status["wall_seconds"] > killed_seconds  # the SIGKILLed segment counts
     assert not interrupted["stale_tmp_left"]
 
 
@@ -337,6 +340,7 @@ def test_pickled_code_in_resume_state_is_refused(stopped_copy, tmp_path, capsys)
                 "loss_count": 0}, state)
     line = _resume_error(stopped_copy, capsys)
     assert "cannot read resume state" in line and "refused" in line
+    assert "weights_only=False" not in line  # no advice to load it unsafely
     assert not marker.exists()
 
 
@@ -346,7 +350,7 @@ def test_config_yaml_naming_foreign_code_is_refused(stopped_copy, tmp_path, caps
     assert "  copying:\n    _target_: train.callbacks.CopyingScores\n" in config
     (stopped_copy / "config.yaml").write_text(config.replace(
         "_target_: train.callbacks.CopyingScores\n", f"_target_: os.system\n    command: touch {marker}\n"))
-    assert "names code outside this project (os.system)" in _resume_error(stopped_copy, capsys)
+    assert "refusing callbacks.copying._target_='os.system'" in _resume_error(stopped_copy, capsys)
     assert not marker.exists()
 
 

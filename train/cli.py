@@ -2,21 +2,25 @@
 user mistakes into one-line errors (exit 2) instead of tracebacks.
 
 Exit codes: 0 finished; 2 bad input (config value, path, run directory, checkpoint), nothing
-trained and nothing overwritten; 3 a numerical fault stopped training (the last good checkpoint
-is kept); 128 + N stopped by signal N (SIGTERM 143, SIGINT 130) after writing a checkpoint.
-Hydra's own composition errors (misspelled key, wrong type) exit 1 with Hydra's message."""
+trained, nothing overwritten and no directory left behind; 3 a numerical fault (non-finite loss
+or gradient, divergence) stopped training; 4 the file system failed (disk full, quota,
+permissions: the message names the path); 128 + N stopped by signal N (SIGTERM 143, SIGINT 130)
+after writing a checkpoint. After 3, 4 and 128 + N the last good checkpoint is kept and
+status.json names its step. Hydra's own composition errors (misspelled key, wrong type) exit 1
+with Hydra's message."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from train import rundir
 from train.config import ConfigError, load_saved_config, validate
 
-EXIT_USAGE, EXIT_FAULT = 2, 3
+EXIT_USAGE, EXIT_FAULT, EXIT_IO = 2, 3, 4
 # Overrides that may accompany resume=: where it runs and how it logs. Everything else is the
 # config the run started with (its config.yaml).
 RESUME_OVERRIDABLE = ("resume", "device", "logger")
@@ -120,17 +124,57 @@ def _user_error(e: BaseException) -> str:
     return str(e)
 
 
+class RunDirCheck(Callback):
+    """Hydra callback (conf/config.yaml `hydra.callbacks`): before Hydra writes its `.hydra/`
+    record and log, check the config and the run directory, resolved (interpolations and all),
+    and take the directory's lock for the rest of the process. A refused run so writes nothing
+    into anybody's directory, and two processes never train in one. Sweep jobs (-m) are checked
+    in `run`."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().set_config(config)
+        task = config.copy()
+        with open_dict(task):
+            del task["hydra"]
+        resuming, run_dir = bool(task.resume), None
+        try:
+            run_dir = Path(str(config.hydra.run.dir)).expanduser().absolute()
+            _, run_dir, _, _ = prepare(task, run_dir)
+            rundir.acquire_lock(run_dir)
+            if not resuming:  # another process may have started a run here since the check
+                rundir.check_new_run_dir(run_dir)
+        except (ValueError, OSError, OmegaConfBaseException) as e:
+            if not resuming and run_dir is not None:
+                rundir.remove_stub(run_dir)
+            fail(_user_error(e).splitlines()[0])
+
+
+def _io_error(e: OSError, run_dir: Path, trainer) -> str:
+    where = f"cannot write {e.filename}" if e.filename else "a file-system operation failed"
+    if trainer is None or trainer.last_saved is None:
+        return f"{where}: {e.strerror or e}; nothing was trained, continue with resume={run_dir}"
+    return (f"{where}: {e.strerror or e}; stopped at step {trainer.step}, the last good checkpoint (step "
+            f"{trainer.last_saved}) is kept: make room and continue with resume={run_dir}")
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Start or resume a run; exits (SystemExit) with the codes in the module docstring."""
+    """Start or resume a run; exits (SystemExit) with the codes in the module docstring. A new
+    run that fails before training removes what its start wrote (rundir.remove_stub)."""
+    resuming = bool(cfg.resume)
     try:
         cfg, run_dir, status, resuming = prepare(cfg, run_dir)
     except (ValueError, OSError, OmegaConfBaseException) as e:
+        if not resuming:
+            rundir.remove_stub(run_dir)
         fail(_user_error(e))
 
     from hydra.errors import InstantiationException
 
     from train.loop import Trainer, TrainingError
 
+    trainer = None
     try:
         with rundir.lock(run_dir):
             resume_checkpoint = rundir.resume_point(run_dir) if resuming else None
@@ -141,8 +185,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 raise ConfigError(_user_error(cause) if isinstance(cause, (ValueError, OSError)) else str(e)) from None
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-            if resume_checkpoint is None:
+            if not resuming:
                 rundir.write_text_atomic(run_dir / rundir.CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+            elif resume_checkpoint is None:  # stopped before its first checkpoint: start it again
+                print(f"resuming {run_dir} from the start (it has no checkpoint yet)", file=sys.stderr)
+                rundir.rewind_metrics(run_dir, -1)
+                rundir.remove_stale_temporaries(run_dir)
             else:
                 print(f"resuming {run_dir} from step {rundir.read_meta(resume_checkpoint)['step']}", file=sys.stderr)
             row = trainer.run(resume_checkpoint, status)
@@ -151,9 +199,15 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
              f"the event is recorded in {run_dir / rundir.METRICS_FILE}.", EXIT_FAULT)
     except KeyboardInterrupt:
         fail(f"stopped by a second signal; resume from the last checkpoint with resume={run_dir}", 130)
-    except (ConfigError, rundir.CheckpointError, OSError, OmegaConfBaseException) as e:
-        # Bad input and I/O failures; other exceptions during training are bugs and keep their traceback.
+    except (ConfigError, rundir.CheckpointError, OmegaConfBaseException) as e:
+        # Bad input; other exceptions during training are bugs and keep their traceback.
+        if not resuming:
+            rundir.remove_stub(run_dir)
         fail(_user_error(e))
+    except OSError as e:  # the file system failed: not the user's input
+        if not resuming:
+            rundir.remove_stub(run_dir)  # only when it holds no run yet
+        fail(_io_error(e, run_dir, trainer), EXIT_IO)
     if trainer.exit_code != 0:  # stopped by a signal, after writing a checkpoint
         raise SystemExit(trainer.exit_code)
     status = rundir.read_status(run_dir) or {}

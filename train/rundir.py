@@ -98,7 +98,11 @@ def write_status(run_dir: Path, state: str, step: int, run_id: str | None, secon
         status["resumed_from_steps"] = list(resumed_from)
     if error:
         status["error"] = error
-    write_json_atomic(Path(run_dir) / STATUS_FILE, status)
+    path = Path(run_dir) / STATUS_FILE
+    try:
+        write_json_atomic(path, status)
+    except OSError:  # a full disk leaves no room for a second copy: overwrite the small file in place
+        path.write_text(json.dumps(status, indent=2), encoding="utf-8")
 
 
 # -- metrics.jsonl -------------------------------------------------------------------------------
@@ -152,12 +156,16 @@ class MetricsFile:
     """Appends one JSON object per checkpoint to metrics.jsonl, flushed and fsynced per row."""
 
     def __init__(self, run_dir: str | Path):
-        self._fh = open(Path(run_dir) / METRICS_FILE, "a", encoding="utf-8")
+        self.path = Path(run_dir) / METRICS_FILE
+        self._fh = open(self.path, "a", encoding="utf-8")
 
     def write(self, row: dict[str, Any]) -> None:
-        self._fh.write(format_row(row))
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        try:
+            self._fh.write(format_row(row))
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+        except OSError as e:  # name the file (a full disk, a quota)
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
 
     def close(self) -> None:
         self._fh.close()
@@ -214,23 +222,72 @@ def check_resume_dir(run_dir: Path) -> dict[str, Any]:
     return status
 
 
-@contextlib.contextmanager
-def lock(run_dir: Path) -> Iterator[None]:
-    """One process per run directory: a second `resume=` of a run still training fails."""
+_held_locks: dict[Path, Any] = {}  # run directory -> open lock file, for the locks this process holds
+
+
+def acquire_lock(run_dir: Path) -> None:
+    """Take the run directory's lock for the rest of this process (or until `release_lock`);
+    a second process asking for it gets ConfigError. Taking it again in this process is a no-op."""
+    key = Path(run_dir).absolute()
+    if key in _held_locks:
+        return
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
-        yield
         return
-    fh = open(Path(run_dir) / LOCK_FILE, "a+")
+    fh = open(key / LOCK_FILE, "a+")
     try:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise ConfigError(f"{run_dir} is in use by another training process") from None
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise ConfigError(f"{run_dir} is in use by another training process") from None
+    _held_locks[key] = fh
+
+
+def release_lock(run_dir: Path) -> None:
+    fh = _held_locks.pop(Path(run_dir).absolute(), None)
+    if fh is not None:
+        fh.close()
+
+
+@contextlib.contextmanager
+def lock(run_dir: Path) -> Iterator[None]:
+    """One process per run directory: a second `resume=` of a run still training fails. A lock
+    this process already holds (taken before Hydra started) is kept when the block ends."""
+    held = Path(run_dir).absolute() in _held_locks
+    acquire_lock(run_dir)
+    try:
         yield
     finally:
-        fh.close()
+        if not held:
+            release_lock(run_dir)
+
+
+# Files a start-up writes before it knows whether the run can go ahead: Hydra's record and log,
+# the lock, the write test.
+STUB_NAMES = (".hydra", ".lock")
+
+
+def remove_stub(run_dir: Path) -> None:
+    """Undo what a run that failed before training wrote into a directory holding no run: Hydra's
+    `.hydra/` and `*.log`, the lock; then the directory itself and its parents below the working
+    directory, where they are left empty. A directory that holds a run is not touched."""
+    run_dir = Path(run_dir).absolute()
+    if not run_dir.is_dir() or any((run_dir / name).exists() for name in RUN_MARKERS):
+        return
+    release_lock(run_dir)
+    for p in run_dir.iterdir():
+        if p.name in STUB_NAMES or (p.suffix == ".log" and p.is_file()) or p.name.startswith(".write_test"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    cwd, d = Path.cwd().absolute(), run_dir
+    while d != cwd and d not in cwd.parents:
+        try:
+            d.rmdir()  # only when empty
+        except OSError:
+            return
+        if cwd not in d.parents:
+            return
+        d = d.parent
 
 
 # -- checkpoint directories ----------------------------------------------------------------------
@@ -263,9 +320,13 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
     return meta
 
 
-def resume_point(run_dir: Path) -> Path:
-    """The newest complete checkpoint of a run that carries optimizer state."""
-    candidates = [d for d in list_checkpoints(run_dir) if (d / STATE_FILE).is_file()]
+def resume_point(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run that carries optimizer state; None when the run
+    was stopped before its first checkpoint (it continues from the start)."""
+    checkpoints = list_checkpoints(run_dir)
+    candidates = [d for d in checkpoints if (d / STATE_FILE).is_file()]
+    if not checkpoints:
+        return None
     if not candidates:
         raise CheckpointError(f"resume: {run_dir} has no checkpoint with a resume state "
                               f"({STATE_FILE}); it cannot be continued")
