@@ -113,8 +113,7 @@ def prepare(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Path, dict, boo
         validate(cfg)
     else:
         validate(cfg)
-        rundir.check_new_run_dir(run_dir)
-    rundir.check_writable(run_dir)
+        rundir.check_new_run_dir(run_dir)  # creates nothing: the directory is made with its lock
     return cfg, run_dir, status, resuming
 
 

@@ -172,20 +172,16 @@ class MetricsFile:
 
 
 # -- checks before a run starts ------------------------------------------------------------------
-def check_writable(run_dir: Path, create: bool = True) -> None:
-    """Check that files can be written in `run_dir` (by writing and deleting a temporary file).
-    With `create`, make the directory first; without, probe its nearest existing ancestor and
-    leave the file system as it was."""
+def check_writable(run_dir: Path) -> None:
+    """Check that files can be written in `run_dir`, or in its nearest existing ancestor when it
+    does not exist yet (by writing and deleting a temporary file); creates nothing."""
     run_dir = Path(run_dir).absolute()
     probe = run_dir
     try:
-        if create:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        else:
-            while not probe.exists() and probe.parent != probe:
-                probe = probe.parent
-            if not probe.is_dir():
-                raise NotADirectoryError(20, "Not a directory", str(probe))
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(probe))
         with tempfile.NamedTemporaryFile(dir=probe, prefix=".write_test"):
             pass
     except OSError as e:
@@ -203,7 +199,7 @@ def check_new_run_dir(run_dir: Path) -> None:
         state = (read_status(run_dir) or {}).get("state", "unknown state")
         raise ConfigError(f"{run_dir} already holds a run ({state}; has {', '.join(present)}); "
                           f"choose another directory, or continue it with resume={run_dir}")
-    check_writable(run_dir, create=False)
+    check_writable(run_dir)
 
 
 def check_resume_dir(run_dir: Path) -> dict[str, Any]:
@@ -218,19 +214,24 @@ def check_resume_dir(run_dir: Path) -> dict[str, Any]:
     if status.get("state") == FINISHED:
         raise ConfigError(f"resume: the run in {run_dir} already finished (step {status.get('step')}); "
                           f"nothing to do")
-    check_writable(run_dir, create=False)
+    check_writable(run_dir)
     return status
 
 
 _held_locks: dict[Path, Any] = {}  # run directory -> open lock file, for the locks this process holds
+_made_dirs: dict[Path, list[Path]] = {}  # run directory -> the directories `acquire_lock` created for it
 
 
 def acquire_lock(run_dir: Path) -> None:
-    """Take the run directory's lock for the rest of this process (or until `release_lock`);
-    a second process asking for it gets ConfigError. Taking it again in this process is a no-op."""
+    """Create the run directory (and its missing parents) and take its lock for the rest of this
+    process (or until `release_lock`); a second process asking for it gets ConfigError. Taking
+    it again in this process is a no-op."""
     key = Path(run_dir).absolute()
     if key in _held_locks:
         return
+    missing = [d for d in (key, *key.parents) if not d.exists()]
+    key.mkdir(parents=True, exist_ok=True)
+    _made_dirs.setdefault(key, missing)
     try:
         import fcntl
     except ImportError:  # not POSIX: no lock
@@ -263,31 +264,32 @@ def lock(run_dir: Path) -> Iterator[None]:
             release_lock(run_dir)
 
 
-# Files a start-up writes before it knows whether the run can go ahead: Hydra's record and log,
-# the lock, the write test.
+# Files a start-up writes before it knows whether the run can go ahead: Hydra's record (and its
+# log, `*.log`), the lock.
 STUB_NAMES = (".hydra", ".lock")
 
 
 def remove_stub(run_dir: Path) -> None:
     """Undo what a run that failed before training wrote into a directory holding no run: Hydra's
-    `.hydra/` and `*.log`, the lock; then the directory itself and its parents below the working
-    directory, where they are left empty. A directory that holds a run is not touched."""
+    `.hydra/` and `*.log`, the lock; then the directory itself and the parents this process
+    created for it, where they are left empty. A directory that holds a run, or whose lock
+    another process holds (a job starting there), is not touched."""
     run_dir = Path(run_dir).absolute()
     if not run_dir.is_dir() or any((run_dir / name).exists() for name in RUN_MARKERS):
         return
+    try:
+        acquire_lock(run_dir)  # ours already, or free
+    except ConfigError:
+        return
     release_lock(run_dir)
     for p in run_dir.iterdir():
-        if p.name in STUB_NAMES or (p.suffix == ".log" and p.is_file()) or p.name.startswith(".write_test"):
+        if p.name in STUB_NAMES or (p.suffix == ".log" and p.is_file()):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    cwd, d = Path.cwd().absolute(), run_dir
-    while d != cwd and d not in cwd.parents:
+    for d in dict.fromkeys([run_dir, *_made_dirs.pop(run_dir, [])]):  # deepest first
         try:
             d.rmdir()  # only when empty
         except OSError:
             return
-        if cwd not in d.parents:
-            return
-        d = d.parent
 
 
 # -- checkpoint directories ----------------------------------------------------------------------
