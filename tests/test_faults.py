@@ -142,6 +142,15 @@ def test_recompute_never_builds_what_a_checkpoint_names(name, tiny_run, tmp_path
     assert dst.read_text() == "precious" and not (run_dir / rundir.RECOMPUTED_FILE).exists()
 
 
+def test_recompute_refuses_a_cuda_device_that_is_not_there(tiny_run, capsys):
+    from analysis.recompute import main as recompute
+
+    device = f"cuda:{torch.cuda.device_count()}"
+    assert recompute([str(tiny_run), "--device", device]) == EXIT_USAGE
+    assert f"--device {device}" in one_line_error(capsys.readouterr().err)
+    assert not (tiny_run / rundir.RECOMPUTED_FILE).exists()
+
+
 # -- bad input: one line, exit 2, nothing left behind ---------------------------------------------
 
 def _token_file(tmp_path: Path, kind: str) -> Path:
@@ -312,3 +321,21 @@ def test_analysis_error_leaves_no_partial_report(two_layer_run, tmp_path, capsys
     assert main([str(tmp_path / "sweep"), "--no-wandb"]) == EXIT_USAGE
     assert "has neither loss/heldout nor icl_score" in one_line_error(capsys.readouterr().err)
     assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["bad", "good"]  # no report/, no leftovers
+
+
+# -- the README's list of faults -------------------------------------------------------------------
+
+def test_readme_list_of_faults_names_tests_that_exist():
+    """Each row of the README's faults table names the test that reproduces it; the exit codes
+    it gives are the command line's."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### Faults and what each leaves behind")[1].split("\n## ")[0]
+    rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines()
+            if line.startswith("| ") and not line.startswith(("| fault", "| ---"))]
+    assert len(rows) >= 20
+    for fault, exit_code, _, test in rows:
+        path, _, name = test.strip("`").partition("::")
+        assert re.search(rf"^def {name}\(", (ROOT / path).read_text(), re.M), f"{fault}: no test {test}"
+        assert set(re.findall(r"-?\d+", exit_code)) <= {"0", "2", "3", "4", "130", "143", "-9"}, fault
+    for code, meaning in ((EXIT_USAGE, "bad input"), (EXIT_FAULT, "a numerical fault"), (EXIT_IO, "the file system failed")):
+        assert f"{code} {meaning}" in " ".join(text.split())
