@@ -160,17 +160,17 @@ def test_resume_leaves_the_runs_hydra_record_alone(interrupted):
 
 
 def test_slurm_style_requeue_cycle_ends_as_an_uninterrupted_run(reference, tmp_path, single_thread):
-    """A preempted job, requeued again and again, with real subprocesses and signals: SIGKILL
-    during start-up (the same command then starts afresh), SIGTERM during start-up (kept until
-    the first checkpoint), SIGTERM mid-training, SIGTERM while a checkpoint is being written;
-    each stop but the first exits 143 and is continued with resume=. The metrics and weights
-    equal the uninterrupted run's."""
+    """A preempted job requeued again and again runs the same command (resume=auto), here with
+    real subprocesses and signals: SIGKILL during start-up (nothing trained: the command then
+    starts afresh), SIGTERM during start-up (kept until the first checkpoint), SIGTERM
+    mid-training, SIGTERM while a checkpoint is being written; each SIGTERM exits 143. The
+    metrics and weights equal the uninterrupted run's."""
     run_dir = tmp_path / "requeued"
-    start = [sys.executable, "-m", "train", *TINY, *_drop_extra_callbacks(), f"hydra.run.dir={run_dir}"]
-    resume = [sys.executable, "-m", "train", f"resume={run_dir}"]
+    job = [*TINY, *_drop_extra_callbacks(), "resume=auto", f"hydra.run.dir={run_dir}"]
 
-    def launch(cmd):
-        return subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    def launch():
+        return subprocess.Popen([sys.executable, "-m", "train", *job], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
 
     def stop(proc, predicate, sig=signal.SIGTERM, poll=0.02):
         deadline = time.monotonic() + 300
@@ -182,30 +182,30 @@ def test_slurm_style_requeue_cycle_ends_as_an_uninterrupted_run(reference, tmp_p
         _, err = proc.communicate(timeout=120)
         return proc.returncode, err
 
-    # 1. Killed hard while starting (the lock taken, nothing trained): no run is left, so the
-    #    requeued command (the same one) may start there.
-    rc, _ = stop(launch(start), lambda: (run_dir / rundir.LOCK_FILE).exists(), signal.SIGKILL, poll=0.005)
+    # 1. Killed hard while starting (the lock taken, nothing trained): no run is left.
+    rc, _ = stop(launch(), lambda: (run_dir / rundir.LOCK_FILE).exists(), signal.SIGKILL, poll=0.005)
     assert rc == -signal.SIGKILL and not any((run_dir / m).exists() for m in rundir.RUN_MARKERS)
 
     # 2. SIGTERM during start-up (Hydra has just written its record; nothing is built yet).
     launched = time.time()
     hydra_record = run_dir / ".hydra" / "hydra.yaml"
-    rc, err = stop(launch(start), lambda: hydra_record.exists() and hydra_record.stat().st_mtime >= launched - 1)
+    rc, err = stop(launch(), lambda: hydra_record.exists() and hydra_record.stat().st_mtime >= launched - 1)
     assert rc == 128 + signal.SIGTERM, err[-2000:]
     assert "received SIGTERM at step 0" in err and "Traceback" not in err
     assert json.loads((run_dir / "status.json").read_text())["state"] == "interrupted"
 
     # 3. Mid-training.
-    rc, err = stop(launch(resume), lambda: len(_checkpoints(run_dir)) >= 6)
+    rc, err = stop(launch(), lambda: len(_checkpoints(run_dir)) >= 4)
     assert rc == 128 + signal.SIGTERM, err[-2000:]
+    assert f"resuming {run_dir} from step 0" in err
 
     # 4. While a checkpoint is being written (its temporary directory exists), or soon after.
     n = len(_checkpoints(run_dir))
     tmp_dirs = lambda: any(p.name.endswith(rundir.TMP_SUFFIX) for p in (run_dir / "checkpoints").iterdir())
-    rc, err = stop(launch(resume), lambda: tmp_dirs() or len(_checkpoints(run_dir)) >= n + 3, poll=0.001)
+    rc, err = stop(launch(), lambda: tmp_dirs() or len(_checkpoints(run_dir)) >= n + 3, poll=0.001)
     assert rc == 128 + signal.SIGTERM, err[-2000:]
 
-    _train_in_process(run_dir, [f"resume={run_dir}"])
+    _train_in_process(run_dir, job[:-1])  # the same config, in process, to the end
     assert read_metrics(run_dir / "metrics.jsonl") == read_metrics(reference / "metrics.jsonl")
     assert _checkpoints(run_dir) == _checkpoints(reference)
     for name in _checkpoints(reference):
@@ -214,6 +214,11 @@ def test_slurm_style_requeue_cycle_ends_as_an_uninterrupted_run(reference, tmp_p
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "finished" and status["resumed_from_steps"][0] == 0
     assert len(status["resumed_from_steps"]) == 3
+
+
+def test_resume_auto_refuses_a_run_of_another_config(stopped_copy, capsys):
+    line = _resume_error(stopped_copy, capsys, [*SMALL, *_drop_extra_callbacks(), "seed=5", "resume=auto"])
+    assert "resume=auto" in line and "holds a run of another config" in line and "seed=0 there, 5 here" in line
 
 
 def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(small_run, tmp_path, single_thread):
@@ -313,10 +318,10 @@ def _newest(run_dir: Path) -> Path:
     return rundir.list_checkpoints(run_dir)[-1]
 
 
-def _resume_error(run_dir: Path, capsys) -> str:
+def _resume_error(run_dir: Path, capsys, overrides: list[str] | None = None) -> str:
     before = _snapshot(run_dir)
     with pytest.raises(SystemExit) as exc:
-        run(compose_config([f"resume={run_dir}"]), run_dir)
+        run(compose_config(overrides or [f"resume={run_dir}"]), run_dir)
     assert exc.value.code == 2
     line = _one_line_error(capsys.readouterr().err)
     assert _snapshot(run_dir) == before  # nothing overwritten, nothing added

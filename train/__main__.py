@@ -2,7 +2,9 @@
 
 The stop-signal handler is installed first (train/signals.py), so SIGTERM during start-up is
 kept and honoured once the run can be continued. `python -m train resume=RUN_DIR` continues a
-stopped run (Hydra's run directory is set to RUN_DIR here, before Hydra starts). Hydra writes
+stopped run (Hydra's run directory is set to RUN_DIR here, before Hydra starts);
+`resume=auto` continues the run in the run directory if there is one (the same command again,
+as a requeued job runs it) and starts it otherwise. Hydra writes
 its `.hydra/` record and log into the run directory before the job starts, so the resolved run
 directory is checked and locked before that (train/cli.py `RunDirCheck`, a Hydra callback), and
 a bad one fails with a one-line error before anything is written into it; the job checks it
@@ -22,7 +24,9 @@ import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from train.cli import RESUME_AUTO  # noqa: E402
 from train.config import register_configs  # noqa: E402
+from train.rundir import CONFIG_FILE  # noqa: E402
 
 register_configs()
 
@@ -43,7 +47,12 @@ def precheck(argv: list[str]) -> list[str]:
            for a in argv):
         return argv
     resume = _argument(argv, "resume")
-    if resume not in (None, "", "null", "None"):
+    if resume == RESUME_AUTO:  # the run directory may hold this run already: keep its .hydra/ then
+        run_dir = _argument(argv, "hydra.run.dir")
+        if run_dir and "${" not in run_dir and (Path(run_dir).expanduser() / CONFIG_FILE).is_file() \
+                and _argument(argv, "hydra.output_subdir") is None:
+            argv = [*argv, "hydra.output_subdir=null"]
+    elif resume not in (None, "", "null", "None"):
         if _argument(argv, "hydra.output_subdir") is None:
             argv = [*argv, "hydra.output_subdir=null"]  # keep the original .hydra/ as it is
         if _argument(argv, "hydra.run.dir") is None:

@@ -18,12 +18,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from train import rundir
-from train.config import ConfigError, load_saved_config, validate
+from train.config import ConfigError, differences, load_saved_config, validate
 
 EXIT_USAGE, EXIT_FAULT, EXIT_IO = 2, 3, 4
 # Overrides that may accompany resume=: where it runs and how it logs. Everything else is the
 # config the run started with (its config.yaml).
 RESUME_OVERRIDABLE = ("resume", "device", "logger")
+# resume=auto: the same command again (a requeued job) continues the run in its run directory
+# when that holds one of the same config, and starts it there otherwise.
+RESUME_AUTO = "auto"
 
 
 def _multirun() -> bool:
@@ -81,12 +84,13 @@ def _override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("~+")
 
 
-def resumed_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
-    """The config a run started with, with the few settings that may change on resume."""
+def resumed_config(cfg: DictConfig, run_dir: Path, same_command: bool = False) -> DictConfig:
+    """The config a run started with, with the few settings that may change on resume. With
+    `same_command` (resume=auto), `cfg` must be that config: any other value is refused."""
     overrides = _command_line_overrides() or []
     foreign = [o for o in overrides if _override_key(o).split(".")[0] not in RESUME_OVERRIDABLE]
     path = run_dir / rundir.CONFIG_FILE
-    if foreign:
+    if foreign and not same_command:
         raise ConfigError(f"resume: a resumed run keeps the config it started with ({path}); "
                           f"drop {' '.join(foreign)} (only {', '.join(RESUME_OVERRIDABLE)} may change)")
     try:
@@ -94,8 +98,15 @@ def resumed_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
     except Exception as e:  # noqa: BLE001 - a damaged config.yaml is a bad run directory
         raise ConfigError(f"resume: cannot read {path}: {e}") from None
     merged = load_saved_config(saved, f"resume: {path}")
+    if same_command:
+        changed = differences(merged, cfg, ignore=RESUME_OVERRIDABLE)
+        if changed:
+            values = "; ".join(f"{k}={OmegaConf.select(merged, k)!r} there, {OmegaConf.select(cfg, k)!r} here"
+                               for k in changed[:3])
+            raise ConfigError(f"resume={RESUME_AUTO}: {run_dir} holds a run of another config ({values}); "
+                              f"choose another directory")
     merged.resume, merged.device = str(run_dir), cfg.device
-    if any(_override_key(o).split(".")[0] == "logger" for o in overrides):
+    if same_command or any(_override_key(o).split(".")[0] == "logger" for o in overrides):
         merged.logger = cfg.logger
     return merged
 
@@ -105,11 +116,15 @@ def prepare(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Path, dict, boo
     the saved config). Raises ConfigError; imports no torch."""
     run_dir = Path(run_dir)
     status: dict = {}
+    same_command = cfg.resume == RESUME_AUTO
+    if same_command:
+        cfg = cfg.copy()
+        cfg.resume = str(run_dir) if (run_dir / rundir.CONFIG_FILE).is_file() else None
     resuming = bool(cfg.resume)
     if resuming:
         run_dir = Path(cfg.resume).expanduser().resolve()
         status = rundir.check_resume_dir(run_dir)
-        cfg = resumed_config(cfg, run_dir)
+        cfg = resumed_config(cfg, run_dir, same_command)
         validate(cfg)
     else:
         validate(cfg)
@@ -137,16 +152,16 @@ class RunDirCheck(Callback):
         task = config.copy()
         with open_dict(task):
             del task["hydra"]
-        resuming, run_dir = bool(task.resume), None
+        run_dir = None
         try:
             run_dir = Path(str(config.hydra.run.dir)).expanduser().absolute()
-            _, run_dir, _, _ = prepare(task, run_dir)
+            _, run_dir, _, resuming = prepare(task, run_dir)
             rundir.acquire_lock(run_dir)
             if not resuming:  # another process may have started a run here since the check
                 rundir.check_new_run_dir(run_dir)
         except (ValueError, OSError, OmegaConfBaseException) as e:
-            if not resuming and run_dir is not None:
-                rundir.remove_stub(run_dir)
+            if run_dir is not None:
+                rundir.remove_stub(run_dir)  # never touches a run, nor a directory another process holds
             fail(_user_error(e).splitlines()[0])
 
 
@@ -161,12 +176,10 @@ def _io_error(e: OSError, run_dir: Path, trainer) -> str:
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Start or resume a run; exits (SystemExit) with the codes in the module docstring. A new
     run that fails before training removes what its start wrote (rundir.remove_stub)."""
-    resuming = bool(cfg.resume)
     try:
         cfg, run_dir, status, resuming = prepare(cfg, run_dir)
     except (ValueError, OSError, OmegaConfBaseException) as e:
-        if not resuming:
-            rundir.remove_stub(run_dir)
+        rundir.remove_stub(run_dir)  # never touches a run, nor a directory another process holds
         fail(_user_error(e))
 
     from hydra.errors import InstantiationException
@@ -200,12 +213,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         fail(f"stopped by a second signal; resume from the last checkpoint with resume={run_dir}", 130)
     except (ConfigError, rundir.CheckpointError, OmegaConfBaseException) as e:
         # Bad input; other exceptions during training are bugs and keep their traceback.
-        if not resuming:
-            rundir.remove_stub(run_dir)
+        rundir.remove_stub(run_dir)
         fail(_user_error(e))
     except OSError as e:  # the file system failed: not the user's input
-        if not resuming:
-            rundir.remove_stub(run_dir)  # only when it holds no run yet
+        rundir.remove_stub(run_dir)
         fail(_io_error(e, run_dir, trainer), EXIT_IO)
     if trainer.exit_code != 0:  # stopped by a signal, after writing a checkpoint
         raise SystemExit(trainer.exit_code)

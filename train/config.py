@@ -120,7 +120,7 @@ class Config:
     callbacks: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
-    resume: Optional[str] = None  # a run directory to continue
+    resume: Optional[str] = None  # a run directory to continue, or auto (train/cli.py RESUME_AUTO)
     name: str = "induction"  # run name (wandb)
 
 
@@ -300,6 +300,20 @@ def _refused_key(node: Any, registry: dict[str, set[str]], path: str = "") -> st
     elif isinstance(node, str) and "${" in node:
         return f"{path}={node!r} (an interpolation; saved configs hold resolved values)"
     return None
+
+
+def differences(a: Any, b: Any, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The dotted keys whose resolved values differ between two configs, sorted; keys under a
+    top-level key in `ignore` are left out."""
+    from omegaconf import OmegaConf
+
+    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(node, dict):
+            return {k: v for key, child in node.items() for k, v in flat(child, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: node}
+
+    fa, fb = (flat(OmegaConf.to_container(c, resolve=True)) for c in (a, b))
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k) and k.split(".")[0] not in ignore)
 
 
 def _upgrade(saved: dict[str, Any]) -> dict[str, Any]:
