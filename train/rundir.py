@@ -277,15 +277,18 @@ def remove_stub(run_dir: Path) -> None:
     run_dir = Path(run_dir).absolute()
     if not run_dir.is_dir() or any((run_dir / name).exists() for name in RUN_MARKERS):
         return
+    is_stub = lambda p: p.name in STUB_NAMES or (p.suffix == ".log" and p.is_file())  # noqa: E731
+    found = [p for p in run_dir.iterdir() if is_stub(p)]
     try:
         acquire_lock(run_dir)  # ours already, or free
     except ConfigError:
         return
     release_lock(run_dir)
     for p in run_dir.iterdir():
-        if p.name in STUB_NAMES or (p.suffix == ".log" and p.is_file()):
+        if is_stub(p):
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    for d in dict.fromkeys([run_dir, *_made_dirs.pop(run_dir, [])]):  # deepest first
+    made = _made_dirs.pop(run_dir, [])
+    for d in dict.fromkeys(([run_dir] if found else []) + made):  # deepest first; a directory found empty stays
         try:
             d.rmdir()  # only when empty
         except OSError:
