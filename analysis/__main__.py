@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -56,8 +58,19 @@ def main(argv: list[str] | None = None) -> int:
         for i, run_path in enumerate(args.wandb):
             paths.append(fetch_wandb_history(run_path, out / "wandb_history" / run_path.replace("/", "_")))
         runs = load_runs(paths, exclude=None if args.wandb else out)
-        summary = build_report(runs, out, params, attach_wandb=not args.no_wandb,
-                               log=lambda m: print(m, file=sys.stderr), stage_params=stage_params)
+        # Written aside and moved into `out` only when complete: an error leaves no partial report.
+        staged = out.with_name(f".{out.name}.partial-{os.getpid()}")
+        try:
+            summary = build_report(runs, staged, params, attach_wandb=not args.no_wandb,
+                                   log=lambda m: print(m, file=sys.stderr), stage_params=stage_params)
+            out.mkdir(parents=True, exist_ok=True)
+            for item in staged.iterdir():
+                target = out / item.name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                os.replace(item, target)
+        finally:
+            shutil.rmtree(staged, ignore_errors=True)
     except AnalysisError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -182,6 +182,8 @@ def fig_labels(run: Run):
         return None
     t = run.tokens
     keep = np.isfinite(t) & (t > 0)
+    if not keep.any():  # only step 0: no point on a log axis
+        return None
     code = np.zeros((len(names), int(keep.sum())))
     for i, n in enumerate(names):
         b = np.nan_to_num(beh.get(n, np.zeros(len(t))))[keep] > 0.5

@@ -149,10 +149,13 @@ class Smooth:
     sigma: float        # residual noise of the raw points
 
 
+MIN_POINTS = 5  # usable checkpoints (tokens > 0, finite value) a series needs to be smoothed
+
+
 def smooth(tokens, values, params: PhaseParams = PhaseParams()) -> Smooth | None:
-    """Smooth a series against ln(tokens); None if fewer than 5 usable checkpoints."""
+    """Smooth a series against ln(tokens); None if fewer than MIN_POINTS usable checkpoints."""
     x, y = clean_xy(tokens, values)
-    if len(x) < 5 or x[-1] - x[0] <= 0:
+    if len(x) < MIN_POINTS or x[-1] - x[0] <= 0:
         return None
     grid = np.linspace(x[0], x[-1], params.grid_points)
     value, slope = local_linear(x, y, grid, params.bandwidth, params.min_neighbors)
@@ -333,6 +336,10 @@ def detect_phase_change(tokens, loss, icl, heads: dict[str, Any] | None = None,
     if found:
         message = (f"phase change between {window['start_tokens']:,.0f} and {window['end_tokens']:,.0f} tokens "
                    f"(steepest {window['steepest_tokens']:,.0f}): " + ", ".join(found_names))
+    elif loss_sm is None and icl_sm is None:
+        n = max(len(clean_xy(tokens, loss)[0]), len(clean_xy(tokens, icl)[0]))
+        message = (f"cannot tell: {n} usable checkpoint{'' if n == 1 else 's'} after step 0, and detection needs "
+                   f"{MIN_POINTS}; the figures show the points there are")
     else:
         message = "no phase change" + (f" (only {', '.join(found_names)}, not coinciding)" if found_names else "")
     return {

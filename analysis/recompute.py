@@ -74,9 +74,15 @@ def callback_configs(cfg, names: list[str] | None, prefer_defaults: bool = False
 
 def recompute(run_dir: Path, names: list[str] | None = None, out: Path | None = None,
               device: str = "cpu", prefer_defaults: bool = False) -> tuple[list[dict[str, Any]], Path]:
+    from train.loop import select_device
+
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise RecomputeError(f"no run directory at {run_dir}")
+    try:
+        device = select_device(device)
+    except (ValueError, RuntimeError) as e:  # a device that is not there, or no device name
+        raise RecomputeError(f"--device {device}: {e}") from None
     checkpoints = rundir.list_checkpoints(run_dir)
     if not checkpoints:
         raise RecomputeError(f"{run_dir} has no checkpoints (expected {rundir.checkpoint_dir(run_dir, 0).parent}/step_*)")

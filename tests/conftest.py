@@ -16,6 +16,16 @@ def _seed_and_threads():
     yield
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """One torch thread for a test module: bit-identical CPU results need the same thread count
+    in every process, and training subprocesses run with one (tests/helpers.py cli_env)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="session")
 def two_layer_run(tmp_path_factory):
     """A real short 2-layer training run (shared by every test that needs one)."""

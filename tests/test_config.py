@@ -179,5 +179,5 @@ def test_configs_saved_with_the_old_names_still_load():
     old["callbacks"]["induction"]["fold_layernorm"] = True
     assert OmegaConf.to_container(load_saved_config(old, "old"), resolve=True) == current
     old["data"]["_target_"] = "os.system"
-    with pytest.raises(ConfigError, match=r"old names code outside this project \(os.system\)"):
+    with pytest.raises(ConfigError, match=r"old: refusing data._target_='os.system'"):
         load_saved_config(old, "old")

@@ -50,8 +50,8 @@ def test_unreadable_data_file_is_one_line_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         run(compose_config(["logger=none", "device=cpu", f"data.path={bad}"]), tmp_path / "run")
     assert exc.value.code == 2
-    assert f"cannot read tokens from {bad}" in one_line_error(capsys.readouterr().err)
-    assert not (tmp_path / "run" / "config.yaml").exists() and not (tmp_path / "run" / "status.json").exists()
+    assert f"cannot read tokens from {bad}: not a .npy file" in one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()  # the directory its start made is gone again
 
 
 def test_dropping_a_callback_others_need_is_one_line_error(tmp_path, capsys):

@@ -63,14 +63,6 @@ def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
         time.sleep(0.02)
 
 
-@pytest.fixture(scope="module")
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _train_in_process(run_dir: Path, overrides: list[str]) -> Path:
     run(compose_config(overrides), run_dir)
     return run_dir
@@ -130,6 +122,8 @@ def test_sigkill_and_sigterm_resume_is_bit_identical(reference, interrupted):
     run_dir = interrupted["run_dir"]
     assert interrupted["kill_rc"] == -signal.SIGKILL
     assert interrupted["killed_status"]["state"] == "running"  # killed hard: no chance to clean up
+    killed_seconds = interrupted["killed_status"]["wall_seconds"]  # written at every checkpoint
+    assert killed_seconds > 0
     ref_rows, rows = read_metrics(reference / "metrics.jsonl"), read_metrics(run_dir / "metrics.jsonl")
     assert len(ref_rows) == 15
     assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]  # no duplicates, no torn line
@@ -141,6 +135,7 @@ def test_sigkill_and_sigterm_resume_is_bit_identical(reference, interrupted):
         assert a == b, f"weights differ at {name}"
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "finished" and len(status["resumed_from_steps"]) == 2
+    assert status["wall_seconds"] > killed_seconds  # the SIGKILLed segment counts
     assert not interrupted["stale_tmp_left"]
 
 
@@ -162,6 +157,81 @@ def test_resume_leaves_the_runs_hydra_record_alone(interrupted):
     assert _snapshot(run_dir / ".hydra") == interrupted["hydra_record"]
     overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
     assert "resume=" not in overrides and "train.total_tokens=300000" in overrides
+
+
+def test_slurm_style_requeue_cycle_ends_as_an_uninterrupted_run(reference, tmp_path, single_thread):
+    """A preempted job requeued again and again runs the same command (resume=auto), here with
+    real subprocesses and signals: SIGKILL during start-up (nothing trained: the command then
+    starts afresh), SIGTERM during start-up (kept until the first checkpoint), SIGTERM
+    mid-training, SIGTERM while a checkpoint is being written; each SIGTERM exits 143. The
+    metrics and weights equal the uninterrupted run's."""
+    run_dir = tmp_path / "requeued"
+    job = [*TINY, *_drop_extra_callbacks(), "resume=auto", f"hydra.run.dir={run_dir}"]
+
+    def launch():
+        return subprocess.Popen([sys.executable, "-m", "train", *job], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+
+    def stop(proc, predicate, sig=signal.SIGTERM, poll=0.02):
+        deadline = time.monotonic() + 300
+        while not predicate():
+            assert proc.poll() is None, f"ended (rc={proc.returncode}) before the signal:\n{proc.stderr.read()[-3000:]}"
+            assert time.monotonic() < deadline
+            time.sleep(poll)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=120)
+        return proc.returncode, err
+
+    # 1. Killed hard while starting (the lock taken, nothing trained): no run is left.
+    rc, _ = stop(launch(), lambda: (run_dir / rundir.LOCK_FILE).exists(), signal.SIGKILL, poll=0.005)
+    assert rc == -signal.SIGKILL and not any((run_dir / m).exists() for m in rundir.RUN_MARKERS)
+
+    # 2. SIGTERM during start-up (Hydra has just written its record; nothing is built yet).
+    launched = time.time()
+    hydra_record = run_dir / ".hydra" / "hydra.yaml"
+    rc, err = stop(launch(), lambda: hydra_record.exists() and hydra_record.stat().st_mtime >= launched - 1)
+    assert rc == 128 + signal.SIGTERM, err[-2000:]
+    assert "received SIGTERM at step 0" in err and "Traceback" not in err
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "interrupted"
+
+    # 3. Mid-training.
+    rc, err = stop(launch(), lambda: len(_checkpoints(run_dir)) >= 4)
+    assert rc == 128 + signal.SIGTERM, err[-2000:]
+    assert f"resuming {run_dir} from step 0" in err
+
+    # 4. While a checkpoint is being written (its temporary directory exists), or soon after.
+    n = len(_checkpoints(run_dir))
+    tmp_dirs = lambda: any(p.name.endswith(rundir.TMP_SUFFIX) for p in (run_dir / "checkpoints").iterdir())
+    rc, err = stop(launch(), lambda: tmp_dirs() or len(_checkpoints(run_dir)) >= n + 3, poll=0.001)
+    assert rc == 128 + signal.SIGTERM, err[-2000:]
+
+    _train_in_process(run_dir, job[:-1])  # the same config, in process, to the end
+    assert read_metrics(run_dir / "metrics.jsonl") == read_metrics(reference / "metrics.jsonl")
+    assert _checkpoints(run_dir) == _checkpoints(reference)
+    for name in _checkpoints(reference):
+        assert (reference / "checkpoints" / name / rundir.MODEL_FILE).read_bytes() == \
+            (run_dir / "checkpoints" / name / rundir.MODEL_FILE).read_bytes(), name
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "finished" and status["resumed_from_steps"][0] == 0
+    assert len(status["resumed_from_steps"]) == 3
+
+
+def test_resume_auto_refuses_a_run_of_another_config(stopped_copy, capsys):
+    line = _resume_error(stopped_copy, capsys, [*SMALL, *_drop_extra_callbacks(), "seed=5", "resume=auto"])
+    assert "resume=auto" in line and "holds a run of another config" in line and "seed=0 there, 5 here" in line
+
+
+def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(small_run, tmp_path, single_thread):
+    """SIGKILL after config.yaml was written but before the first checkpoint (a torn step-0 row
+    left): resume= starts it again from step 0 and ends as the uninterrupted run."""
+    run_dir = tmp_path / "early"
+    run_dir.mkdir()
+    shutil.copy(small_run / rundir.CONFIG_FILE, run_dir / rundir.CONFIG_FILE)
+    rundir.write_status(run_dir, rundir.RUNNING, 0, None)
+    (run_dir / rundir.METRICS_FILE).write_text('{"step": 0, "tokens": 0, "lr": 0.0, "loss/he')
+    _train_in_process(run_dir, [f"resume={run_dir}"])
+    assert read_metrics(run_dir / "metrics.jsonl") == read_metrics(small_run / "metrics.jsonl")
+    assert _checkpoints(run_dir) == _checkpoints(small_run)
 
 
 # -- numerical faults ---------------------------------------------------------------------------
@@ -248,10 +318,10 @@ def _newest(run_dir: Path) -> Path:
     return rundir.list_checkpoints(run_dir)[-1]
 
 
-def _resume_error(run_dir: Path, capsys) -> str:
+def _resume_error(run_dir: Path, capsys, overrides: list[str] | None = None) -> str:
     before = _snapshot(run_dir)
     with pytest.raises(SystemExit) as exc:
-        run(compose_config([f"resume={run_dir}"]), run_dir)
+        run(compose_config(overrides or [f"resume={run_dir}"]), run_dir)
     assert exc.value.code == 2
     line = _one_line_error(capsys.readouterr().err)
     assert _snapshot(run_dir) == before  # nothing overwritten, nothing added
@@ -337,6 +407,7 @@ def test_pickled_code_in_resume_state_is_refused(stopped_copy, tmp_path, capsys)
                 "loss_count": 0}, state)
     line = _resume_error(stopped_copy, capsys)
     assert "cannot read resume state" in line and "refused" in line
+    assert "weights_only=False" not in line  # no advice to load it unsafely
     assert not marker.exists()
 
 
@@ -346,7 +417,7 @@ def test_config_yaml_naming_foreign_code_is_refused(stopped_copy, tmp_path, caps
     assert "  copying:\n    _target_: train.callbacks.CopyingScores\n" in config
     (stopped_copy / "config.yaml").write_text(config.replace(
         "_target_: train.callbacks.CopyingScores\n", f"_target_: os.system\n    command: touch {marker}\n"))
-    assert "names code outside this project (os.system)" in _resume_error(stopped_copy, capsys)
+    assert "refusing callbacks.copying._target_='os.system'" in _resume_error(stopped_copy, capsys)
     assert not marker.exists()
 
 

@@ -1,23 +1,32 @@
 """`python -m train [overrides]`: train one model (or a sweep with -m) and track induction heads.
 
-`python -m train resume=RUN_DIR` continues a stopped run (Hydra's run directory is set to
-RUN_DIR here, before Hydra starts). Hydra writes its `.hydra/` record into the run directory
-before the job starts, so the run directory named on the command line (`resume=` or
-`hydra.run.dir=`) is checked here first (train/rundir.py), and a bad one fails with a one-line
-error before Hydra writes anything into it; the job checks it again (train/cli.py `prepare`)
-because sweeps and the compose API do not pass through here. On resume Hydra does not rewrite
-the run's `.hydra/` record of how it was started (`hydra.output_subdir=null`)."""
+The stop-signal handler is installed first (train/signals.py), so SIGTERM during start-up is
+kept and honoured once the run can be continued. `python -m train resume=RUN_DIR` continues a
+stopped run (Hydra's run directory is set to RUN_DIR here, before Hydra starts);
+`resume=auto` continues the run in the run directory if there is one (the same command again,
+as a requeued job runs it) and starts it otherwise. Hydra writes
+its `.hydra/` record and log into the run directory before the job starts, so the resolved run
+directory is checked and locked before that (train/cli.py `RunDirCheck`, a Hydra callback), and
+a bad one fails with a one-line error before anything is written into it; the job checks it
+again (train/cli.py `prepare`) because sweeps and the compose API do not pass through there. On
+resume Hydra does not rewrite the run's `.hydra/` record of how it was started
+(`hydra.output_subdir=null`)."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+from train.signals import STOP
 
-import hydra
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+STOP.install()  # before anything slow
 
-from train.config import ConfigError, register_configs
-from train.rundir import check_new_run_dir, check_resume_dir
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import hydra  # noqa: E402
+from hydra.core.hydra_config import HydraConfig  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
+
+from train.cli import RESUME_AUTO  # noqa: E402
+from train.config import register_configs  # noqa: E402
+from train.rundir import CONFIG_FILE  # noqa: E402
 
 register_configs()
 
@@ -33,22 +42,21 @@ def _argument(argv: list[str], key: str) -> str | None:
 
 
 def precheck(argv: list[str]) -> list[str]:
-    """Check the run directory named on the command line; return the argv to hand to Hydra."""
+    """The argv to hand to Hydra: a resumed run runs in its own directory."""
     if any(a in ("-m", "--multirun") or a.startswith(("--cfg", "--help", "-h", "--info", "--hydra-help"))
            for a in argv):
         return argv
     resume = _argument(argv, "resume")
-    if resume not in (None, "", "null", "None"):
-        if "${" not in resume:
-            check_resume_dir(Path(resume).expanduser().resolve())
+    if resume == RESUME_AUTO:  # the run directory may hold this run already: keep its .hydra/ then
+        run_dir = _argument(argv, "hydra.run.dir")
+        if run_dir and "${" not in run_dir and (Path(run_dir).expanduser() / CONFIG_FILE).is_file() \
+                and _argument(argv, "hydra.output_subdir") is None:
+            argv = [*argv, "hydra.output_subdir=null"]
+    elif resume not in (None, "", "null", "None"):
         if _argument(argv, "hydra.output_subdir") is None:
             argv = [*argv, "hydra.output_subdir=null"]  # keep the original .hydra/ as it is
         if _argument(argv, "hydra.run.dir") is None:
             argv = [*argv, f"hydra.run.dir={resume}"]  # Hydra runs in the resumed run's directory
-        return argv
-    run_dir = _argument(argv, "hydra.run.dir")
-    if run_dir and "${" not in run_dir:
-        check_new_run_dir(Path(run_dir).expanduser())
     return argv
 
 
@@ -60,9 +68,5 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    try:
-        sys.argv[1:] = precheck(sys.argv[1:])
-    except ConfigError as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        raise SystemExit(2) from None
+    sys.argv[1:] = precheck(sys.argv[1:])
     main()

@@ -6,7 +6,9 @@ A checkpoint directory is written under a temporary name and renamed into place,
 named step_* is always complete."""
 from __future__ import annotations
 
+import errno
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -31,16 +33,20 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, meta: dict[str, Any],
     final = checkpoint_dir(run_dir, meta["step"])
     tmp = final.with_name(final.name + TMP_SUFFIX)
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if save_weights or train_state is not None:
-        weights = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
-        save_file(weights, str(tmp / MODEL_FILE), metadata={"step": str(meta["step"])})
-    if train_state is not None:
-        torch.save(train_state, tmp / STATE_FILE)
-    write_json_atomic(tmp / META_FILE, meta)
-    for f in tmp.iterdir():  # make the contents durable before the rename publishes them
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+    try:
+        tmp.mkdir(parents=True)
+        if save_weights or train_state is not None:
+            weights = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
+            _written(tmp / MODEL_FILE, lambda p: save_file(weights, str(p), metadata={"step": str(meta["step"])}))
+        if train_state is not None:
+            _written(tmp / STATE_FILE, lambda p: torch.save(train_state, p))
+        write_json_atomic(tmp / META_FILE, meta)
+        for f in tmp.iterdir():  # make the contents durable before the rename publishes them
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back; the previous checkpoint stays
+        raise
     if final.exists():  # re-saving a step: move the old one aside, publish, then delete it
         old = final.with_name(final.name + ".old" + TMP_SUFFIX)
         shutil.rmtree(old, ignore_errors=True)
@@ -51,6 +57,18 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, meta: dict[str, Any],
         os.replace(tmp, final)
     fsync_dir(final.parent)
     return final
+
+
+def _written(path: Path, write) -> None:
+    """Run `write(path)`; a failure of the file system (full disk, quota, permissions) becomes an
+    OSError naming the file, whatever the writing library raised."""
+    try:
+        write(path)
+    except OSError as e:
+        raise OSError(e.errno, e.strerror, str(path)) from None
+    except Exception as e:  # noqa: BLE001 - safetensors and torch wrap I/O errors in their own types
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OSError(errno.EIO, f"write failed ({reason})", str(path)) from None
 
 
 def check_same_model(meta: dict[str, Any], model_cfg: dict[str, Any], ckpt: Path) -> None:
@@ -69,7 +87,10 @@ def load_train_state(ckpt: Path, device: str | torch.device = "cpu") -> dict[str
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except Exception as e:  # noqa: BLE001 - unreadable, truncated or unsafe: all refused the same way
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if isinstance(e, pickle.UnpicklingError) or "weights_only" in str(e):  # torch's advice is not ours
+            reason = "it holds pickled Python objects besides tensors, which are never loaded"
+        else:
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"cannot read resume state {path} (refused or corrupt: {reason})") from None
     missing = [k for k in ("optimizer", "scheduler", "rng", "loss_sum", "loss_count") if not (
         isinstance(state, dict) and k in state)]

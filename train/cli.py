@@ -2,24 +2,31 @@
 user mistakes into one-line errors (exit 2) instead of tracebacks.
 
 Exit codes: 0 finished; 2 bad input (config value, path, run directory, checkpoint), nothing
-trained and nothing overwritten; 3 a numerical fault stopped training (the last good checkpoint
-is kept); 128 + N stopped by signal N (SIGTERM 143, SIGINT 130) after writing a checkpoint.
-Hydra's own composition errors (misspelled key, wrong type) exit 1 with Hydra's message."""
+trained, nothing overwritten and no directory left behind; 3 a numerical fault (non-finite loss
+or gradient, divergence) stopped training; 4 the file system failed (disk full, quota,
+permissions: the message names the path); 128 + N stopped by signal N (SIGTERM 143, SIGINT 130)
+after writing a checkpoint. After 3, 4 and 128 + N the last good checkpoint is kept and
+status.json names its step. Hydra's own composition errors (misspelled key, wrong type) exit 1
+with Hydra's message."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from train import rundir
-from train.config import ConfigError, load_saved_config, validate
+from train.config import ConfigError, differences, load_saved_config, validate
 
-EXIT_USAGE, EXIT_FAULT = 2, 3
+EXIT_USAGE, EXIT_FAULT, EXIT_IO = 2, 3, 4
 # Overrides that may accompany resume=: where it runs and how it logs. Everything else is the
 # config the run started with (its config.yaml).
 RESUME_OVERRIDABLE = ("resume", "device", "logger")
+# resume=auto: the same command again (a requeued job) continues the run in its run directory
+# when that holds one of the same config, and starts it there otherwise.
+RESUME_AUTO = "auto"
 
 
 def _multirun() -> bool:
@@ -77,12 +84,13 @@ def _override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("~+")
 
 
-def resumed_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
-    """The config a run started with, with the few settings that may change on resume."""
+def resumed_config(cfg: DictConfig, run_dir: Path, same_command: bool = False) -> DictConfig:
+    """The config a run started with, with the few settings that may change on resume. With
+    `same_command` (resume=auto), `cfg` must be that config: any other value is refused."""
     overrides = _command_line_overrides() or []
     foreign = [o for o in overrides if _override_key(o).split(".")[0] not in RESUME_OVERRIDABLE]
     path = run_dir / rundir.CONFIG_FILE
-    if foreign:
+    if foreign and not same_command:
         raise ConfigError(f"resume: a resumed run keeps the config it started with ({path}); "
                           f"drop {' '.join(foreign)} (only {', '.join(RESUME_OVERRIDABLE)} may change)")
     try:
@@ -90,8 +98,15 @@ def resumed_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
     except Exception as e:  # noqa: BLE001 - a damaged config.yaml is a bad run directory
         raise ConfigError(f"resume: cannot read {path}: {e}") from None
     merged = load_saved_config(saved, f"resume: {path}")
+    if same_command:
+        changed = differences(merged, cfg, ignore=RESUME_OVERRIDABLE)
+        if changed:
+            values = "; ".join(f"{k}={OmegaConf.select(merged, k)!r} there, {OmegaConf.select(cfg, k)!r} here"
+                               for k in changed[:3])
+            raise ConfigError(f"resume={RESUME_AUTO}: {run_dir} holds a run of another config ({values}); "
+                              f"choose another directory")
     merged.resume, merged.device = str(run_dir), cfg.device
-    if any(_override_key(o).split(".")[0] == "logger" for o in overrides):
+    if same_command or any(_override_key(o).split(".")[0] == "logger" for o in overrides):
         merged.logger = cfg.logger
     return merged
 
@@ -101,16 +116,19 @@ def prepare(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Path, dict, boo
     the saved config). Raises ConfigError; imports no torch."""
     run_dir = Path(run_dir)
     status: dict = {}
+    same_command = cfg.resume == RESUME_AUTO
+    if same_command:
+        cfg = cfg.copy()
+        cfg.resume = str(run_dir) if (run_dir / rundir.CONFIG_FILE).is_file() else None
     resuming = bool(cfg.resume)
     if resuming:
         run_dir = Path(cfg.resume).expanduser().resolve()
         status = rundir.check_resume_dir(run_dir)
-        cfg = resumed_config(cfg, run_dir)
+        cfg = resumed_config(cfg, run_dir, same_command)
         validate(cfg)
     else:
         validate(cfg)
-        rundir.check_new_run_dir(run_dir)
-    rundir.check_writable(run_dir)
+        rundir.check_new_run_dir(run_dir)  # creates nothing: the directory is made with its lock
     return cfg, run_dir, status, resuming
 
 
@@ -120,17 +138,55 @@ def _user_error(e: BaseException) -> str:
     return str(e)
 
 
+class RunDirCheck(Callback):
+    """Hydra callback (conf/config.yaml `hydra.callbacks`): before Hydra writes its `.hydra/`
+    record and log, check the config and the run directory, resolved (interpolations and all),
+    and take the directory's lock for the rest of the process. A refused run so writes nothing
+    into anybody's directory, and two processes never train in one. Sweep jobs (-m) are checked
+    in `run`."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        from hydra.core.hydra_config import HydraConfig
+
+        HydraConfig.instance().set_config(config)
+        task = config.copy()
+        with open_dict(task):
+            del task["hydra"]
+        run_dir = None
+        try:
+            run_dir = Path(str(config.hydra.run.dir)).expanduser().absolute()
+            _, run_dir, _, resuming = prepare(task, run_dir)
+            rundir.acquire_lock(run_dir)
+            if not resuming:  # another process may have started a run here since the check
+                rundir.check_new_run_dir(run_dir)
+        except (ValueError, OSError, OmegaConfBaseException) as e:
+            if run_dir is not None:
+                rundir.remove_stub(run_dir)  # never touches a run, nor a directory another process holds
+            fail(_user_error(e).splitlines()[0])
+
+
+def _io_error(e: OSError, run_dir: Path, trainer) -> str:
+    where = f"cannot write {e.filename}" if e.filename else "a file-system operation failed"
+    if trainer is None or trainer.last_saved is None:
+        return f"{where}: {e.strerror or e}; nothing was trained, continue with resume={run_dir}"
+    return (f"{where}: {e.strerror or e}; stopped at step {trainer.step}, the last good checkpoint (step "
+            f"{trainer.last_saved}) is kept: make room and continue with resume={run_dir}")
+
+
 def run(cfg: DictConfig, run_dir: Path) -> dict:
-    """Start or resume a run; exits (SystemExit) with the codes in the module docstring."""
+    """Start or resume a run; exits (SystemExit) with the codes in the module docstring. A new
+    run that fails before training removes what its start wrote (rundir.remove_stub)."""
     try:
         cfg, run_dir, status, resuming = prepare(cfg, run_dir)
     except (ValueError, OSError, OmegaConfBaseException) as e:
+        rundir.remove_stub(run_dir)  # never touches a run, nor a directory another process holds
         fail(_user_error(e))
 
     from hydra.errors import InstantiationException
 
     from train.loop import Trainer, TrainingError
 
+    trainer = None
     try:
         with rundir.lock(run_dir):
             resume_checkpoint = rundir.resume_point(run_dir) if resuming else None
@@ -141,8 +197,12 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
                 raise ConfigError(_user_error(cause) if isinstance(cause, (ValueError, OSError)) else str(e)) from None
             except ValueError as e:
                 raise ConfigError(str(e)) from None
-            if resume_checkpoint is None:
+            if not resuming:
                 rundir.write_text_atomic(run_dir / rundir.CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+            elif resume_checkpoint is None:  # stopped before its first checkpoint: start it again
+                print(f"resuming {run_dir} from the start (it has no checkpoint yet)", file=sys.stderr)
+                rundir.rewind_metrics(run_dir, -1)
+                rundir.remove_stale_temporaries(run_dir)
             else:
                 print(f"resuming {run_dir} from step {rundir.read_meta(resume_checkpoint)['step']}", file=sys.stderr)
             row = trainer.run(resume_checkpoint, status)
@@ -151,9 +211,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
              f"the event is recorded in {run_dir / rundir.METRICS_FILE}.", EXIT_FAULT)
     except KeyboardInterrupt:
         fail(f"stopped by a second signal; resume from the last checkpoint with resume={run_dir}", 130)
-    except (ConfigError, rundir.CheckpointError, OSError, OmegaConfBaseException) as e:
-        # Bad input and I/O failures; other exceptions during training are bugs and keep their traceback.
+    except (ConfigError, rundir.CheckpointError, OmegaConfBaseException) as e:
+        # Bad input; other exceptions during training are bugs and keep their traceback.
+        rundir.remove_stub(run_dir)
         fail(_user_error(e))
+    except OSError as e:  # the file system failed: not the user's input
+        rundir.remove_stub(run_dir)
+        fail(_io_error(e, run_dir, trainer), EXIT_IO)
     if trainer.exit_code != 0:  # stopped by a signal, after writing a checkpoint
         raise SystemExit(trainer.exit_code)
     status = rundir.read_status(run_dir) or {}

@@ -11,6 +11,7 @@ head outputs (n_heads * d_head) back to d_model, so any positive combination is 
 Rotary positions do need an even `d_head` (they rotate pairs of dimensions)."""
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,11 @@ class OptimConfig:
 class TrainConfig:
     batch_size: int = 64
     total_tokens: int = 4_000_000
+    # Divergence guard: stop (exit 3) when the held-out loss exceeds ln(vocab_size) + margin, the
+    # loss of a uniform prediction plus `divergence_margin` nats, at `divergence_checkpoints`
+    # consecutive checkpoints (0: never stop).
+    divergence_margin: float = 1.0
+    divergence_checkpoints: int = 3
 
 
 @dataclass
@@ -114,12 +120,17 @@ class Config:
     callbacks: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
-    resume: Optional[str] = None  # a run directory to continue
+    resume: Optional[str] = None  # a run directory to continue, or auto (train/cli.py RESUME_AUTO)
     name: str = "induction"  # run name (wandb)
 
 
 def register_configs() -> None:
+    """The schema as Hydra's `base_config`, and the `${pid:}` resolver (this process's id) that
+    makes the default run directory unique per process (conf/config.yaml `hydra.run.dir`)."""
+    from omegaconf import OmegaConf
+
     ConfigStore.instance().store(name="base_config", node=Config)
+    OmegaConf.register_new_resolver("pid", os.getpid, replace=True)
 
 
 # -- allowed values (checked by `validate`; the code that uses them imports them from here) -----
@@ -139,15 +150,19 @@ def _need(ok: bool, message: str) -> None:
 
 
 def _positive(cfg: Any, section: str, *names: str) -> None:
+    """Each value is a finite number > 0 (inf and nan are refused)."""
     for name in names:
         value = cfg[section][name]
-        _need(value is not None and value > 0, f"{section}.{name} must be positive, got {value}")
+        _need(value is not None and math.isfinite(value) and value > 0,
+              f"{section}.{name} must be positive and finite, got {value}")
 
 
 def _non_negative(cfg: Any, section: str, *names: str) -> None:
+    """Each value is a finite number >= 0."""
     for name in names:
         value = cfg[section][name]
-        _need(value is not None and value >= 0, f"{section}.{name} must be >= 0, got {value}")
+        _need(value is not None and math.isfinite(value) and value >= 0,
+              f"{section}.{name} must be >= 0 and finite, got {value}")
 
 
 def validate(cfg: Any) -> None:
@@ -208,6 +223,8 @@ def _validate_training(cfg: Any) -> None:
     _need(t.total_tokens >= tokens_per_step,
           f"train.total_tokens={t.total_tokens} is less than one batch "
           f"(train.batch_size x data.n_ctx = {tokens_per_step} tokens)")
+    _positive(cfg, "train", "divergence_margin")
+    _non_negative(cfg, "train", "divergence_checkpoints")
     _non_negative(cfg, "checkpoint", "n_log", "n_linear", "keep_resume_states")
     _positive(cfg, "checkpoint", "first_tokens")
 
@@ -232,18 +249,71 @@ def _validate_probes(cfg: Any) -> None:
         _need(p.icl_early < p.icl_late, f"probes.icl_early={p.icl_early} must be below probes.icl_late={p.icl_late}")
 
 
-# -- configs saved by earlier runs ---------------------------------------------------------------
-# `_target_`s a saved config may name: this project's code only (a run directory is data).
-SAFE_TARGETS = ("train.",)
+# -- configs saved by earlier runs: data, never code -----------------------------------------------
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+# Hydra's instantiation keys other than `_target_`: never accepted from a saved config.
+HYDRA_SPECIAL_KEYS = ("_args_", "_partial_", "_recursive_", "_convert_")
 
 
-def _targets(node: Any) -> list[str]:
+def known_components() -> dict[str, set[str]]:
+    """The registry of components a config may build: where a `_target_` may stand, and the
+    targets allowed there. `model` and `data` are the schema's own; `logger` the options of
+    conf/logger/; `callbacks` (one entry per callback name) every callback of conf/callbacks/."""
+    from omegaconf import OmegaConf
+
+    def targets(group: str) -> set[str]:
+        found = set()
+        for path in sorted((CONF_DIR / group).glob("*.yaml")):
+            node = OmegaConf.to_container(OmegaConf.load(path))
+            entries = [node] if "_target_" in node else [v for v in node.values() if isinstance(v, dict)]
+            found |= {str(e["_target_"]) for e in entries if "_target_" in e}
+        return found
+
+    return {"model": {ModelConfig._target_}, "data": {DataConfig._target_}, "logger": targets("logger"),
+            "callbacks": targets("callbacks")}
+
+
+def _refused_key(node: Any, registry: dict[str, set[str]], path: str = "") -> str | None:
+    """The first key of a saved config that is not plain data: a `_target_` outside the registry
+    or in a place no component is built from, another Hydra instantiation key, or an
+    interpolation (saved configs are resolved, so they hold none). None when there is none."""
     if isinstance(node, dict):
-        found = [str(v) for k, v in node.items() if k == "_target_"]
-        return found + [t for v in node.values() for t in _targets(v)]
-    if isinstance(node, list):
-        return [t for v in node for t in _targets(v)]
-    return []
+        for key, value in node.items():
+            where = f"{path}.{key}" if path else str(key)
+            if key == "_target_":
+                parts = path.split(".")  # model, data, logger: one level; callbacks.NAME: two
+                allowed = registry.get(parts[0], set()) if len(parts) == (2 if parts[0] == "callbacks" else 1) else set()
+                if str(value) not in allowed:
+                    return f"{where}={value!r} (a component of this project is one of: " \
+                           f"{', '.join(sorted(allowed)) or 'none here'})"
+            elif key in HYDRA_SPECIAL_KEYS:
+                return f"{where} (Hydra instantiation keys are not data)"
+            else:
+                found = _refused_key(value, registry, where)
+                if found:
+                    return found
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            found = _refused_key(value, registry, f"{path}[{i}]")
+            if found:
+                return found
+    elif isinstance(node, str) and "${" in node:
+        return f"{path}={node!r} (an interpolation; saved configs hold resolved values)"
+    return None
+
+
+def differences(a: Any, b: Any, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The dotted keys whose resolved values differ between two configs, sorted; keys under a
+    top-level key in `ignore` are left out."""
+    from omegaconf import OmegaConf
+
+    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
+        if isinstance(node, dict):
+            return {k: v for key, child in node.items() for k, v in flat(child, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: node}
+
+    fa, fb = (flat(OmegaConf.to_container(c, resolve=True)) for c in (a, b))
+    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k) and k.split(".")[0] not in ignore)
 
 
 def _upgrade(saved: dict[str, Any]) -> dict[str, Any]:
@@ -267,16 +337,18 @@ def _upgrade(saved: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_saved_config(saved: Any, where: str) -> DictConfig:
-    """A config saved by a run (its config.yaml, or a checkpoint's meta.json), checked against the
-    schema and refused if it names code outside this project. `where` names the source in errors."""
+    """A config saved by a run (its config.yaml, or a checkpoint's meta.json), read as data: every
+    `_target_` must be the registry's own for its place (`known_components`), no other Hydra
+    instantiation key or interpolation may appear, and the values must fit the schema. Nothing
+    named in the file is imported or called here. `where` names the source in errors."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     if not isinstance(saved, dict) or "model" not in saved or "train" not in saved:
         raise ConfigError(f"{where} is not a training config")
-    foreign = sorted(t for t in _targets(saved) if not t.startswith(SAFE_TARGETS))
-    if foreign:
-        raise ConfigError(f"{where} names code outside this project ({', '.join(foreign)}); refusing to run it")
+    refused = _refused_key(saved, known_components())
+    if refused:
+        raise ConfigError(f"{where}: refusing {refused}; a saved config is data and names no other code")
     try:  # the schema checks the saved values' types and keys
         return OmegaConf.merge(OmegaConf.structured(Config), _upgrade(saved))
     except OmegaConfBaseException as e:

@@ -147,12 +147,14 @@ class TokenFile:
             ds = datasets.load_from_disk(path)
             if "input_ids" not in ds.column_names:
                 raise ValueError(f"dataset at {path} has no 'input_ids' column (columns: {ds.column_names})")
-            tokens = np.concatenate([np.asarray(r, dtype=np.int64) for r in ds["input_ids"]])
+            arrays = [np.asarray(r) for r in ds["input_ids"]]
+            tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
         else:
-            try:
-                tokens = np.load(path, allow_pickle=False).astype(np.int64).reshape(-1)
-            except Exception as e:  # noqa: BLE001 - anything unreadable is a user-facing data error
-                raise ValueError(f"cannot read tokens from {path}: {e}") from e
+            tokens = _read_npy(path)
+        if not np.issubdtype(tokens.dtype, np.integer):  # bool is not an integer dtype here
+            raise ValueError(f"{path} holds {tokens.dtype} values; token ids must be integers "
+                             f"(convert them with .astype(np.int64) if they are whole numbers)")
+        tokens = tokens.astype(np.int64).reshape(-1)
         if tokens.size < 2 * n_ctx:
             raise ValueError(f"{path} holds {tokens.size} tokens, fewer than two contexts of {n_ctx}")
         if tokens.min() < 0 or tokens.max() >= vocab_size:
@@ -176,6 +178,25 @@ class TokenFile:
 
     def token_frequencies(self, n_seq: int = 256) -> torch.Tensor:
         return torch.bincount(self.train_tokens, minlength=self.vocab_size).float()
+
+
+def _read_npy(path: str) -> np.ndarray:
+    """A `.npy` array, without pickle: any other file (text, pickle, a truncated array) is refused
+    with a message that says what the file is."""
+    where = f"cannot read tokens from {path}"
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(6) != b"\x93NUMPY":
+                raise ValueError(f"{where}: not a .npy file (no NumPy header); save token ids with np.save")
+        return np.load(path, allow_pickle=False)
+    except ValueError as e:
+        if str(e).startswith(where):
+            raise
+        if "pickle" in str(e) or "Object arrays" in str(e):
+            raise ValueError(f"{where}: it holds Python objects, not token ids; save an integer array") from None
+        raise ValueError(f"{where}: {e}") from None
+    except OSError as e:
+        raise ValueError(f"{where}: {e.strerror or e}") from None
 
 
 def build_data(vocab_size: int = _Data.vocab_size, n_ctx: int = _Data.n_ctx, seed: int = _Data.seed,
@@ -242,7 +263,13 @@ def build_probes(
         if period < 2:
             raise ValueError(f"context n_ctx={n_ctx} is too short for a probe with {repeats} repeats")
     g = _generator(seed, 7)
-    allowed = probe_tokens(data.token_frequencies())
+    frequencies = data.token_frequencies()
+    allowed = probe_tokens(frequencies)
+    if allowed.numel() < period:
+        raise ValueError(f"probes.period: the prefix-matching probe repeats {period} distinct tokens (its period, "
+                         f"scaled to data.n_ctx={n_ctx}), but data.vocab_size={frequencies.numel()} leaves "
+                         f"{allowed.numel()} probe tokens (regular tokens minus the 10% most and least common); "
+                         f"raise data.vocab_size or lower probes.period")
     repeated = repeated_random_tokens(n_probes, period, repeats, allowed, g)
     copy_tokens = allowed[torch.randperm(allowed.numel(), generator=g)[:n_copy_tokens]]
     return Probes(repeated, period, repeats, copy_tokens, data.heldout(n_heldout, seed), allowed)

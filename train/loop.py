@@ -3,6 +3,8 @@ callbacks and checkpoints on the checkpoint schedule (train/schedules.py), exact
 stops. Files in the run directory are written through train/rundir.py."""
 from __future__ import annotations
 
+import contextlib
+import math
 import random
 import signal
 import sys
@@ -24,10 +26,16 @@ from train.callbacks import RunContext, evaluate_checkpoint, instantiate_callbac
 from train.config import validate
 from train.data import probes_from_config
 from train.schedules import lr_multiplier, run_steps
+from train.signals import STOP, StopSignal
 
 
 class TrainingError(RuntimeError):
-    """Training stopped on a fault (non-finite loss or gradient); the message names the step."""
+    """Training stopped on a fault; the message names the step, `event` the kind of fault
+    (train/names.py: NONFINITE, DIVERGENCE) recorded in metrics.jsonl."""
+
+    def __init__(self, message: str, event: str = N.NONFINITE):
+        super().__init__(message)
+        self.event = event
 
 
 def select_device(name: str) -> torch.device:
@@ -37,8 +45,13 @@ def select_device(name: str) -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device=cuda was asked for, but no CUDA device is available")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name} was asked for, but no CUDA device is available")
+        index, count = int(name.partition(":")[2] or 0), torch.cuda.device_count()
+        if index >= count:
+            raise ValueError(f"device={name} was asked for, but there {'is' if count == 1 else 'are'} only "
+                             f"{count} CUDA device{'s' if count != 1 else ''} (cuda:0..cuda:{count - 1})")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise ValueError("device=mps was asked for, but MPS is not available")
     return torch.device(name)  # names are checked by train.config.validate
@@ -77,31 +90,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-class _StopSignal:
-    """Turns SIGTERM / SIGINT into a flag the loop checks after each step (checkpoint, then exit)."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self._previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        if self.received is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
-        self.received = signum
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: str | Path):
         self.cfg = cfg
@@ -123,6 +111,8 @@ class Trainer:
             self.optimizer, lambda s: lr_multiplier(s, warmup, self.total_steps, o.lr_schedule, o.min_lr_ratio))
         self.logger = instantiate(cfg.logger)
         self.step = 0
+        self.last_saved: int | None = None  # step of the newest checkpoint written (the last good step)
+        self.over_divergence_line = 0  # consecutive checkpoints with held-out loss above the line
         self.loss_sum = torch.zeros((), device=self.device)
         self.loss_count = 0
         self.exit_code = 1
@@ -146,6 +136,7 @@ class Trainer:
                                     self.train_state() if with_state else None, save_weights=c.save_weights)
         if kind != rundir.INTERRUPT:
             rundir.prune(self.run_dir, self.step, c.keep_resume_states, c.save_weights)
+        self.last_saved = self.step
         return path
 
     def restore(self, path: Path) -> None:
@@ -163,7 +154,7 @@ class Trainer:
             self.loss_count = int(state["loss_count"])
         except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as e:
             raise rundir.CheckpointError(f"resume state in {path} does not fit this run: {e}") from None
-        self.step = int(meta["step"])
+        self.step = self.last_saved = int(meta["step"])
         if not 0 <= self.step <= self.total_steps:
             raise rundir.CheckpointError(f"checkpoint {path} is at step {self.step}, outside this run's "
                                          f"{self.total_steps} steps")
@@ -230,8 +221,8 @@ class Trainer:
         t0 = time.perf_counter() - prior_seconds  # wall time summed over segments
         self.exit_code, state, self._error = 1, rundir.FAILED, None
         try:
-            with _StopSignal() as stop:
-                last_row, stopped_by = self._loop(pending, metrics, bar, stop, t0)
+            with STOP as stop:  # installed by the command line already, or here
+                last_row, stopped_by = self._loop(pending, metrics, bar, stop, run_id, t0)
             if stopped_by is not None:
                 self.exit_code, state = 128 + stopped_by, rundir.INTERRUPTED
             else:
@@ -245,47 +236,73 @@ class Trainer:
             raise
         finally:
             bar.close()
-            metrics.close()
-            self._status(state, run_id, time.perf_counter() - t0, self._error)
+            with contextlib.suppress(OSError):  # a failed write raised already; every row was flushed
+                metrics.close()
+            try:  # a failed run reports its last good checkpoint's step
+                self._status(state, run_id, time.perf_counter() - t0, self._error,
+                             step=self.last_saved if state == rundir.FAILED else None)
+            except OSError as e:
+                print(f"warning: could not update {self.run_dir / rundir.STATUS_FILE}: {e.strerror or e}",
+                      file=sys.stderr)
             try:
                 self.logger.finish(self.exit_code)
             except Exception as e:  # noqa: BLE001 - the logger must not hide how training ended
                 print(f"warning: logger did not finish cleanly: {type(e).__name__}: {e}", file=sys.stderr)
 
-    def _loop(self, pending: list[int], metrics: rundir.MetricsFile, bar, stop: "_StopSignal",
+    def check_divergence(self, row: dict[str, Any]) -> None:
+        """Raise TrainingError when the held-out loss has been above ln(vocab_size) +
+        train.divergence_margin (a uniform prediction's loss plus the margin) at
+        train.divergence_checkpoints consecutive checkpoints (0: never)."""
+        limit = self.cfg.train.divergence_checkpoints
+        if not limit or N.LOSS_HELDOUT not in row:
+            return
+        line = math.log(self.cfg.data.vocab_size) + self.cfg.train.divergence_margin
+        self.over_divergence_line = self.over_divergence_line + 1 if row[N.LOSS_HELDOUT] > line else 0
+        if self.over_divergence_line >= limit:
+            raise TrainingError(f"diverged: held-out loss {row[N.LOSS_HELDOUT]:.4g} at step {self.step} "
+                                f"({self.step * self.tokens_per_step:,} tokens) above ln(vocab_size) + "
+                                f"train.divergence_margin = {line:.3f} at {limit} checkpoints in a row; "
+                                f"lower optim.lr", N.DIVERGENCE)
+
+    def _loop(self, pending: list[int], metrics: rundir.MetricsFile, bar, stop: StopSignal, run_id: str | None,
               t0: float) -> tuple[dict[str, Any], int | None]:
         """Steps and checkpoints until the end or a stop signal. Returns the last checkpoint's row
         and the signal that stopped training early (None when it reached the end: a signal that
-        arrives during the last step does not turn a finished run into an interrupted one)."""
+        arrives during the last step does not turn a finished run into an interrupted one). A
+        fault (non-finite loss, divergence) is recorded as an event row and raised."""
         last_row: dict[str, Any] = {}
         while True:
             saved_now = False
-            if pending and pending[0] == self.step:
-                pending.pop(0)
-                last_row = self.evaluate()
-                metrics.write(last_row)
-                self.logger.log(last_row | {N.ELAPSED: time.perf_counter() - t0})
-                self.save()
-                saved_now = True
-                if N.LOSS_HELDOUT in last_row:
-                    bar.set_postfix(loss=f"{last_row[N.LOSS_HELDOUT]:.3f}", refresh=False)
-            if self.step >= self.total_steps:
-                return last_row, None
-            if stop.received is not None:
-                path = rundir.checkpoint_dir(self.run_dir, self.step) if saved_now else self.save(rundir.INTERRUPT)
-                print(f"\nreceived {signal.Signals(stop.received).name} at step {self.step}; checkpoint written "
-                      f"to {path}; resume with resume={self.run_dir}", file=sys.stderr)
-                return last_row, stop.received
-            tokens = self.data.batch(self.step, self.cfg.train.batch_size).to(self.device, non_blocking=True)
             try:
+                if pending and pending[0] == self.step:
+                    pending.pop(0)
+                    last_row = self.evaluate()
+                    metrics.write(last_row)
+                    self.logger.log(last_row | {N.ELAPSED: time.perf_counter() - t0})
+                    self.save()
+                    saved_now = True
+                    self._status(rundir.RUNNING, run_id, time.perf_counter() - t0)  # wall time survives SIGKILL
+                    if N.LOSS_HELDOUT in last_row:
+                        bar.set_postfix(loss=f"{last_row[N.LOSS_HELDOUT]:.3f}", refresh=False)
+                    self.check_divergence(last_row)
+                if self.step >= self.total_steps:
+                    return last_row, None
+                if stop.received is not None:
+                    path = rundir.checkpoint_dir(self.run_dir, self.step) if saved_now else self.save(rundir.INTERRUPT)
+                    print(f"\nreceived {signal.Signals(stop.received).name} at step {self.step}; checkpoint "
+                          f"written to {path}; resume with resume={self.run_dir}", file=sys.stderr)
+                    return last_row, stop.received
+                tokens = self.data.batch(self.step, self.cfg.train.batch_size).to(self.device, non_blocking=True)
                 self.train_step(tokens)
             except TrainingError as e:
                 self._error = str(e)
-                metrics.write({N.EVENT: "nonfinite", N.STEP: self.step,
+                metrics.write({N.EVENT: e.event, N.STEP: self.step,
                                N.TOKENS: self.step * self.tokens_per_step, "message": str(e)})
                 raise
             self.step += 1
             bar.update(self.tokens_per_step)
 
-    def _status(self, state: str, run_id: str | None, seconds: float | None = None, error: str | None = None):
-        rundir.write_status(self.run_dir, state, self.step, run_id, seconds, self.resumed_from, error)
+    def _status(self, state: str, run_id: str | None, seconds: float | None = None, error: str | None = None,
+                step: int | None = None):
+        rundir.write_status(self.run_dir, state, self.step if step is None else step, run_id, seconds,
+                            self.resumed_from, error)

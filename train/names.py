@@ -27,6 +27,7 @@ STEP, TOKENS, LR = "step", "tokens", "lr"
 LOSS_TRAIN, LOSS_HELDOUT = "loss/train", "loss/heldout"
 PER_POSITION_LOSS, ICL_SCORE, ICL_EARLY, ICL_LATE = "per_position_loss", "icl_score", "icl_early", "icl_late"
 EVENT = "event"  # a row that records a fault instead of a checkpoint
+NONFINITE, DIVERGENCE = "nonfinite", "divergence"  # its values: a non-finite loss or gradient; the divergence guard
 ELAPSED = "time/elapsed_s"  # loggers only (wall clock is not part of metrics.jsonl)
 HEATMAP = "heads/prefix_matching"  # wandb only: the layers x heads image of prefix matching
 

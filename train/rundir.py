@@ -98,7 +98,11 @@ def write_status(run_dir: Path, state: str, step: int, run_id: str | None, secon
         status["resumed_from_steps"] = list(resumed_from)
     if error:
         status["error"] = error
-    write_json_atomic(Path(run_dir) / STATUS_FILE, status)
+    path = Path(run_dir) / STATUS_FILE
+    try:
+        write_json_atomic(path, status)
+    except OSError:  # a full disk leaves no room for a second copy: overwrite the small file in place
+        path.write_text(json.dumps(status, indent=2), encoding="utf-8")
 
 
 # -- metrics.jsonl -------------------------------------------------------------------------------
@@ -152,32 +156,32 @@ class MetricsFile:
     """Appends one JSON object per checkpoint to metrics.jsonl, flushed and fsynced per row."""
 
     def __init__(self, run_dir: str | Path):
-        self._fh = open(Path(run_dir) / METRICS_FILE, "a", encoding="utf-8")
+        self.path = Path(run_dir) / METRICS_FILE
+        self._fh = open(self.path, "a", encoding="utf-8")
 
     def write(self, row: dict[str, Any]) -> None:
-        self._fh.write(format_row(row))
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
+        try:
+            self._fh.write(format_row(row))
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+        except OSError as e:  # name the file (a full disk, a quota)
+            raise OSError(e.errno, e.strerror, str(self.path)) from None
 
     def close(self) -> None:
         self._fh.close()
 
 
 # -- checks before a run starts ------------------------------------------------------------------
-def check_writable(run_dir: Path, create: bool = True) -> None:
-    """Check that files can be written in `run_dir` (by writing and deleting a temporary file).
-    With `create`, make the directory first; without, probe its nearest existing ancestor and
-    leave the file system as it was."""
+def check_writable(run_dir: Path) -> None:
+    """Check that files can be written in `run_dir`, or in its nearest existing ancestor when it
+    does not exist yet (by writing and deleting a temporary file); creates nothing."""
     run_dir = Path(run_dir).absolute()
     probe = run_dir
     try:
-        if create:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        else:
-            while not probe.exists() and probe.parent != probe:
-                probe = probe.parent
-            if not probe.is_dir():
-                raise NotADirectoryError(20, "Not a directory", str(probe))
+        while not probe.exists() and probe.parent != probe:
+            probe = probe.parent
+        if not probe.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(probe))
         with tempfile.NamedTemporaryFile(dir=probe, prefix=".write_test"):
             pass
     except OSError as e:
@@ -195,7 +199,7 @@ def check_new_run_dir(run_dir: Path) -> None:
         state = (read_status(run_dir) or {}).get("state", "unknown state")
         raise ConfigError(f"{run_dir} already holds a run ({state}; has {', '.join(present)}); "
                           f"choose another directory, or continue it with resume={run_dir}")
-    check_writable(run_dir, create=False)
+    check_writable(run_dir)
 
 
 def check_resume_dir(run_dir: Path) -> dict[str, Any]:
@@ -210,27 +214,85 @@ def check_resume_dir(run_dir: Path) -> dict[str, Any]:
     if status.get("state") == FINISHED:
         raise ConfigError(f"resume: the run in {run_dir} already finished (step {status.get('step')}); "
                           f"nothing to do")
-    check_writable(run_dir, create=False)
+    check_writable(run_dir)
     return status
+
+
+_held_locks: dict[Path, Any] = {}  # run directory -> open lock file, for the locks this process holds
+_made_dirs: dict[Path, list[Path]] = {}  # run directory -> the directories `acquire_lock` created for it
+
+
+def acquire_lock(run_dir: Path) -> None:
+    """Create the run directory (and its missing parents) and take its lock for the rest of this
+    process (or until `release_lock`); a second process asking for it gets ConfigError. Taking
+    it again in this process is a no-op."""
+    key = Path(run_dir).absolute()
+    if key in _held_locks:
+        return
+    missing = [d for d in (key, *key.parents) if not d.exists()]
+    key.mkdir(parents=True, exist_ok=True)
+    _made_dirs.setdefault(key, missing)
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        return
+    fh = open(key / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        fh.close()
+        raise ConfigError(f"{run_dir} is in use by another training process") from None
+    _held_locks[key] = fh
+
+
+def release_lock(run_dir: Path) -> None:
+    fh = _held_locks.pop(Path(run_dir).absolute(), None)
+    if fh is not None:
+        fh.close()
 
 
 @contextlib.contextmanager
 def lock(run_dir: Path) -> Iterator[None]:
-    """One process per run directory: a second `resume=` of a run still training fails."""
+    """One process per run directory: a second `resume=` of a run still training fails. A lock
+    this process already holds (taken before Hydra started) is kept when the block ends."""
+    held = Path(run_dir).absolute() in _held_locks
+    acquire_lock(run_dir)
     try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        yield
-        return
-    fh = open(Path(run_dir) / LOCK_FILE, "a+")
-    try:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            raise ConfigError(f"{run_dir} is in use by another training process") from None
         yield
     finally:
-        fh.close()
+        if not held:
+            release_lock(run_dir)
+
+
+# Files a start-up writes before it knows whether the run can go ahead: Hydra's record (and its
+# log, `*.log`), the lock.
+STUB_NAMES = (".hydra", ".lock")
+
+
+def remove_stub(run_dir: Path) -> None:
+    """Undo what a run that failed before training wrote into a directory holding no run: Hydra's
+    `.hydra/` and `*.log`, the lock; then the directory itself and the parents this process
+    created for it, where they are left empty. A directory that holds a run, or whose lock
+    another process holds (a job starting there), is not touched."""
+    run_dir = Path(run_dir).absolute()
+    if not run_dir.is_dir() or any((run_dir / name).exists() for name in RUN_MARKERS):
+        return
+    is_stub = lambda p: p.name in STUB_NAMES or (p.suffix == ".log" and p.is_file())  # noqa: E731
+    found = [p for p in run_dir.iterdir() if is_stub(p)]
+    try:
+        acquire_lock(run_dir)  # ours already, or free
+    except ConfigError:
+        return
+    release_lock(run_dir)
+    for p in run_dir.iterdir():
+        if is_stub(p):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+    made = _made_dirs.pop(run_dir, [])
+    for d in dict.fromkeys(([run_dir] if found else []) + made):  # deepest first; a directory found empty stays
+        try:
+            d.rmdir()  # only when empty
+        except OSError:
+            return
 
 
 # -- checkpoint directories ----------------------------------------------------------------------
@@ -263,9 +325,13 @@ def read_meta(ckpt: Path) -> dict[str, Any]:
     return meta
 
 
-def resume_point(run_dir: Path) -> Path:
-    """The newest complete checkpoint of a run that carries optimizer state."""
-    candidates = [d for d in list_checkpoints(run_dir) if (d / STATE_FILE).is_file()]
+def resume_point(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint of a run that carries optimizer state; None when the run
+    was stopped before its first checkpoint (it continues from the start)."""
+    checkpoints = list_checkpoints(run_dir)
+    candidates = [d for d in checkpoints if (d / STATE_FILE).is_file()]
+    if not checkpoints:
+        return None
     if not candidates:
         raise CheckpointError(f"resume: {run_dir} has no checkpoint with a resume state "
                               f"({STATE_FILE}); it cannot be continued")
