@@ -1,14 +1,14 @@
-"""python -m analysis.sweep SWEEP_DIR --key data.repeat.p [--key data.repeat.form] [--out DIR]:
+"""python -m analysis.by_config SWEEP_DIR --key data.repeat.p [--key data.repeat.form] [--out DIR]:
 when does the phase change come, as a function of swept config values?
 
 Runs the same detection as `python -m analysis` (analysis/phase.py, default parameters or
 `--set`) on every run under SWEEP_DIR, groups the runs by the values of the given config keys
 (read from each run's config.yaml), and writes:
 
-* `sweep.md`: one row per group: the keys' values, the runs with a phase change out of all, the
+* `by_config.md`: one row per group: the keys' values, the runs with a phase change out of all, the
   tokens at the steepest point of each run's window (sorted; "none" for a run without one), their
   median, and the tokens the runs trained for;
-* `sweep.png`: the steepest-point tokens against the first key (log scale), one marker per run,
+* `by_config.png`: the steepest-point tokens against the first key (log scale), one marker per run,
   one colour per value of the second key; runs without a phase change at the top, marked "none".
 """
 from __future__ import annotations
@@ -95,10 +95,10 @@ def figure(keys: list[str], groups: list[dict[str, Any]], path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m analysis.sweep", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m analysis.by_config", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep", nargs="+", metavar="SWEEP_DIR")
     parser.add_argument("--key", action="append", required=True, help="config key to group by (dotted)")
-    parser.add_argument("--out", type=Path, default=None, help="output directory (default: SWEEP_DIR/sweep)")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default: SWEEP_DIR/by_config)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="detection parameter")
     args = parser.parse_args(argv)
     try:
@@ -109,12 +109,12 @@ def main(argv: list[str] | None = None) -> int:
     except AnalysisError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = args.out or Path(args.sweep[0]) / "sweep"
+    out = args.out or Path(args.sweep[0]) / "by_config"
     out.mkdir(parents=True, exist_ok=True)
     text = table(args.key, groups)
-    (out / "sweep.md").write_text(text, encoding="utf-8")
-    figure(args.key, groups, out / "sweep.png")
-    print(text + f"\n{out / 'sweep.md'}\n{out / 'sweep.png'}")
+    (out / "by_config.md").write_text(text, encoding="utf-8")
+    figure(args.key, groups, out / "by_config.png")
+    print(text + f"\n{out / 'by_config.md'}\n{out / 'by_config.png'}")
     return 0
 
 
