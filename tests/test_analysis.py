@@ -217,3 +217,21 @@ def test_recomputed_keys_join_the_runs_rows(tmp_path):
     assert run.series("icl_score").tolist() == pytest.approx([0.0, -0.1, -0.2, -0.3])
     llc = run.series("llc/mean")
     assert llc[0] == 0.0 and llc[2] == 2.0 and math.isnan(llc[1]) and math.isnan(llc[3])
+
+
+def test_sweep_table_groups_runs_by_config_values(two_layer_run, one_layer_run, tmp_path, capsys):
+    """analysis.sweep on the real 1- and 2-layer runs, grouped by model.n_layers: the 2-layer group
+    has its phase change at the same tokens `analysis` finds, the 1-layer group has none."""
+    from analysis.by_config import main as sweep_main
+
+    sweep = tmp_path / "sweep"
+    shutil.copytree(two_layer_run, sweep / "a", ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.copytree(one_layer_run, sweep / "b", ignore=shutil.ignore_patterns("checkpoints"))
+    assert sweep_main([str(sweep), "--key", "model.n_layers", "--key", "seed"]) == 0
+    rows = [line for line in (sweep / "by_config" / "by_config.md").read_text().splitlines() if line.startswith("| ")][1:]
+    expected = _detect(two_layer_run)["window"]["steepest_tokens"]
+    assert rows[0].startswith("| 1 | 0 | 0/1 | none | none |")
+    assert rows[1].startswith(f"| 2 | 0 | 1/1 | {expected / 1e6:.2f}M | {expected / 1e6:.2f}M |")
+    assert (sweep / "by_config" / "by_config.png").stat().st_size > 10_000
+    assert sweep_main([str(tmp_path / "nothing"), "--key", "seed"]) == 2
+    assert "error:" in capsys.readouterr().err

@@ -15,7 +15,7 @@ from omegaconf.errors import ValidationError
 
 from tests.helpers import CONF_DIR, compose_config
 from train.callbacks import Callback, InductionClassification
-from train.config import Config
+from train.config import TEXT_DATA, Config
 from train.data import RepeatsLanguage, build_data, build_probes
 from train.loggers import WandbLogger
 from train.model import AttnOnlyTransformer
@@ -28,9 +28,22 @@ def _options(group):
     return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
 
 
+@pytest.fixture(scope="module")
+def small_text(tmp_path_factory):
+    """Overrides that give text configs a small corpus (CPython's help texts) and a short context."""
+    import pydoc_data.topics as topics
+
+    where = tmp_path_factory.mktemp("text")
+    (where / "help.txt").write_text("\n\n".join(topics.topics[k] for k in sorted(topics.topics))[:60_000])
+    return [f"data.source={where / 'help.txt'}", f"data.cache_dir={where / 'cache'}", "data.n_ctx=64",
+            "data.vocab_size=400", "probes.icl_early=null", "probes.icl_late=null"]
+
+
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
-def test_every_config_file_composes_and_builds(group, option):
+def test_every_config_file_composes_and_builds(group, option, small_text):
     cfg = compose_config([f"{group}={option}"])
+    if cfg.data._target_ == TEXT_DATA:  # text needs a corpus
+        cfg = compose_config([f"{group}={option}", *small_text])
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     model = instantiate(cfg.model)
     assert isinstance(model, AttnOnlyTransformer)

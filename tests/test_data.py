@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.data import BOS, RepeatsLanguage, TokenFile, build_data, build_probes, probe_tokens
+from train.data import BOS, RepeatsLanguage, build_data, build_probes, probe_tokens, token_file
 
 
 def _lang(**kw):
@@ -96,7 +96,7 @@ def test_token_file_npy_and_datasets_dir(tmp_path):
     import datasets
 
     datasets.Dataset.from_dict({"input_ids": tokens.reshape(50, 100).tolist()}).save_to_disk(tmp_path / "ds")
-    src2 = TokenFile(str(tmp_path / "ds"), n_ctx=16, vocab_size=30)
+    src2 = token_file(str(tmp_path / "ds"), n_ctx=16, vocab_size=30)
     assert src2.batch(3, 2).shape == (2, 16)
 
 

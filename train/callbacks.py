@@ -172,23 +172,34 @@ class CopyingScores(Callback):
 
 
 class HeldoutLoss(Callback):
-    """Held-out loss, the full per-position loss vector, and the ICL score with its indices."""
+    """Held-out loss, the full per-position loss vector, and the ICL score with its indices and its
+    standard error over the held-out sequences (each index averaged over +- `icl_window`
+    positions). With the repetition knob on, the loss and ICL score on held-out sequences with
+    the training repetition too (the plain ones stay the main numbers)."""
 
     provides = (N.LOSS_HELDOUT, N.ICL_SCORE, N.PER_POSITION_LOSS)
 
-    def __init__(self, every: int = 1, icl_early: int | None = None, icl_late: int | None = None):
+    def __init__(self, every: int = 1, icl_early: int | None = None, icl_late: int | None = None,
+                 icl_window: int = 0):
         super().__init__(every)
-        self.icl_early, self.icl_late = icl_early, icl_late
+        self.icl_early, self.icl_late, self.icl_window = icl_early, icl_late, icl_window
 
     def setup(self, ctx: RunContext) -> None:
         self.early, self.late = M.icl_indices(ctx.probes.heldout.shape[1], self.icl_early, self.icl_late)
 
     def __call__(self, ctx: RunContext) -> dict[str, Any]:
-        losses = M.per_position_loss(ctx.model, ctx.probes.heldout)
-        return {N.LOSS_HELDOUT: float(losses.mean()),
-                N.ICL_SCORE: float(M.icl_score(losses, self.early, self.late)),
-                N.ICL_EARLY: self.early, N.ICL_LATE: self.late,
-                N.PER_POSITION_LOSS: losses}
+        per_sequence = M.sequence_losses(ctx.model, ctx.probes.heldout)
+        losses = M.mean_over_sequences(per_sequence)
+        out = {N.LOSS_HELDOUT: float(losses.mean()),
+               N.ICL_SCORE: float(M.icl_score(losses, self.early, self.late, self.icl_window)),
+               N.ICL_SCORE_SE: float(M.icl_score_se(per_sequence, self.early, self.late, self.icl_window)),
+               N.ICL_EARLY: self.early, N.ICL_LATE: self.late,
+               N.PER_POSITION_LOSS: losses}
+        if ctx.probes.heldout_mixture is not None:
+            mixture = M.per_position_loss(ctx.model, ctx.probes.heldout_mixture)
+            out[N.LOSS_HELDOUT_MIXTURE] = float(mixture.mean())
+            out[N.ICL_SCORE_MIXTURE] = float(M.icl_score(mixture, self.early, self.late, self.icl_window))
+        return out
 
 
 # -- mechanistic scores, probe robustness, classification, ablations ---------------------------

@@ -38,17 +38,39 @@ class ModelConfig:
 
 
 @dataclass
+class RepeatConfig:
+    """The repetition knob (train/data.py Repetition), for any data source."""
+
+    p: float = 0.0  # share of training sequences that repeat a span of their own text
+    min_span: int = 4
+    max_span: int = 20
+    form: str = "tile"  # one of REPEAT_FORMS
+
+
+@dataclass
 class DataConfig:
     _target_: str = "train.data.build_data"
     vocab_size: int = 64  # including BOS (id 0)
     n_ctx: int = 64  # sequence length including BOS
-    seed: int = 0  # seed of the language itself (the bigram chain), not of the run
+    seed: int = 0  # seed of the data (the bigram chain, window draws), not of the run
     path: Optional[str] = None  # token file (.npy) or `datasets` directory instead of the generator
     p_repeat: float = 0.6
     p_uniform_segment: float = 0.5
     min_period: int = 4
     max_period: int = 20
     branching: int = 4
+    # natural text (train/text.py): a local file, directory or glob, or a hub dataset name
+    source: Optional[str] = None
+    source_config: Optional[str] = None  # hub dataset config name
+    split: str = "train"  # hub dataset split
+    text_column: str = "text"
+    streaming: bool = False  # stream a hub dataset instead of downloading it whole
+    max_documents: Optional[int] = None  # use only the first N documents
+    tokenizer: str = "bpe"  # bpe (trained here, data.vocab_size tokens) or a transformers tokenizer
+    tokenizer_documents: int = 100_000  # documents the BPE is trained on
+    heldout_every: int = 20  # every N-th document is held out
+    cache_dir: str = "~/.cache/induction-tracker/tokens"
+    repeat: RepeatConfig = field(default_factory=RepeatConfig)
 
 
 @dataclass
@@ -95,6 +117,7 @@ class ProbeConfig:
     seed: int = 1234
     icl_early: Optional[int] = None  # defaults scale Olsson's 50 / 500 (of 512) with n_ctx
     icl_late: Optional[int] = None
+    icl_window: int = 0  # the ICL score averages positions index +- icl_window (0: single indices)
 
 
 @dataclass
@@ -138,6 +161,8 @@ POSITIONAL_SCHEMES = ("learned", "shortformer", "rotary")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 WANDB_MODES = ("auto", "online", "offline")  # auto: online if logged in, else offline
 DEVICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N
+REPEAT_FORMS = ("tile", "copy")  # data.repeat.form
+TEXT_DATA = "train.data.build_text_data"  # data=text's builder: needs data.source
 
 
 class ConfigError(ValueError):
@@ -195,6 +220,22 @@ def _validate_model_and_data(cfg: Any) -> None:
     _need(m.d_vocab == d.vocab_size and m.n_ctx == d.n_ctx,
           f"model.d_vocab/n_ctx ({m.d_vocab}, {m.n_ctx}) must follow data.vocab_size/n_ctx "
           f"({d.vocab_size}, {d.n_ctx}); leave them at their defaults")
+    r = d.repeat
+    _need(0.0 <= r.p <= 1.0, f"data.repeat.p must lie in [0, 1], got {r.p}")
+    _need(r.form in REPEAT_FORMS, f"unknown data.repeat.form {r.form!r}; choose one of {', '.join(REPEAT_FORMS)}")
+    _need(1 <= r.min_span <= r.max_span, f"need 1 <= data.repeat.min_span <= data.repeat.max_span, "
+                                         f"got {r.min_span}, {r.max_span}")
+    longest = d.n_ctx - 1 if r.form == "tile" else (d.n_ctx - 1) // 2
+    _need(r.p == 0 or r.max_span <= longest, f"data.repeat.max_span={r.max_span} does not fit "
+          f"{'a span and its copy' if r.form == 'copy' else 'the context'} in data.n_ctx={d.n_ctx}")
+    _need(not (d.source and d.path), "set data.source (text) or data.path (token ids), not both")
+    _need(d.source or d._target_ != TEXT_DATA, "data=text needs data.source=FILE (.txt, .jsonl, .parquet), "
+                                               "a directory, a glob or a hub dataset name")
+    if d.source:
+        _positive(cfg, "data", "tokenizer_documents", "heldout_every")
+        _need(d.max_documents is None or d.max_documents > 0, f"data.max_documents must be positive, got {d.max_documents}")
+        _need(d.heldout_every >= 2, f"data.heldout_every must be at least 2, got {d.heldout_every}")
+        return
     if d.path:
         path = Path(os.path.expanduser(str(d.path)))
         _need(path.exists(), f"data.path does not exist: {path}")
@@ -245,6 +286,7 @@ def _validate_probes(cfg: Any) -> None:
         _need(value is None or 0 <= value <= last,
               f"probes.{name}={value} lies outside the context: positions 0..{last} predict a token "
               f"when data.n_ctx={n_ctx}")
+    _need(p.icl_window >= 0, f"probes.icl_window must be >= 0, got {p.icl_window}")
     if p.icl_early is not None and p.icl_late is not None:
         _need(p.icl_early < p.icl_late, f"probes.icl_early={p.icl_early} must be below probes.icl_late={p.icl_late}")
 
@@ -257,8 +299,9 @@ HYDRA_SPECIAL_KEYS = ("_args_", "_partial_", "_recursive_", "_convert_")
 
 def known_components() -> dict[str, set[str]]:
     """The registry of components a config may build: where a `_target_` may stand, and the
-    targets allowed there. `model` and `data` are the schema's own; `logger` the options of
-    conf/logger/; `callbacks` (one entry per callback name) every callback of conf/callbacks/."""
+    targets allowed there. `model` is the schema's own; `data` the schema's and the options of
+    conf/data/; `logger` the options of conf/logger/; `callbacks` (one entry per callback name)
+    every callback of conf/callbacks/."""
     from omegaconf import OmegaConf
 
     def targets(group: str) -> set[str]:
@@ -269,7 +312,8 @@ def known_components() -> dict[str, set[str]]:
             found |= {str(e["_target_"]) for e in entries if "_target_" in e}
         return found
 
-    return {"model": {ModelConfig._target_}, "data": {DataConfig._target_}, "logger": targets("logger"),
+    return {"model": {ModelConfig._target_}, "data": {DataConfig._target_} | targets("data"),
+            "logger": targets("logger"),
             "callbacks": targets("callbacks")}
 
 

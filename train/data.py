@@ -20,13 +20,16 @@ robustness variants (`robustness_probes`). Constructor defaults are the config s
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from types import MappingProxyType
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from train.config import DataConfig as _Data
+from train.config import RepeatConfig as _Repeat
 from train.config import ProbeConfig as _Probes
 
 BOS = 0
@@ -131,53 +134,80 @@ class RepeatsLanguage:
         return ds.with_format("torch")
 
 
-class TokenFile:
-    """Token sequences from disk: a `.npy` array ([n_seq, n_ctx] or a flat token stream) or a
-    directory saved by `datasets.Dataset.save_to_disk` with an ``input_ids`` column.
-    Windows of n_ctx - 1 tokens are drawn at random (seeded by step), and BOS is prepended to
-    each."""
+class TokenStream:
+    """Windows of token streams: each sequence is BOS + `n_ctx - 1` consecutive tokens of one
+    stream, the stream and offset drawn uniformly over all windows (seeded by step for training,
+    by `seed` for held-out sets). Streams are 1-D arrays (numpy memory maps for shards), so
+    memory stays flat however large the corpus."""
 
-    def __init__(self, path: str, n_ctx: int, vocab_size: int, seed: int = 0, heldout_fraction: float = 0.05):
-        path = os.path.expanduser(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"data.path does not exist: {path}")
-        if os.path.isdir(path):
-            import datasets
-
-            ds = datasets.load_from_disk(path)
-            if "input_ids" not in ds.column_names:
-                raise ValueError(f"dataset at {path} has no 'input_ids' column (columns: {ds.column_names})")
-            arrays = [np.asarray(r) for r in ds["input_ids"]]
-            tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
-        else:
-            tokens = _read_npy(path)
-        if not np.issubdtype(tokens.dtype, np.integer):  # bool is not an integer dtype here
-            raise ValueError(f"{path} holds {tokens.dtype} values; token ids must be integers "
-                             f"(convert them with .astype(np.int64) if they are whole numbers)")
-        tokens = tokens.astype(np.int64).reshape(-1)
-        if tokens.size < 2 * n_ctx:
-            raise ValueError(f"{path} holds {tokens.size} tokens, fewer than two contexts of {n_ctx}")
-        if tokens.min() < 0 or tokens.max() >= vocab_size:
-            raise ValueError(f"{path} has token ids outside [0, {vocab_size}); set data.vocab_size")
+    def __init__(self, train: list, heldout: list, n_ctx: int, vocab_size: int, seed: int = 0):
         self.n_ctx, self.vocab_size, self.seed = n_ctx, vocab_size, seed
-        split = int(tokens.size * (1 - heldout_fraction))
-        self.train_tokens = torch.from_numpy(tokens[:split])
-        self.heldout_tokens = torch.from_numpy(tokens[split:]) if tokens.size - split > n_ctx else self.train_tokens
+        self.train_streams, self.heldout_streams = train, heldout
 
-    def _windows(self, stream: torch.Tensor, n_seq: int, g: torch.Generator) -> torch.Tensor:
+    def _windows(self, streams: list, n_seq: int, g: torch.Generator) -> torch.Tensor:
         body = self.n_ctx - 1
-        starts = torch.randint(0, stream.numel() - body, (n_seq,), generator=g)
-        seqs = stream[starts[:, None] + torch.arange(body)[None]]
+        counts = torch.tensor([max(len(s) - body, 0) for s in streams])
+        starts = torch.randint(0, int(counts.sum()), (n_seq,), generator=g)
+        if len(streams) == 1 and isinstance(streams[0], torch.Tensor):
+            seqs = streams[0][starts[:, None] + torch.arange(body)[None]]
+        else:
+            ends = counts.cumsum(0)
+            which = torch.searchsorted(ends, starts, right=True)
+            offsets = starts - (ends - counts)[which]
+            seqs = torch.from_numpy(np.stack([np.asarray(streams[w][o : o + body], dtype=np.int64)
+                                              for w, o in zip(which.tolist(), offsets.tolist())]))
         return torch.cat([torch.full((n_seq, 1), BOS, dtype=torch.long), seqs], dim=1)
 
     def batch(self, step: int, batch_size: int) -> torch.Tensor:
-        return self._windows(self.train_tokens, batch_size, _generator(self.seed, 1, step))
+        return self._windows(self.train_streams, batch_size, _generator(self.seed, 1, step))
 
     def heldout(self, n_seq: int, seed: int) -> torch.Tensor:
-        return self._windows(self.heldout_tokens, n_seq, _generator(self.seed, 2, seed))
+        return self._windows(self.heldout_streams, n_seq, _generator(self.seed, 2, seed))
 
-    def token_frequencies(self, n_seq: int = 256) -> torch.Tensor:
-        return torch.bincount(self.train_tokens, minlength=self.vocab_size).float()
+    def token_frequencies(self, max_tokens: int = 1 << 24) -> torch.Tensor:
+        """Token counts over the training streams (at most `max_tokens`, spread over the streams)."""
+        counts = np.zeros(self.vocab_size, dtype=np.int64)
+        share = max(max_tokens // max(len(self.train_streams), 1), 1)
+        for s in self.train_streams:
+            counts += np.bincount(np.asarray(s[:share], dtype=np.int64), minlength=self.vocab_size)[: self.vocab_size]
+        return torch.from_numpy(counts).float()
+
+
+def _check_ids(tokens: np.ndarray, vocab_size: int, where: str) -> None:
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise ValueError(f"{where} has token ids outside [0, {vocab_size}) (max {int(tokens.max())}); "
+                         f"set data.vocab_size to at least {int(tokens.max()) + 1}")
+
+
+class TokenRows:
+    """Whole rows of an `[n, n_ctx]` (BOS first) or `[n, n_ctx - 1]` (BOS prepended) token array:
+    training batches draw rows (seeded by step) from the first rows, held-out sets from the last
+    `heldout_fraction` of them."""
+
+    def __init__(self, rows: np.ndarray, n_ctx: int, vocab_size: int, seed: int = 0, heldout_fraction: float = 0.05,
+                 where: str = "data.path"):
+        if rows.shape[1] == n_ctx - 1:
+            rows = np.concatenate([np.full((rows.shape[0], 1), BOS, dtype=rows.dtype), rows], axis=1)
+        if rows.shape[1] != n_ctx or (rows[:, 0] != BOS).any():
+            raise ValueError(f"{where} holds rows of {rows.shape[1]} tokens; rows must have data.n_ctx={n_ctx} "
+                             f"tokens starting with BOS (id {BOS}) or data.n_ctx - 1 = {n_ctx - 1} tokens")
+        if rows.shape[0] < 2:
+            raise ValueError(f"{where} holds {rows.shape[0]} row; need at least 2 (training and held-out)")
+        self.n_ctx, self.vocab_size, self.seed = n_ctx, vocab_size, seed
+        n_heldout = max(1, int(round(rows.shape[0] * heldout_fraction)))
+        tensor = torch.from_numpy(rows.astype(np.int64))
+        self.train_rows, self.heldout_rows = tensor[:-n_heldout], tensor[-n_heldout:]
+
+    def batch(self, step: int, batch_size: int) -> torch.Tensor:
+        g = _generator(self.seed, 1, step)
+        return self.train_rows[torch.randint(0, self.train_rows.shape[0], (batch_size,), generator=g)]
+
+    def heldout(self, n_seq: int, seed: int) -> torch.Tensor:
+        g = _generator(self.seed, 2, seed)
+        return self.heldout_rows[torch.randint(0, self.heldout_rows.shape[0], (n_seq,), generator=g)]
+
+    def token_frequencies(self) -> torch.Tensor:
+        return torch.bincount(self.train_rows.flatten(), minlength=self.vocab_size).float()
 
 
 def _read_npy(path: str) -> np.ndarray:
@@ -199,12 +229,133 @@ def _read_npy(path: str) -> np.ndarray:
         raise ValueError(f"{where}: {e.strerror or e}") from None
 
 
+def token_file(path: str, n_ctx: int, vocab_size: int, seed: int = 0, heldout_fraction: float = 0.05):
+    """Token ids from disk: a `.npy` array (a flat stream, or `[n, n_ctx]` rows kept as rows) or a
+    directory saved by `datasets.Dataset.save_to_disk` with an ``input_ids`` column (a stream).
+    A stream's last `heldout_fraction` is the held-out split."""
+    path = os.path.expanduser(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"data.path does not exist: {path}")
+    if os.path.isdir(path):
+        import datasets
+
+        ds = datasets.load_from_disk(path)
+        if "input_ids" not in ds.column_names:
+            raise ValueError(f"dataset at {path} has no 'input_ids' column (columns: {ds.column_names})")
+        arrays = [np.asarray(r) for r in ds["input_ids"]]
+        tokens = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int64)
+    else:
+        tokens = _read_npy(path)
+    if not np.issubdtype(tokens.dtype, np.integer):  # bool is not an integer dtype here
+        raise ValueError(f"{path} holds {tokens.dtype} values; token ids must be integers "
+                         f"(convert them with .astype(np.int64) if they are whole numbers)")
+    _check_ids(tokens, vocab_size, path)
+    if tokens.ndim == 2:
+        return TokenRows(tokens, n_ctx, vocab_size, seed, heldout_fraction, where=path)
+    tokens = tokens.astype(np.int64).reshape(-1)
+    if tokens.size < 2 * n_ctx:
+        raise ValueError(f"{path} holds {tokens.size} tokens, fewer than two contexts of {n_ctx}")
+    split = int(tokens.size * (1 - heldout_fraction))
+    train = torch.from_numpy(tokens[:split])
+    heldout = torch.from_numpy(tokens[split:]) if tokens.size - split > n_ctx else train
+    return TokenStream([train], [heldout], n_ctx, vocab_size, seed)
+
+
+class TextCorpus(TokenStream):
+    """Natural text from the token shards of a cache entry (train/text.py): documents joined with
+    the end-of-document id, held-out documents in their own shards; `tokenizer_dir` holds the
+    tokenizer that decodes the ids."""
+
+    def __init__(self, entry, n_ctx: int, vocab_size: int, seed: int = 0):
+        from train import text
+
+        meta = text.read_meta(entry)
+        if meta["vocab_size"] > vocab_size:
+            raise ValueError(f"the tokenizer has {meta['vocab_size']} tokens but data.vocab_size={vocab_size}; "
+                             f"set data.vocab_size={meta['vocab_size']}")
+        train, heldout = text.open_shards(entry, "train"), text.open_shards(entry, "heldout")
+        body = n_ctx - 1
+        for name, streams in (("training", train), ("held-out", heldout)):
+            if not any(len(s) > body for s in streams):
+                raise ValueError(f"the corpus's {name} split has fewer tokens than one context "
+                                 f"(data.n_ctx={n_ctx}); give more text or a shorter context")
+        super().__init__(train, heldout, n_ctx, vocab_size, seed)
+        self.entry, self.meta = entry, meta
+        self.tokenizer_dir = entry / text.TOKENIZER_DIR
+
+
+class Repetition:
+    """The repetition knob, for any data source: with probability `p` a training sequence repeats
+    a span of its own text, `min_span`..`max_span` tokens long, starting right after BOS:
+
+    * `tile`: the span tiled to fill the context (BOS + span, span, span, ...);
+    * `copy`: one later copy, at a uniformly drawn position after the span's end (the rest stays
+      the sequence's text).
+
+    The repeated tokens are the sequence's own text, never random tokens; held-out sets stay plain
+    (`mixture` gives held-out sequences with the same repetition, for measuring both)."""
+
+    def __init__(self, source, p: float, min_span: int, max_span: int, form: str):
+        self.source, self.p, self.min_span, self.max_span, self.form = source, p, min_span, max_span, form
+
+    def __getattr__(self, name):  # everything but the batches is the source's
+        return getattr(self.source, name)
+
+    def apply(self, seqs: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        n, length = seqs.shape
+        body = length - 1
+        span = torch.randint(self.min_span, self.max_span + 1, (n,), generator=g)
+        chosen = torch.rand(n, generator=g) < self.p
+        pos = torch.arange(body)[None]
+        if self.form == "tile":
+            source_pos = pos % span[:, None]
+        else:  # one later copy: positions [at, at + span) take positions [0, span)
+            room = (body - 2 * span).clamp(min=0)
+            at = span + (torch.rand(n, generator=g) * (room + 1)).long().clamp(max=room)
+            inside = (pos >= at[:, None]) & (pos < (at + span)[:, None])
+            source_pos = torch.where(inside, pos - at[:, None], pos)
+        out = seqs.clone()
+        out[chosen, 1:] = seqs[:, 1:].gather(1, source_pos)[chosen]
+        return out
+
+    def batch(self, step: int, batch_size: int) -> torch.Tensor:
+        return self.apply(self.source.batch(step, batch_size), _generator(self.source.seed, 5, step))
+
+    def mixture(self, n_seq: int, seed: int) -> torch.Tensor:
+        return self.apply(self.source.heldout(n_seq, seed), _generator(self.source.seed, 6, seed))
+
+
 def build_data(vocab_size: int = _Data.vocab_size, n_ctx: int = _Data.n_ctx, seed: int = _Data.seed,
-               path: str | None = _Data.path, **kwargs):
-    """Build the data source from config: the embedded language, or a token file at `path`."""
-    if path:
-        return TokenFile(path, n_ctx=n_ctx, vocab_size=vocab_size, seed=seed)
-    return RepeatsLanguage(vocab_size=vocab_size, n_ctx=n_ctx, seed=seed, **kwargs)
+               path: str | None = _Data.path, source: str | None = _Data.source,
+               source_config: str | None = _Data.source_config, split: str = _Data.split,
+               text_column: str = _Data.text_column, streaming: bool = _Data.streaming,
+               max_documents: int | None = _Data.max_documents, tokenizer: str = _Data.tokenizer,
+               tokenizer_documents: int = _Data.tokenizer_documents, heldout_every: int = _Data.heldout_every,
+               cache_dir: str = _Data.cache_dir, repeat: Mapping = MappingProxyType(asdict(_Repeat())), **kwargs):
+    """Build the data source from config: natural text (`source`), a token file (`path`), or the
+    embedded language; wrapped in the repetition knob when `repeat.p > 0`."""
+    if source:
+        from train import text
+
+        entry = text.build_shards(source, cache_dir, source_config=source_config, split=split,
+                                  text_column=text_column, streaming=streaming, max_documents=max_documents,
+                                  tokenizer=tokenizer, vocab_size=vocab_size, sample_documents=tokenizer_documents,
+                                  heldout_every=heldout_every)
+        data = TextCorpus(entry, n_ctx=n_ctx, vocab_size=vocab_size, seed=seed)
+    elif path:
+        data = token_file(path, n_ctx=n_ctx, vocab_size=vocab_size, seed=seed)
+    else:
+        data = RepeatsLanguage(vocab_size=vocab_size, n_ctx=n_ctx, seed=seed, **kwargs)
+    if repeat["p"] > 0:
+        data = Repetition(data, repeat["p"], repeat["min_span"], repeat["max_span"], repeat["form"])
+    return data
+
+
+def build_text_data(source: str | None = None, **kwargs):
+    """`data=text`: `build_data` with a text source required."""
+    if not source:
+        raise ValueError("data=text needs data.source")
+    return build_data(source=source, **kwargs)
 
 
 @dataclass
@@ -217,11 +368,14 @@ class Probes:
     copy_tokens: torch.Tensor  # [k] random tokens for the copying score
     heldout: torch.Tensor  # [n_heldout, n_ctx] training-distribution sequences
     allowed: torch.Tensor  # the tokens random probes draw from (see probe_tokens); kept on the CPU
+    heldout_mixture: torch.Tensor | None = None  # held-out sequences with the training repetition
 
     def to(self, device) -> "Probes":
         """Move the probe tensors to `device` (in place); returns self."""
         self.repeated, self.copy_tokens, self.heldout = (
             self.repeated.to(device), self.copy_tokens.to(device), self.heldout.to(device))
+        if self.heldout_mixture is not None:
+            self.heldout_mixture = self.heldout_mixture.to(device)
         return self
 
 
@@ -272,7 +426,8 @@ def build_probes(
                          f"raise data.vocab_size or lower probes.period")
     repeated = repeated_random_tokens(n_probes, period, repeats, allowed, g)
     copy_tokens = allowed[torch.randperm(allowed.numel(), generator=g)[:n_copy_tokens]]
-    return Probes(repeated, period, repeats, copy_tokens, data.heldout(n_heldout, seed), allowed)
+    mixture = data.mixture(n_heldout, seed) if isinstance(data, Repetition) else None
+    return Probes(repeated, period, repeats, copy_tokens, data.heldout(n_heldout, seed), allowed, mixture)
 
 
 def probes_from_config(data, n_ctx: int, probes_cfg) -> Probes:

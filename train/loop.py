@@ -209,6 +209,8 @@ class Trainer:
             rundir.rewind_metrics(self.run_dir, self.step)
             rundir.remove_stale_temporaries(self.run_dir)
             self.resumed_from.append(self.step)
+        if getattr(self.data, "tokenizer_dir", None) is not None:
+            rundir.save_tokenizer(self.run_dir, self.data.tokenizer_dir)
         metrics = rundir.MetricsFile(self.run_dir)
         run_id = self.logger.start(self.run_dir, OmegaConf.to_container(self.cfg, resolve=True),
                                    previous.get("wandb_run_id"))

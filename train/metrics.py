@@ -119,12 +119,22 @@ def copying_score(model: AttnOnlyTransformer, tokens: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
+def sequence_losses(model: AttnOnlyTransformer, tokens: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """[n, n_ctx - 1]: cross-entropy of every next-token prediction of every sequence in `tokens`."""
+    return torch.cat([token_losses(model(chunk).logits, chunk) for chunk in tokens.split(batch_size)])
+
+
+def mean_over_sequences(losses: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """[n, pos] -> [pos]: the mean over sequences (summed in chunks of `batch_size` sequences)."""
+    total = torch.zeros(losses.shape[1], device=losses.device)
+    for chunk in losses.split(batch_size):
+        total += chunk.sum(0)
+    return total / losses.shape[0]
+
+
 def per_position_loss(model: AttnOnlyTransformer, tokens: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
     """[n_ctx - 1]: mean cross-entropy of the prediction at each position over `tokens`."""
-    total = torch.zeros(tokens.shape[1] - 1, device=tokens.device)
-    for chunk in tokens.split(batch_size):
-        total += token_losses(model(chunk).logits, chunk).sum(0)
-    return total / tokens.shape[0]
+    return mean_over_sequences(sequence_losses(model, tokens, batch_size), batch_size)
 
 
 def token_losses(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -142,8 +152,25 @@ def icl_indices(n_ctx: int, early: int | None = None, late: int | None = None) -
     return early, late
 
 
-def icl_score(position_loss: torch.Tensor, early: int, late: int) -> torch.Tensor:
-    return position_loss[late] - position_loss[early]
+def _window(index: int, window: int, length: int) -> slice:
+    return slice(max(index - window, 0), min(index + window + 1, length))
+
+
+def icl_score(position_loss: torch.Tensor, early: int, late: int, window: int = 0) -> torch.Tensor:
+    """loss at `late` - loss at `early` (each the mean over positions index +- `window`) of a
+    per-position loss [pos] (or [n, pos]: one score per sequence)."""
+    if window == 0:
+        return position_loss[..., late] - position_loss[..., early]
+    n = position_loss.shape[-1]
+    return (position_loss[..., _window(late, window, n)].mean(-1)
+            - position_loss[..., _window(early, window, n)].mean(-1))
+
+
+def icl_score_se(losses: torch.Tensor, early: int, late: int, window: int = 0) -> torch.Tensor:
+    """Standard error of the ICL score over sequences: std of the per-sequence scores of `losses`
+    [n, pos] / sqrt(n)."""
+    per_sequence = icl_score(losses, early, late, window)
+    return per_sequence.std() / per_sequence.numel() ** 0.5
 
 
 def repeated_part_loss(losses: torch.Tensor, period: int) -> torch.Tensor:

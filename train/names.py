@@ -26,6 +26,9 @@ from typing import Any
 STEP, TOKENS, LR = "step", "tokens", "lr"
 LOSS_TRAIN, LOSS_HELDOUT = "loss/train", "loss/heldout"
 PER_POSITION_LOSS, ICL_SCORE, ICL_EARLY, ICL_LATE = "per_position_loss", "icl_score", "icl_early", "icl_late"
+ICL_SCORE_SE = "icl_score_se"
+# the same on held-out sequences with the training repetition applied (data.repeat.p > 0)
+LOSS_HELDOUT_MIXTURE, ICL_SCORE_MIXTURE = "loss/heldout_mixture", "icl_score_mixture"
 EVENT = "event"  # a row that records a fault instead of a checkpoint
 NONFINITE, DIVERGENCE = "nonfinite", "divergence"  # its values: a non-finite loss or gradient; the divergence guard
 ELAPSED = "time/elapsed_s"  # loggers only (wall clock is not part of metrics.jsonl)

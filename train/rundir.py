@@ -33,6 +33,7 @@ MODEL_FILE, META_FILE, STATE_FILE = "model.safetensors", "meta.json", "train_sta
 # Files whose presence means a directory already holds a run.
 RUN_MARKERS = (STATUS_FILE, METRICS_FILE, CONFIG_FILE, CHECKPOINTS)
 RECOMPUTED_FILE = "recomputed.jsonl"  # written by `python -m analysis.recompute`
+TOKENIZER_DIR = "tokenizer"  # text runs: the tokenizer (transformers.PreTrainedTokenizerFast) that made the ids
 RUNNING, FINISHED, FAILED, INTERRUPTED = "running", "finished", "failed", "interrupted"  # status.json states
 SCHEDULED, INTERRUPT = "scheduled", "interrupt"  # meta.json kinds: on the schedule, or written on a stop signal
 TMP_SUFFIX = ".tmp"  # a checkpoint directory being written (or replaced); removed on resume
@@ -77,6 +78,18 @@ def write_json_atomic(path: Path, obj: Any) -> None:
 
 
 # -- status.json ---------------------------------------------------------------------------------
+def save_tokenizer(run_dir: Path, source: Path) -> None:
+    """Copy a tokenizer directory into the run (once; under a temporary name, then renamed)."""
+    target = Path(run_dir) / TOKENIZER_DIR
+    if target.exists():
+        return
+    tmp = target.with_name(TOKENIZER_DIR + TMP_SUFFIX)
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp)
+    os.replace(tmp, target)
+    fsync_dir(Path(run_dir))
+
+
 def read_status(run_dir: Path) -> dict[str, Any] | None:
     """status.json of a run directory, {} if unreadable, None if absent."""
     path = Path(run_dir) / STATUS_FILE

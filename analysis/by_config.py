@@ -1,0 +1,122 @@
+"""python -m analysis.by_config SWEEP_DIR --key data.repeat.p [--key data.repeat.form] [--out DIR]:
+when does the phase change come, as a function of swept config values?
+
+Runs the same detection as `python -m analysis` (analysis/phase.py, default parameters or
+`--set`) on every run under SWEEP_DIR, groups the runs by the values of the given config keys
+(read from each run's config.yaml), and writes:
+
+* `by_config.md`: one row per group: the keys' values, the runs with a phase change out of all, the
+  tokens at the steepest point of each run's window (sorted; "none" for a run without one), their
+  median, and the tokens the runs trained for;
+* `by_config.png`: the steepest-point tokens against the first key (log scale), one marker per run,
+  one colour per value of the second key; runs without a phase change at the top, marked "none".
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from analysis.__main__ import _params
+from analysis.phase import analyze_run
+from analysis.runs import AnalysisError, Run, load_runs
+
+
+def config_value(run: Run, key: str) -> Any:
+    """The value of a dotted key in the run's saved config (None when absent)."""
+    node: Any = run.config
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def group_runs(runs: list[Run], keys: list[str], results: dict[str, dict]) -> list[dict[str, Any]]:
+    """One entry per combination of the keys' values (sorted): values, steepest tokens per run
+    (None: no phase change) and the runs' total tokens."""
+    groups: dict[tuple, dict[str, Any]] = {}
+    for run in runs:
+        values = tuple(config_value(run, k) for k in keys)
+        g = groups.setdefault(values, {"values": values, "steepest": [], "trained": []})
+        window = results[str(run.path)]["window"]
+        g["steepest"].append(window["steepest_tokens"] if window else None)
+        g["trained"].append(float(run.tokens[-1]))
+    return [groups[k] for k in sorted(groups, key=lambda v: tuple((x is None, str(type(x)), x) for x in v))]
+
+
+def _tokens(t: float | None) -> str:
+    return "none" if t is None else f"{t / 1e6:.2f}M"
+
+
+def table(keys: list[str], groups: list[dict[str, Any]]) -> str:
+    lines = ["| " + " | ".join(keys) + " | phase change | steepest (tokens) | median | trained |",
+             "|" + " --- |" * (len(keys) + 4)]
+    for g in groups:
+        found = sorted(t for t in g["steepest"] if t is not None)
+        cells = [str(v) for v in g["values"]]
+        runs = ", ".join([_tokens(t) for t in found] + ["none"] * (len(g["steepest"]) - len(found)))
+        median = _tokens(float(np.median(found))) if len(found) * 2 > len(g["steepest"]) else "none"
+        trained = _tokens(max(g["trained"]))
+        lines.append("| " + " | ".join(cells + [f"{len(found)}/{len(g['steepest'])}", runs, median, trained]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(keys: list[str], groups: list[dict[str, Any]], path: Path) -> None:
+    from analysis.plots import plt
+
+    top = max(max(g["trained"]) for g in groups)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    second = sorted({g["values"][1] for g in groups}, key=str) if len(keys) > 1 else [None]
+    for i, value in enumerate(second):
+        members = [g for g in groups if len(keys) == 1 or g["values"][1] == value]
+        xs, ys, none_x = [], [], []
+        for g in members:
+            x = float(g["values"][0])
+            for t in g["steepest"]:
+                (xs if t is not None else none_x).append(x)
+                if t is not None:
+                    ys.append(t)
+        label = f"{keys[1]}={value}" if len(keys) > 1 else None
+        offset = (i - (len(second) - 1) / 2) * 0.004
+        ax.scatter(np.array(xs) + offset, ys, color=f"C{i}", label=label, zorder=3)
+        ax.scatter(np.array(none_x) + offset, [top * 1.4] * len(none_x), color=f"C{i}", marker="x", zorder=3)
+    ax.axhline(top, color="#999", lw=0.8, ls="--")
+    ax.text(ax.get_xlim()[0], top * 1.5, f" none within {top / 1e6:.1f}M tokens (x)", fontsize=8, va="bottom")
+    ax.set_yscale("log")
+    ax.set_xlabel(keys[0])
+    ax.set_ylabel("tokens at the steepest point of the phase change")
+    if label:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m analysis.by_config", description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep", nargs="+", metavar="SWEEP_DIR")
+    parser.add_argument("--key", action="append", required=True, help="config key to group by (dotted)")
+    parser.add_argument("--out", type=Path, default=None, help="output directory (default: SWEEP_DIR/by_config)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="detection parameter")
+    args = parser.parse_args(argv)
+    try:
+        params, _ = _params(args.set)
+        runs = load_runs(args.sweep)
+        results = {str(r.path): analyze_run(r, params) for r in runs}
+        groups = group_runs(runs, args.key, results)
+    except AnalysisError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = args.out or Path(args.sweep[0]) / "by_config"
+    out.mkdir(parents=True, exist_ok=True)
+    text = table(args.key, groups)
+    (out / "by_config.md").write_text(text, encoding="utf-8")
+    figure(args.key, groups, out / "by_config.png")
+    print(text + f"\n{out / 'by_config.md'}\n{out / 'by_config.png'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
