@@ -431,6 +431,8 @@ class Options:
 
 def run_series(source: str, out: Path, opts: Options, log=print) -> list[dict[str, Any]]:
     """Score every checkpoint of `source` not yet in out/metrics.jsonl; returns the new rows."""
+    if (out / rundir.CONFIG_FILE).exists() or (out / rundir.CHECKPOINTS).exists():
+        raise SeriesError(f"{out} holds a training run; write the series to a directory of its own")
     register_project_model()
     from transformers.utils import logging as hf_logging
 

@@ -254,6 +254,9 @@ def test_series_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert "hub" in one_line_error(capsys.readouterr().err)
     assert S.main(["EleutherAI/pythia-14m", "--out", str(tmp_path / "o")]) == 2
     assert "--revisions" in one_line_error(capsys.readouterr().err)
+    (tmp_path / "run" / rundir.CHECKPOINTS).mkdir(parents=True)
+    assert S.main([str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    assert "holds a training run" in one_line_error(capsys.readouterr().err)
     # A probe token outside the model's vocabulary: the checkpoint is recorded as failed.
     tiny_family("gpt2", 0).save_pretrained(tmp_path / "m" / "step5")
     E.write_probe_file(tmp_path / E.PROBES_FILE, {"repeated": torch.full((2, 9), 70), "copy_tokens": torch.arange(3),
