@@ -143,6 +143,7 @@ def test_inexact_standard_layouts_are_refused_in_one_line(tmp_path, capsys, layo
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.filterwarnings("ignore:HookedTransformer is deprecated:DeprecationWarning")  # 3.x says so
 def test_transformer_lens_export_gives_the_projects_logits(tmp_path):
     tl = pytest.importorskip("transformer_lens")  # the transformer-lens extra (installed in CI)
     import json
