@@ -82,7 +82,11 @@ def previous_token_score(patterns: torch.Tensor) -> torch.Tensor:
 
 
 def layernorm_direction(x: torch.Tensor, ln) -> torch.Tensor:
-    """Apply a LayerNorm's centering, scaling and weight (not its bias); identity if no LN."""
+    """Apply a LayerNorm's centering, scaling and weight (not its bias), or an RMSNorm's scaling
+    and weight (models of other families, analysis/series.py); identity if no norm."""
+    if isinstance(ln, torch.nn.RMSNorm):
+        eps = ln.eps if ln.eps is not None else torch.finfo(x.dtype).eps
+        return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt() * ln.weight
     if not isinstance(ln, torch.nn.LayerNorm):
         return x
     x = x - x.mean(-1, keepdim=True)

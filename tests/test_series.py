@@ -1,0 +1,274 @@
+"""Export to transformers / TransformerLens and induction-head scores over checkpoint series.
+
+The cross-implementation test: a short run, exported checkpoint by checkpoint as GPT-2 (so that
+transformers' own GPT-2 code computes the attention patterns and the losses), scored by
+analysis.series with the run's probes, must give the run's own per-head scores, per-position
+loss and phase-change verdict. Tiny random GPT-2, GPT-NeoX and Llama models check the weight
+adapters against the models' own attention modules."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from analysis.phase import PhaseParams
+from analysis.report import analyze_run
+from analysis.runs import load_run
+from analysis import series as S
+from train import export as E
+from train import names as N
+from train import rundir
+from train.checkpoint import save_checkpoint
+from train.export import export_run
+from train.model import AttnOnlyTransformer
+from train.rundir import read_metrics
+from tests.helpers import ROOT, compose_config, one_line_error, train_run
+
+TINY_RUN = ["logger=none", "device=cpu", "train.total_tokens=120000", "checkpoint.n_log=5", "checkpoint.n_linear=3",
+            "probes.n_heldout=64", "callbacks.ablation=null", "callbacks.robustness=null"]
+PER_HEAD = (N.PREFIX_MATCHING, N.PREVIOUS_TOKEN, N.DUPLICATE_TOKEN, N.COPYING, N.OV_COPYING)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> Path:
+    return train_run(tmp_path_factory.mktemp("run") / "run", TINY_RUN)
+
+
+def fake_run(root: Path, overrides: list[str], seed: int = 0) -> tuple[Path, AttnOnlyTransformer]:
+    """A run directory with one checkpoint of a randomly initialised model whose biases, LayerNorm
+    parameters and smearing are random too (so that every parameter matters)."""
+    cfg = compose_config(["logger=none", "probes.n_heldout=8", "probes.n_probes=4", *overrides])
+    saved = OmegaConf.to_container(cfg, resolve=True)
+    torch.manual_seed(seed)
+    model = AttnOnlyTransformer(**{k: v for k, v in saved["model"].items() if k != "_target_"})
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith(("W_E", "W_pos", "W_Q", "W_K", "W_V", "W_O", "W_U")):
+                p.add_(0.3 * torch.randn_like(p))
+    save_checkpoint(root, model, {"step": 7, "tokens": 7 * 4096, "kind": "scheduled", "model": saved["model"],
+                                  "config": saved})
+    return root, model.eval()
+
+
+def tokens(vocab: int = 64, n: int = 3, length: int = 40) -> torch.Tensor:
+    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(0))
+
+
+# -- the cross-implementation test -------------------------------------------------------------
+def test_exported_series_reproduces_the_runs_scores_and_window(tiny_run, tmp_path):
+    export_run(tiny_run, tmp_path / "export", "hf", "gpt2", all_steps=True)
+    assert (tmp_path / "export" / "step_0000000" / E.PROBES_FILE).is_file()
+    out = tmp_path / "series"
+    rows = S.run_series(str(tmp_path / "export"), out, S.Options(probes=tmp_path / "export" / "step_0000000"),
+                        log=lambda m: None)
+    run_rows = {r[N.STEP]: r for r in read_metrics(tiny_run) if N.EVENT not in r}
+    assert [r[N.STEP] for r in rows] == sorted(run_rows) and len(rows) >= 7
+    worst = {}
+    for row in rows:
+        theirs = run_rows[row[N.STEP]]
+        assert row[N.TOKENS] == theirs[N.TOKENS]
+        for key, value in row.items():
+            metric = key.split("/")[0]
+            if metric in PER_HEAD or key in (N.PER_POSITION_LOSS, N.LOSS_HELDOUT, N.ICL_SCORE):
+                diff = torch.tensor(value, dtype=torch.float64) - torch.tensor(theirs[key], dtype=torch.float64)
+                worst[metric] = max(worst.get(metric, 0.0), diff.abs().max().item())
+    assert set(worst) >= {*PER_HEAD, N.PER_POSITION_LOSS}
+    assert max(worst.values()) < 1e-4, worst
+    # The scores move over training (so agreeing is not trivial) ...
+    first, last = run_rows[min(run_rows)], run_rows[max(run_rows)]
+    assert abs(first[N.LOSS_HELDOUT] - last[N.LOSS_HELDOUT]) > 0.5
+    # ... and the analysis reads the series' rows unchanged and reaches the run's verdict.
+    ours, theirs = analyze_run(load_run(out), PhaseParams()), analyze_run(load_run(tiny_run), PhaseParams())
+    for key in ("phase_change", "induction_heads", "window"):
+        assert ours.get(key) == theirs.get(key), key
+    # Resume: nothing left to do.
+    assert S.run_series(str(tmp_path / "export"), out, S.Options(probes=tmp_path / "export" / "step_0000000"),
+                        log=lambda m: None) == []
+
+
+def test_native_export_loads_without_the_project(tiny_run, tmp_path):
+    """The project's own model type loads with trust_remote_code from the export alone (the
+    package `train` made unimportable) and gives the project's logits."""
+    from train.checkpoint import load_model
+
+    out = export_run(tiny_run, tmp_path / "native")[0]
+    model, _ = load_model(rundir.list_checkpoints(tiny_run)[-1])
+    x = tokens()
+    torch.save({"x": x, "logits": model(x).logits}, tmp_path / "ref.pt")
+    code = ("import sys, torch; sys.modules['train'] = None\n"
+            "from transformers import AutoModelForCausalLM\n"
+            f"ref = torch.load({str(tmp_path / 'ref.pt')!r})\n"
+            f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True)\n"
+            "out = m(ref['x'], output_attentions=True)\n"
+            "assert len(out.attentions) == m.config.n_layers\n"
+            "print((out.logits - ref['logits']).abs().max().item())\n")
+    res = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert float(res.stdout.strip().splitlines()[-1]) < 1e-4
+
+
+@pytest.mark.parametrize("layout,overrides", [("native", ["model.smeared_keys=true", "model.positional=shortformer"]),
+                                              ("native", ["model.layernorm=false", "model.positional=rotary"]),
+                                              ("neox", ["model.positional=rotary", "model.rotary_base=500"]),
+                                              ("gpt2", [])])
+def test_hf_exports_give_the_projects_logits(tmp_path, layout, overrides):
+    from transformers import AutoModelForCausalLM
+
+    S.register_project_model()
+    run, model = fake_run(tmp_path / "run", overrides)
+    out = export_run(run, tmp_path / "out", "hf", layout)[0]
+    hf = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
+    x = tokens()
+    ours = model(x, return_patterns=True)
+    theirs = hf(x, output_attentions=True)
+    assert (theirs.logits - ours.logits).abs().max() < 1e-4
+    assert (torch.stack(theirs.attentions) - torch.stack(ours.patterns)).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("layout,overrides,reason", [
+    ("gpt2", ["model.positional=rotary"], "rotary positions"),
+    ("gpt2", ["model.smeared_keys=true"], "smeared keys"),
+    ("neox", ["model.layernorm=false", "model.positional=rotary"], "no LayerNorm"),
+    ("gpt2", ["model.d_model=32", "model.d_head=8"], "output bias"),
+])
+def test_inexact_standard_layouts_are_refused_in_one_line(tmp_path, capsys, layout, overrides, reason):
+    run, _ = fake_run(tmp_path / "run", overrides)
+    assert E.main([str(run), "--layout", layout, "--out", str(tmp_path / "out")]) == 2
+    line = one_line_error(capsys.readouterr().err)
+    assert reason in line and "--layout native" in line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.filterwarnings("ignore:HookedTransformer is deprecated:DeprecationWarning")  # 3.x says so
+def test_transformer_lens_export_gives_the_projects_logits(tmp_path):
+    tl = pytest.importorskip("transformer_lens")  # the transformer-lens extra (installed in CI)
+    import json
+
+    from safetensors.torch import load_file
+
+    for i, overrides in enumerate((["model.positional=shortformer"], ["model.positional=rotary"],
+                                   ["model.layernorm=false"])):
+        run, model = fake_run(tmp_path / f"run{i}", overrides)
+        out = export_run(run, tmp_path / f"tl{i}", "transformer_lens")[0]
+        cfg = tl.HookedTransformerConfig(**json.loads((out / E.TL_CONFIG_FILE).read_text()))
+        hooked = tl.HookedTransformer(cfg)
+        missing, unexpected = hooked.load_state_dict(load_file(str(out / rundir.MODEL_FILE)), strict=False)
+        assert not unexpected and all(k.endswith(("IGNORE", "mask", "rotary_sin", "rotary_cos")) for k in missing)
+        x = tokens()
+        assert (hooked(x) - model(x).logits).abs().max() < 1e-4, overrides
+
+
+# -- other families --------------------------------------------------------------------------
+def tiny_family(kind: str, seed: int):
+    import transformers as T
+
+    torch.manual_seed(seed)
+    common = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, max_position_embeddings=64)
+    if kind == "gpt2":
+        model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64))
+    elif kind == "gpt_neox":
+        model = T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**common, attention_bias=False))
+    elif kind == "llama":
+        model = T.LlamaForCausalLM(T.LlamaConfig(**common, num_key_value_heads=2))
+    else:
+        model = T.OPTForCausalLM(T.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
+                                             num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32))
+    with torch.no_grad():  # random norm weights, so that a misplaced norm shows
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln" in name:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+            if kind == "gpt2" and name.endswith("attn.c_attn.bias") or name.endswith("attn.c_proj.bias"):
+                p.zero_()
+    return model.eval()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "gpt_neox", "llama"])
+def test_weight_adapter_matches_the_models_own_attention(kind):
+    """At one position a head attends only to itself, so the attention module's output is
+    sum_h norm(x) W_V^h W_O^h: the adapter's W_V / W_O / norms must give the same."""
+    model = tiny_family(kind, 0)
+    view = S.weight_view(model)
+    x = torch.randn(1, 1, 32)
+    for layer in range(2):
+        if kind == "gpt2":
+            attn, norm = model.transformer.h[layer].attn, model.transformer.h[layer].ln_1
+        elif kind == "gpt_neox":
+            attn, norm = model.gpt_neox.layers[layer].attention, model.gpt_neox.layers[layer].input_layernorm
+        else:
+            attn, norm = model.model.layers[layer].self_attn, model.model.layers[layer].input_layernorm
+        kwargs = {}
+        if kind != "gpt2":
+            rope = (model.gpt_neox if kind == "gpt_neox" else model.model).rotary_emb
+            kwargs = dict(position_embeddings=rope(x, torch.zeros(1, 1, dtype=torch.long)), attention_mask=None)
+        with torch.no_grad():
+            theirs = attn(norm(x), **kwargs)[0]
+            v = view.blocks[layer]
+            ours = torch.einsum("bpd,hde,hem->bpm", v.ln1(x), v.attn.W_V, v.attn.W_O)
+        assert (theirs - ours).abs().max() < 1e-5, (kind, layer)
+    # The final norm and unembedding: logits of the last residual stream.
+    h = torch.randn(2, 32)
+    final = (model.transformer.ln_f if kind == "gpt2" else model.gpt_neox.final_layer_norm if kind == "gpt_neox"
+             else model.model.norm)
+    with torch.no_grad():
+        assert (view.ln_final(h) @ view.W_U - model.get_output_embeddings()(final(h))).abs().max() < 1e-5
+
+
+def test_series_of_other_families(tmp_path):
+    """Two-checkpoint series of tiny GPT-2, GPT-NeoX, Llama and OPT models: every head scored,
+    weight scores where the weights map (not OPT: a note instead), a bad checkpoint recorded and
+    passed."""
+    probe_tensors = {"repeated": torch.cat([torch.zeros(4, 1, dtype=torch.long),
+                                            torch.randperm(60)[:10].repeat(4, 3) + 2], 1),
+                     "copy_tokens": torch.arange(2, 12), "heldout": tokens(64, 8, 32)}
+    E.write_probe_file(tmp_path / E.PROBES_FILE, probe_tensors, {"icl_early": 3, "icl_late": 30, "n_previous_token": 4})
+    for kind in ("gpt2", "gpt_neox", "llama", "opt"):
+        for i, step in enumerate((0, 1000)):
+            tiny_family(kind, i).save_pretrained(tmp_path / kind / f"step{step}")
+        bad = tmp_path / kind / "step2000"
+        tiny_family(kind, 2).save_pretrained(bad)
+        (bad / rundir.MODEL_FILE).write_bytes(b"not safetensors")
+        lines: list[str] = []
+        out = tmp_path / f"out_{kind}"
+        rows = S.run_series(str(tmp_path / kind), out, S.Options(probes=tmp_path, tokens_per_step=10), log=lines.append)
+        assert [r[N.TOKENS] for r in rows] == [0, 10000]
+        events = [r for r in read_metrics(out) if N.EVENT in r]
+        assert [(e[N.EVENT], e[N.STEP]) for e in events] == [(S.FAILED, 2000)]
+        assert any(line.startswith("error: step2000") for line in lines)
+        for metric in PER_HEAD:
+            heads = N.heads_in(rows[-1], metric)
+            assert len(heads) == (8 if kind != "opt" or metric not in (N.COPYING, N.OV_COPYING) else 0), (kind, metric)
+        assert (kind == "opt") == any(line.startswith("note: opt") for line in lines)
+        assert rows[0][N.PREFIX_MATCHING + "/L0H0"] != rows[1][N.PREFIX_MATCHING + "/L0H0"]
+
+
+def test_series_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    import huggingface_hub.constants
+
+    # No network and nothing cached: the hub is unreachable, for every revision alike.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    assert S.main(["EleutherAI/pythia-14m", "--revisions", "step1000", "--out", str(tmp_path / "o")]) == 2
+    assert "hub" in one_line_error(capsys.readouterr().err)
+    assert S.main(["EleutherAI/pythia-14m", "--out", str(tmp_path / "o")]) == 2
+    assert "--revisions" in one_line_error(capsys.readouterr().err)
+    (tmp_path / "run" / rundir.CHECKPOINTS).mkdir(parents=True)
+    assert S.main([str(tmp_path), "--out", str(tmp_path / "run")]) == 2
+    assert "holds a training run" in one_line_error(capsys.readouterr().err)
+    # A probe token outside the model's vocabulary: the checkpoint is recorded as failed.
+    tiny_family("gpt2", 0).save_pretrained(tmp_path / "m" / "step5")
+    E.write_probe_file(tmp_path / E.PROBES_FILE, {"repeated": torch.full((2, 9), 70), "copy_tokens": torch.arange(3),
+                                                  "heldout": tokens(64, 2, 16)}, {})
+    assert S.main([str(tmp_path / "m"), "--probes", str(tmp_path), "--out", str(tmp_path / "o2")]) == 0
+    assert "outside the model's vocabulary" in capsys.readouterr().err
+    assert read_metrics(tmp_path / "o2")[0][N.EVENT] == S.FAILED
+
+
+def test_pythia_schedule_and_revision_ranges():
+    revs = S.hub_revisions(["pythia"])
+    assert len(revs) == 154 and revs[:4] == ["step0", "step1", "step2", "step4"] and revs[-1] == "step143000"
+    assert "step512" in revs and "step1000" in revs and "step1024" not in revs
+    assert S.hub_revisions(["1000:3000:1000", "step42"]) == ["step1000", "step2000", "step3000", "step42"]

@@ -1,0 +1,76 @@
+"""The project's model as a Hugging Face `transformers` model type ("induction_tracker").
+
+`AttnOnlyConfig` holds the keyword arguments of `train.model.AttnOnlyTransformer`;
+`AttnOnlyForCausalLM` wraps that model unchanged (its parameters under `model.`), so the logits
+are the project's exactly, for every variant (learned / shortformer / rotary positions,
+LayerNorm or none, smeared keys, output bias b_U). `output_attentions=True` returns the explicit
+attention patterns [batch, n_heads, query, key] per layer.
+
+This file imports only torch, transformers and `.model`: `python -m train.export` copies it
+into an export next to a copy of train/model.py, so that
+`AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` loads the export without
+this project installed.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel, PretrainedConfig
+from transformers.modeling_outputs import CausalLMOutput
+
+from .model import AttnOnlyTransformer
+
+MODEL_TYPE = "induction_tracker"
+MODEL_ARGS = ("d_vocab", "n_ctx", "n_layers", "n_heads", "d_model", "d_head", "positional", "layernorm",
+              "smeared_keys", "init_std", "rotary_base")
+
+
+class AttnOnlyConfig(PretrainedConfig):
+    model_type = MODEL_TYPE
+
+    def __init__(self, d_vocab: int = 64, n_ctx: int = 64, n_layers: int = 2, n_heads: int = 4, d_model: int = 64,
+                 d_head: int = 16, positional: str = "learned", layernorm: bool = True, smeared_keys: bool = False,
+                 init_std: float = 0.1, rotary_base: float = 10000.0, **kwargs):
+        self.d_vocab, self.n_ctx, self.n_layers, self.n_heads = d_vocab, n_ctx, n_layers, n_heads
+        self.d_model, self.d_head, self.positional, self.layernorm = d_model, d_head, positional, layernorm
+        self.smeared_keys, self.init_std, self.rotary_base = smeared_keys, init_std, rotary_base
+        # The names other tools look for.
+        kwargs.setdefault("vocab_size", d_vocab)
+        kwargs.setdefault("max_position_embeddings", n_ctx)
+        kwargs.setdefault("num_hidden_layers", n_layers)
+        kwargs.setdefault("num_attention_heads", n_heads)
+        kwargs.setdefault("hidden_size", d_model)
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(**kwargs)
+
+    def model_kwargs(self) -> dict:
+        return {k: getattr(self, k) for k in MODEL_ARGS}
+
+
+class AttnOnlyForCausalLM(PreTrainedModel):
+    config_class = AttnOnlyConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+
+    def __init__(self, config: AttnOnlyConfig):
+        super().__init__(config)
+        self.model = AttnOnlyTransformer(**config.model_kwargs())
+        self.post_init()
+
+    def _init_weights(self, module: torch.nn.Module) -> None:
+        # Weights come from the checkpoint; buffers that are not saved (rotary angles) are
+        # recomputed here, as loading may have created them empty.
+        if hasattr(module, "cos") and hasattr(module, "sin") and module is getattr(self.model, "rotary", None):
+            fresh = type(module)(self.config.d_head, self.config.n_ctx, self.config.rotary_base)
+            module.cos, module.sin = fresh.cos.to(module.cos.device), fresh.sin.to(module.sin.device)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, output_attentions: bool | None = None, **kwargs) -> CausalLMOutput:
+        if attention_mask is not None and not bool(attention_mask.all()):
+            raise ValueError("padding is not supported: every attention_mask entry must be 1")
+        out = self.model(input_ids, return_patterns=bool(output_attentions))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutput(loss=loss, logits=out.logits,
+                              attentions=tuple(out.patterns) if output_attentions else None)
