@@ -197,6 +197,14 @@ def test_text_run_logs_plain_and_mixture_scores_and_resumes_exactly(corpus, cach
 
     tok = PreTrainedTokenizerFast.from_pretrained(str(full / rundir.TOKENIZER_DIR))
     assert tok.decode(tok("The statement")["input_ids"]) == "The statement"
+    # the tokenizer goes with a Hugging Face export of the run
+    from transformers import AutoTokenizer
+
+    from train.export import export_run
+
+    [out] = export_run(full, tmp_path / "hf")
+    exported = AutoTokenizer.from_pretrained(str(out))
+    assert exported("The statement")["input_ids"] == tok("The statement")["input_ids"]
 
 
 @pytest.mark.parametrize("preset", ["hoogland_2l", "olsson_small", "text_cpu"])

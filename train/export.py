@@ -284,6 +284,9 @@ def export_checkpoint(ckpt: Path, out: Path, to: str = "hf", layout: str = "nati
                 write_modeling_code(tmp)
         tensors, settings = probes or run_probes(meta)
         write_probe_file(tmp / PROBES_FILE, tensors, settings)
+        tokenizer = Path(ckpt).parent.parent / rundir.TOKENIZER_DIR  # text runs: the ids' tokenizer
+        if tokenizer.is_dir():  # beside the weights, where AutoTokenizer looks (TransformerLens: tokenizer/)
+            shutil.copytree(tokenizer, tmp if to == "hf" else tmp / rundir.TOKENIZER_DIR, dirs_exist_ok=True)
         rundir.write_json_atomic(tmp / INFO_FILE, {"step": meta["step"], "tokens": meta.get("tokens"), "format": to,
                                                    "layout": layout if to == "hf" else None,
                                                    "run_model": meta["model"], "probes": settings})
