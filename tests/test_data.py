@@ -74,6 +74,9 @@ def test_probe_tokens_exclude_most_and_least_common():
     freq = torch.tensor([0.0] + [float(i) for i in range(1, 21)])  # token t has frequency t
     allowed = probe_tokens(freq, exclude_fraction=0.1)
     assert allowed.tolist() == list(range(3, 19))
+    # tokens the data never uses (bytes a corpus lacks) are never probe tokens, and do not count
+    unused = torch.cat([freq, torch.zeros(30)])
+    assert probe_tokens(unused, exclude_fraction=0.1).tolist() == list(range(3, 19))
 
 
 def test_probes_scale_down_to_short_contexts():

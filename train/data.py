@@ -391,9 +391,12 @@ def repeated_random_tokens(
 
 
 def probe_tokens(frequencies: torch.Tensor, exclude_fraction: float = 0.1) -> torch.Tensor:
-    """Regular tokens minus the most and least common `exclude_fraction` each (Olsson et al.)."""
+    """The regular tokens that occur in the data, minus the most and least common
+    `exclude_fraction` of them each (Olsson et al.). Tokens that never occur (a byte or BPE
+    vocabulary larger than the corpus uses) are never probe tokens: their embeddings are untrained."""
     regular = torch.arange(1, frequencies.numel())
     order = regular[frequencies[1:].argsort(descending=True, stable=True)]
+    order = order[frequencies[order] > 0]
     k = int(len(order) * exclude_fraction)
     return order[k : len(order) - k].sort().values
 
