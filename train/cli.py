@@ -15,6 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from train import rundir
 from train.config import ConfigError, load_saved_config, validate
+from train.sweep import job_device
 
 EXIT_USAGE, EXIT_FAULT = 2, 3
 # Overrides that may accompany resume=: where it runs and how it logs. Everything else is the
@@ -30,6 +31,18 @@ def _multirun() -> bool:
         return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     except Exception:  # noqa: BLE001
         return False
+
+
+def _job_num() -> int:
+    from hydra.core.hydra_config import HydraConfig
+
+    return int(HydraConfig.get().job.num)
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> None:
@@ -126,6 +139,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         cfg, run_dir, status, resuming = prepare(cfg, run_dir)
     except (ValueError, OSError, OmegaConfBaseException) as e:
         fail(_user_error(e))
+    if _multirun() and cfg.device == "auto":  # one GPU per job where there are several
+        cfg.device = job_device(cfg.device, _job_num(), _cuda_count())
 
     from hydra.errors import InstantiationException
 
