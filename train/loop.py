@@ -23,6 +23,7 @@ from train import rundir
 from train.callbacks import RunContext, evaluate_checkpoint, instantiate_callbacks, prepare_callbacks
 from train.config import validate
 from train.data import probes_from_config
+from train.live import LiveDetection
 from train.schedules import lr_multiplier, run_steps
 
 
@@ -122,6 +123,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_multiplier(s, warmup, self.total_steps, o.lr_schedule, o.min_lr_ratio))
         self.logger = instantiate(cfg.logger)
+        self.live = LiveDetection(cfg.get("live_detection_every", 0), self.logger, self._say)
         self.step = 0
         self.loss_sum = torch.zeros((), device=self.device)
         self.loss_count = 0
@@ -218,6 +220,7 @@ class Trainer:
             rundir.rewind_metrics(self.run_dir, self.step)
             rundir.remove_stale_temporaries(self.run_dir)
             self.resumed_from.append(self.step)
+            self.live.rows = rundir.read_metrics(self.run_dir)  # the rows before the resumed checkpoint
         metrics = rundir.MetricsFile(self.run_dir)
         run_id = self.logger.start(self.run_dir, OmegaConf.to_container(self.cfg, resolve=True),
                                    previous.get("wandb_run_id"))
@@ -236,6 +239,7 @@ class Trainer:
                 self.exit_code, state = 128 + stopped_by, rundir.INTERRUPTED
             else:
                 self.exit_code, state = 0, rundir.FINISHED
+                self.live.finish()
             return last_row
         except KeyboardInterrupt:  # a second signal while stopping: no new checkpoint
             self.exit_code, state, self._error = 130, rundir.INTERRUPTED, "stopped by a second signal"
@@ -265,6 +269,7 @@ class Trainer:
                 last_row = self.evaluate()
                 metrics.write(last_row)
                 self.logger.log(last_row | {N.ELAPSED: time.perf_counter() - t0})
+                self.live.update(last_row)
                 self.save()
                 saved_now = True
                 if N.LOSS_HELDOUT in last_row:
@@ -286,6 +291,10 @@ class Trainer:
                 raise
             self.step += 1
             bar.update(self.tokens_per_step)
+
+    @staticmethod
+    def _say(line: str) -> None:
+        tqdm.write(line, file=sys.stderr)
 
     def _status(self, state: str, run_id: str | None, seconds: float | None = None, error: str | None = None):
         rundir.write_status(self.run_dir, state, self.step, run_id, seconds, self.resumed_from, error)

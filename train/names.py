@@ -29,6 +29,7 @@ PER_POSITION_LOSS, ICL_SCORE, ICL_EARLY, ICL_LATE = "per_position_loss", "icl_sc
 EVENT = "event"  # a row that records a fault instead of a checkpoint
 ELAPSED = "time/elapsed_s"  # loggers only (wall clock is not part of metrics.jsonl)
 HEATMAP = "heads/prefix_matching"  # wandb only: the layers x heads image of prefix matching
+OVERVIEW, CHARTS = "overview", "charts"  # wandb only: sections of the key scalars and of the per-family charts
 
 # per-head metrics
 PREFIX_MATCHING, DUPLICATE_TOKEN, PREVIOUS_TOKEN, COPYING = (
@@ -51,6 +52,7 @@ VECTOR_DECIMALS = 5
 
 _HEAD = re.compile(r"^L(?P<layer>\d+)H(?P<head>\d+)$")
 _HEAD_KEY = re.compile(r"^(?P<metric>[^/]+)/L(?P<layer>\d+)H(?P<head>\d+)$")
+_FAMILY_KEY = re.compile(r"^(?P<metric>[^/]+)/(?P<member>L\d+H\d+(/L\d+H\d+)?)$")
 
 
 def composition(kind: str) -> str:
@@ -109,6 +111,24 @@ def parse_head_key(key: str) -> tuple[str, int, int] | None:
     """"prefix_matching/L1H3" -> ("prefix_matching", 1, 3); None for any other key."""
     m = _HEAD_KEY.match(key)
     return None if m is None else (m["metric"], int(m["layer"]), int(m["head"]))
+
+
+def parse_family_key(key: str) -> tuple[str, str] | None:
+    """A per-head or per-pair key split into its metric and its head (or head pair):
+    "prefix_matching/L1H3" -> ("prefix_matching", "L1H3"), "k_composition/L1H2/L0H3" ->
+    ("k_composition", "L1H2/L0H3"); None for any other key."""
+    m = _FAMILY_KEY.match(key)
+    return None if m is None else (m["metric"], m["member"])
+
+
+def overview_key(name: str) -> str:
+    """A key scalar repeated in the first wandb section: "overview/{name}"."""
+    return f"{OVERVIEW}/{name}"
+
+
+def chart_key(metric: str) -> str:
+    """The wandb chart of a whole per-head (or per-pair) family: "charts/{metric}"."""
+    return f"{CHARTS}/{metric}"
 
 
 def heads_in(keys, metric: str) -> list[tuple[int, int]]:

@@ -36,6 +36,22 @@ def job_device(device: str, job_num: int, n_gpus: int) -> str:
     return f"cuda:{job_num % n_gpus}"
 
 
+def sweep_group_and_tags() -> tuple[str | None, list[str]]:
+    """In a sweep job: (the sweep directory, the job's overrides as `key=value` tags), so that a
+    sweep's runs share one wandb group; outside a sweep (None, [])."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+            return None, []
+        hc = HydraConfig.get()
+        tags = [o.lstrip("+~") for o in hc.overrides.task]
+        return str(hc.sweep.dir), [t for t in tags if len(t) <= 64]  # wandb's limit on a tag
+    except Exception:  # noqa: BLE001
+        return None, []
+
+
 def _job_num(path: Path) -> int | None:
     m = re.match(r"(\d+)(_|$)", path.name)
     return int(m.group(1)) if m else None
