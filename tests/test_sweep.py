@@ -6,10 +6,11 @@ import sys
 import pytest
 
 from tests.helpers import ROOT, cli_env
+from tests.wandb_files import read_offline_records
 from train import rundir
 from train.sweep import job_device, job_outcome, summary_lines
 
-TINY = ["experiment=smoke", "logger=none", "device=cpu", "train.total_tokens=12000", "train.batch_size=16",
+TINY = ["experiment=smoke", "device=cpu", "train.total_tokens=12000", "train.batch_size=16",
         "checkpoint.n_log=2", "checkpoint.n_linear=1", "probes.n_heldout=8", "callbacks.ablation=null"]
 
 
@@ -24,7 +25,8 @@ def sweep(tmp_path, launcher: str, *grid: str) -> tuple[subprocess.CompletedProc
 
 def test_joblib_sweep_runs_jobs_in_parallel_processes_and_lists_them(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
-    proc, summary = sweep(tmp_path, "parallel", "hydra.launcher.n_jobs=2", "model.n_layers=1,2", "seed=0,1")
+    proc, summary = sweep(tmp_path, "parallel", "hydra.launcher.n_jobs=2", "logger=none", "model.n_layers=1,2",
+                          "seed=0,1")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert summary[0].startswith("sweep summary: 4 jobs") and "4 finished, 0 failed, 0 interrupted" in summary[0]
     jobs = summary[1:]
@@ -39,7 +41,8 @@ def test_joblib_sweep_runs_jobs_in_parallel_processes_and_lists_them(tmp_path):
 
 def test_submitit_local_sweep_reports_failed_jobs_with_their_reason(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
-    proc, summary = sweep(tmp_path, "slurm_local", "model.n_layers=1,2", "model.d_head=8,0")
+    proc, summary = sweep(tmp_path, "slurm_local", "logger=wandb", "logger.mode=offline", "model.n_layers=1,2",
+                          "model.d_head=8,0")
     assert proc.returncode == 1  # Hydra's exit code when a job failed
     assert "2 finished, 2 failed, 0 interrupted" in summary[0]
     outcomes = {line.split()[1]: line for line in summary[1:]}
@@ -48,8 +51,12 @@ def test_submitit_local_sweep_reports_failed_jobs_with_their_reason(tmp_path):
         assert outcomes[num].split()[2] == "failed"
         assert outcomes[num].endswith("error: model.d_head must be positive, got 0")
         assert rundir.read_status(outcomes[num].split()[3]) is None
-    for num in ("0", "2"):
+    for num, layers in (("0", 1), ("2", 2)):
         assert outcomes[num].split()[2] == "finished"
+        # wandb: the sweep's runs share one group, and carry the job's overrides as tags
+        run = next(r for kind, r in read_offline_records(outcomes[num].split()[3]) if kind == "run")
+        assert run.run_group == str(tmp_path / "slurm_local")
+        assert {f"model.n_layers={layers}", "model.d_head=8"} <= set(run.tags)
 
 
 def test_outcome_of_each_status_state(tmp_path):
