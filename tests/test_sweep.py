@@ -80,3 +80,21 @@ def test_one_gpu_per_job_only_with_auto_and_several_gpus():
     assert job_device("auto", 3, 1) == "auto"
     assert job_device("auto", 3, 0) == "auto"
     assert job_device("cpu", 3, 4) == "cpu"
+
+
+def test_a_requeued_slurm_job_resumes_its_own_run(tmp_path, monkeypatch):
+    """SLURM requeues a preempted job with the same overrides into the same run directory: it
+    continues the unfinished run there instead of refusing the directory."""
+    from tests.helpers import train_run
+
+    overrides = [*TINY, "logger=none"]
+    train_run(tmp_path, overrides)
+    last_step = rundir.read_status(tmp_path)["step"]
+    rundir.write_status(tmp_path, rundir.INTERRUPTED, last_step, None)  # as if preempted at its last checkpoint
+    with pytest.raises(SystemExit) as refused:  # not requeued: the directory already holds a run
+        train_run(tmp_path, overrides)
+    assert refused.value.code == 2
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    train_run(tmp_path, overrides)
+    status = rundir.read_status(tmp_path)
+    assert status["state"] == rundir.FINISHED and status["resumed_from_steps"] == [last_step]

@@ -15,7 +15,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from train import rundir
 from train.config import ConfigError, load_saved_config, validate
-from train.sweep import job_device
+from train.sweep import job_device, requeued_job
 
 EXIT_USAGE, EXIT_FAULT = 2, 3
 # Overrides that may accompany resume=: where it runs and how it logs. Everything else is the
@@ -90,10 +90,11 @@ def _override_key(override: str) -> str:
     return override.split("=", 1)[0].lstrip("~+")
 
 
-def resumed_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
-    """The config a run started with, with the few settings that may change on resume."""
+def resumed_config(cfg: DictConfig, run_dir: Path, requeued: bool = False) -> DictConfig:
+    """The config a run started with, with the few settings that may change on resume. A requeued
+    job repeats the overrides it started with, so they are not checked."""
     overrides = _command_line_overrides() or []
-    foreign = [o for o in overrides if _override_key(o).split(".")[0] not in RESUME_OVERRIDABLE]
+    foreign = [] if requeued else [o for o in overrides if _override_key(o).split(".")[0] not in RESUME_OVERRIDABLE]
     path = run_dir / rundir.CONFIG_FILE
     if foreign:
         raise ConfigError(f"resume: a resumed run keeps the config it started with ({path}); "
@@ -115,10 +116,14 @@ def prepare(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Path, dict, boo
     run_dir = Path(run_dir)
     status: dict = {}
     resuming = bool(cfg.resume)
+    requeued = not resuming and requeued_job() and (rundir.read_status(run_dir) or {}).get("state") in (
+        rundir.RUNNING, rundir.INTERRUPTED, rundir.FAILED)
+    if requeued:  # a SLURM job requeued after preemption or its time limit continues its own run
+        cfg.resume, resuming = str(run_dir), True
     if resuming:
         run_dir = Path(cfg.resume).expanduser().resolve()
         status = rundir.check_resume_dir(run_dir)
-        cfg = resumed_config(cfg, run_dir)
+        cfg = resumed_config(cfg, run_dir, requeued)
         validate(cfg)
     else:
         validate(cfg)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import logging
+import os
 import re
 import sys
 from pathlib import Path
@@ -34,6 +35,14 @@ def job_device(device: str, job_num: int, n_gpus: int) -> str:
     if device != "auto" or n_gpus < 2:
         return device
     return f"cuda:{job_num % n_gpus}"
+
+
+def requeued_job() -> bool:
+    """True in a SLURM job that was requeued (preemption or time limit; SLURM counts restarts)."""
+    try:
+        return int(os.environ.get("SLURM_RESTART_COUNT", "0")) > 0
+    except ValueError:
+        return False
 
 
 def sweep_group_and_tags() -> tuple[str | None, list[str]]:
