@@ -11,9 +11,6 @@ from typing import Any
 
 from train import names as N
 
-PHASE_CHANGE = "phase_change"  # prefix of the run-summary keys
-
-
 def detect(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The analysis result (analysis/phase.py `detect_run`) for checkpoint rows, or None when
     they have neither held-out loss nor ICL score."""
@@ -37,7 +34,7 @@ def summary(result: dict[str, Any], detected_at: int | None) -> dict[str, Any]:
         out[key] = value
     if detected_at is not None:
         out["detected_at_tokens"] = detected_at
-    return {f"{PHASE_CHANGE}/{k}": v for k, v in out.items()}
+    return {N.phase_change_key(k): v for k, v in out.items()}
 
 
 class LiveDetection:

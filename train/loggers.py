@@ -104,15 +104,15 @@ def overview(row: dict[str, Any]) -> dict[str, float]:
     out = {}
     for key in (N.LOSS_HELDOUT, N.ICL_SCORE):
         if isinstance(row.get(key), (int, float)):
-            out[N.overview_key(key.replace("/", "_"))] = row[key]
+            out[N.overview_key(key)] = row[key]
     for layer, values in enumerate(N.head_table(row, N.PREFIX_MATCHING) or []):
         finite = [v for v in values if isinstance(v, (int, float)) and v == v]
         if finite:
-            out[N.overview_key(f"max_{N.PREFIX_MATCHING}_L{layer}")] = max(finite)
+            out[N.overview_layer_max_key(N.PREFIX_MATCHING, layer)] = max(finite)
     for part in (N.BEHAVIORAL, N.MECHANISTIC, N.BOTH):
         key = N.part_key(N.INDUCTION_HEADS, part)
         if isinstance(row.get(key), (int, float)):
-            out[N.overview_key(key.replace("/", "_"))] = row[key]
+            out[N.overview_key(key)] = row[key]
     return out
 
 

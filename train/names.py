@@ -30,6 +30,7 @@ EVENT = "event"  # a row that records a fault instead of a checkpoint
 ELAPSED = "time/elapsed_s"  # loggers only (wall clock is not part of metrics.jsonl)
 HEATMAP = "heads/prefix_matching"  # wandb only: the layers x heads image of prefix matching
 OVERVIEW, CHARTS = "overview", "charts"  # wandb only: sections of the key scalars and of the per-family charts
+PHASE_CHANGE = "phase_change"  # wandb run summary only: the detected window (train/live.py)
 
 # per-head metrics
 PREFIX_MATCHING, DUPLICATE_TOKEN, PREVIOUS_TOKEN, COPYING = (
@@ -121,9 +122,19 @@ def parse_family_key(key: str) -> tuple[str, str] | None:
     return None if m is None else (m["metric"], m["member"])
 
 
-def overview_key(name: str) -> str:
-    """A key scalar repeated in the first wandb section: "overview/{name}"."""
-    return f"{OVERVIEW}/{name}"
+def overview_key(key: str) -> str:
+    """A row key repeated in the first wandb section: "loss/heldout" -> "overview/loss_heldout"."""
+    return f"{OVERVIEW}/{key.replace('/', '_')}"
+
+
+def overview_layer_max_key(metric: str, layer: int) -> str:
+    """The largest per-head score of a layer in the first wandb section: "overview/max_{metric}_L{layer}"."""
+    return f"{OVERVIEW}/max_{metric}_L{layer}"
+
+
+def phase_change_key(part: str) -> str:
+    """A run-summary entry of the detected phase change: "phase_change/{part}"."""
+    return f"{PHASE_CHANGE}/{part}"
 
 
 def chart_key(metric: str) -> str:
