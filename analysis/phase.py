@@ -66,6 +66,8 @@ from typing import Any
 
 import numpy as np
 
+from train import names as N
+
 
 @dataclass
 class PhaseParams:
@@ -354,3 +356,11 @@ def detect_phase_change(tokens, loss, icl, heads: dict[str, Any] | None = None,
         "coincide": pairs,
         "params": params.to_dict(),
     }
+
+
+def detect_run(run, params: PhaseParams = PhaseParams()) -> dict[str, Any]:
+    """`detect_phase_change` on a run's rows (an analysis.runs.Run): held-out loss, ICL score and
+    every head's prefix-matching score against tokens. The analysis and live detection during
+    training (train/live.py) both call this."""
+    return detect_phase_change(run.tokens, run.series(N.LOSS_HELDOUT), run.series(N.ICL_SCORE),
+                               run.head_series(N.PREFIX_MATCHING), params)

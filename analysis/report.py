@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from analysis import figures
-from analysis.phase import PhaseParams, detect_phase_change
+from analysis.patterns import CAPTIONS as PATTERN_CAPTIONS, attention_section
+from analysis.phase import PhaseParams, detect_run
 from analysis.plots import plt
 from analysis.runs import AnalysisError, Run
 from analysis.stages import StageParams, detect_stages
@@ -24,9 +25,7 @@ from train.rundir import CONFIG_FILE, METRICS_FILE
 def analyze_run(run: Run, params: PhaseParams = PhaseParams()) -> dict[str, Any]:
     if not run.has(N.LOSS_HELDOUT) and not run.has(N.ICL_SCORE):
         raise AnalysisError(f"{run.path}: {METRICS_FILE} has neither {N.LOSS_HELDOUT} nor {N.ICL_SCORE}")
-    result = detect_phase_change(run.tokens, run.series(N.LOSS_HELDOUT), run.series(N.ICL_SCORE),
-                                 run.head_series(N.PREFIX_MATCHING), params)
-    return result
+    return detect_run(run, params)
 
 
 def _slug(text: str) -> str:
@@ -93,6 +92,7 @@ def build_report(runs: list[Run], out_dir: Path, params: PhaseParams = PhasePara
         results[str(r.path)]["stages"] = detect_stages(r, results[str(r.path)], stage_params, params)
     fig_dir = out_dir / "figures"
     per_run_figs: dict[str, dict[str, Path]] = {}
+    views: dict[str, str] = {}  # interactive attention views (analysis/patterns.py)
     used = set()
     for r in runs:
         slug = _slug(r.label)
@@ -100,6 +100,8 @@ def build_report(runs: list[Run], out_dir: Path, params: PhaseParams = PhasePara
             slug += "_"
         used.add(slug)
         per_run_figs[str(r.path)] = run_figures(r, results[str(r.path)], fig_dir / slug, params, stage_params)
+        pattern_figs, views[str(r.path)] = attention_section(r, results[str(r.path)], fig_dir / slug, f"patterns-{slug}")
+        per_run_figs[str(r.path)].update(pattern_figs)
     joint = {}
     p = _save(figures.fig_pca(runs, results), fig_dir / "pca_per_token_loss.png")
     if p:
@@ -116,7 +118,7 @@ def build_report(runs: list[Run], out_dir: Path, params: PhaseParams = PhasePara
     summary["groups"] = {g: {"n_runs": len(v), "n_with_phase_change": sum(x is not None for x in v),
                              "steepest_tokens": v} for g, v in sorted(groups.items())}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-    (out_dir / "report.html").write_text(_html(runs, results, per_run_figs, joint, params, stage_params),
+    (out_dir / "report.html").write_text(_html(runs, results, per_run_figs, joint, params, stage_params, views),
                                          encoding="utf-8")
     if attach_wandb:
         for r in runs:
@@ -138,7 +140,8 @@ def _stage_table(stages: dict[str, Any]) -> str:
     return "".join(parts)
 
 
-def _html(runs, results, per_run_figs, joint, params: PhaseParams, stage_params: StageParams | None = None) -> str:
+def _html(runs, results, per_run_figs, joint, params: PhaseParams, stage_params: StageParams | None = None,
+          views: dict[str, str] | None = None) -> str:
     parts = ["<!DOCTYPE html><html><head><meta charset='utf-8'><title>Induction-head phase change report</title>",
              f"<style>{CSS}</style></head><body><h1>Induction-head phase change</h1>"]
     parts.append("<h2>Detected windows</h2><table><tr><th>run</th><th>layers</th><th>seed</th><th>phase change</th>"
@@ -179,7 +182,8 @@ def _html(runs, results, per_run_figs, joint, params: PhaseParams, stage_params:
         if "stages" in res:
             parts.append(_stage_table(res["stages"]))
         for name, path in per_run_figs[str(r.path)].items():
-            parts.append(_img(path, captions.get(name, name)))
+            parts.append(_img(path, captions.get(name, PATTERN_CAPTIONS.get(name, name))))
+        parts.append((views or {}).get(str(r.path), ""))
     parts.append("<h2>Detection parameters</h2><p>See <code>analysis/phase.py</code> for the method.</p><pre>"
                  + html.escape(json.dumps(params.to_dict(), indent=1)) + "</pre>")
     if stage_params is not None:

@@ -78,8 +78,9 @@ def _as_lists(value):
 
 
 def test_groups_mirror_the_schema_sections():
-    """One config group per section of the schema (train/config.py), plus the experiment presets."""
-    assert set(GROUPS) == set(SECTIONS) | {"experiment"}
+    """One config group per section of the schema (train/config.py), plus the experiment presets
+    and Hydra's launcher presets (conf/hydra/launcher)."""
+    assert set(GROUPS) == set(SECTIONS) | {"experiment", "hydra"}
 
 
 @pytest.mark.parametrize("section", sorted(set(SECTIONS) - {"callbacks"}))

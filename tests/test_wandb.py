@@ -18,7 +18,7 @@ def wandb_run(tmp_path_factory):
 
 
 def test_offline_history_has_prefix_matching_keys(wandb_run):
-    history = read_offline_history(wandb_run / "wandb")
+    history = [h for h in read_offline_history(wandb_run / "wandb") if "step" in h]  # not the final charts
     rows = read_metrics(wandb_run / "metrics.jsonl")
     assert len(history) == len(rows) >= 5
     keys = set(history[-1])
@@ -39,3 +39,30 @@ def test_offline_run_is_finished(wandb_run):
         record.ParseFromString(payload)
         kinds.append(record.WhichOneof("record_type"))
     assert "exit" in kinds  # run.finish() was called
+
+
+def test_workspace_reads_well(wandb_run):
+    """What the workspace shows: key scalars in the overview section, one chart per per-head
+    family with every head a line (the single per-head keys get no panel), and the final detection
+    in the run summary."""
+    import json
+
+    from tests.wandb_files import hidden_metrics, read_offline_summary
+
+    history, rows = read_offline_history(wandb_run / "wandb"), read_metrics(wandb_run / "metrics.jsonl")
+    last = rows[-1]
+    assert history[-2]["overview/loss_heldout"] == pytest.approx(last["loss/heldout"])
+    assert history[-2]["overview/max_prefix_matching_L1"] == pytest.approx(
+        max(v for k, v in last.items() if k.startswith("prefix_matching/L1H")))
+    hidden = hidden_metrics(wandb_run / "wandb")
+    assert {"prefix_matching/L1H0", "copying/L0H3", "k_composition/L1H2/L0H3"} <= hidden
+    assert not any(k.startswith("overview/") or k == "loss/heldout" for k in hidden)
+    charts = history[-1]  # logged once more at the end, on all rows
+    assert charts["charts/prefix_matching_table/_type"] == "table-file"
+    table = json.loads(next((wandb_run / "wandb").rglob("prefix_matching_table_*.table.json")).read_text())
+    lines = {row[1] for row in table["data"]}
+    assert lines == {f"L{l}H{h}" for l in range(2) for h in range(4)}  # every head is a line
+    assert len(table["data"]) == 8 * len(rows)  # every checkpoint of every head
+    summary = read_offline_summary(wandb_run / "wandb")
+    assert summary["phase_change/detected"] is False  # 80k tokens: far too early for induction heads
+    assert "no phase change" in summary["phase_change/message"]

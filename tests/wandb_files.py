@@ -55,20 +55,40 @@ def _payloads(data: bytes) -> Iterator[bytes]:
 
 def read_offline_history(path: str | Path) -> list[dict[str, Any]]:
     """The rows passed to `run.log`, in order, as {key: value} (media as their JSON summaries)."""
+    rows = []
+    for kind, history in read_offline_records(path):
+        if kind == "history":
+            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) if item.value_json else None
+                         for item in history.item})
+    return rows
+
+
+def read_offline_records(path: str | Path) -> list[tuple[str, Any]]:
+    """Every record of the run file as (record type, the record's message of that type)."""
     from wandb.proto import wandb_internal_pb2 as pb
 
-    rows = []
+    out = []
     for payload in _payloads(find_run_file(path).read_bytes()):
         record = pb.Record()
         try:
             record.ParseFromString(payload)
         except Exception:  # noqa: BLE001 - a torn final record of a killed run
             continue
-        if record.WhichOneof("record_type") != "history":
-            continue
-        row = {}
-        for item in record.history.item:
-            key = item.key or "/".join(item.nested_key)
-            row[key] = json.loads(item.value_json) if item.value_json else None
-        rows.append(row)
-    return rows
+        kind = record.WhichOneof("record_type")
+        out.append((kind, getattr(record, kind)))
+    return out
+
+
+def read_offline_summary(path: str | Path) -> dict[str, Any]:
+    """The run summary a user sees: every summary update applied in order, values decoded."""
+    summary = {}
+    for kind, record in read_offline_records(path):
+        if kind == "summary":
+            for item in record.update:
+                summary[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return summary
+
+
+def hidden_metrics(path: str | Path) -> set[str]:
+    """Keys defined with `hidden=True` (no panel of their own in the workspace)."""
+    return {r.name for kind, r in read_offline_records(path) if kind == "metric" and r.options.hidden}

@@ -19,6 +19,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from train import rundir
 from train.config import ConfigError, differences, load_saved_config, validate
+from train.sweep import job_device, requeued_job
 
 EXIT_USAGE, EXIT_FAULT, EXIT_IO = 2, 3, 4
 # Overrides that may accompany resume=: where it runs and how it logs. Everything else is the
@@ -37,6 +38,18 @@ def _multirun() -> bool:
         return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     except Exception:  # noqa: BLE001
         return False
+
+
+def _job_num() -> int:
+    from hydra.core.hydra_config import HydraConfig
+
+    return int(HydraConfig.get().job.num)
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def fail(message: str, code: int = EXIT_USAGE) -> None:
@@ -86,7 +99,8 @@ def _override_key(override: str) -> str:
 
 def resumed_config(cfg: DictConfig, run_dir: Path, same_command: bool = False) -> DictConfig:
     """The config a run started with, with the few settings that may change on resume. With
-    `same_command` (resume=auto), `cfg` must be that config: any other value is refused."""
+    `same_command` (resume=auto, or a requeued SLURM job repeating the command it started with),
+    `cfg` must be that config: any other value is refused."""
     overrides = _command_line_overrides() or []
     foreign = [o for o in overrides if _override_key(o).split(".")[0] not in RESUME_OVERRIDABLE]
     path = run_dir / rundir.CONFIG_FILE
@@ -121,10 +135,14 @@ def prepare(cfg: DictConfig, run_dir: Path) -> tuple[DictConfig, Path, dict, boo
         cfg = cfg.copy()
         cfg.resume = str(run_dir) if (run_dir / rundir.CONFIG_FILE).is_file() else None
     resuming = bool(cfg.resume)
+    requeued = not resuming and requeued_job() and (rundir.read_status(run_dir) or {}).get("state") in (
+        rundir.RUNNING, rundir.INTERRUPTED, rundir.FAILED)
+    if requeued:  # a SLURM job requeued after preemption or its time limit continues its own run
+        cfg.resume, resuming = str(run_dir), True
     if resuming:
         run_dir = Path(cfg.resume).expanduser().resolve()
         status = rundir.check_resume_dir(run_dir)
-        cfg = resumed_config(cfg, run_dir, same_command)
+        cfg = resumed_config(cfg, run_dir, same_command or requeued)
         validate(cfg)
     else:
         validate(cfg)
@@ -181,6 +199,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     except (ValueError, OSError, OmegaConfBaseException) as e:
         rundir.remove_stub(run_dir)  # never touches a run, nor a directory another process holds
         fail(_user_error(e))
+    if _multirun() and cfg.device == "auto":  # one GPU per job where there are several
+        cfg.device = job_device(cfg.device, _job_num(), _cuda_count())
 
     from hydra.errors import InstantiationException
 

@@ -129,6 +129,7 @@ class LoggerConfig:
     tags: list[str] = field(default_factory=list)
     mode: str = "auto"  # one of WANDB_MODES
     heatmap_every: int = 1  # log the heads x layers heatmap image every k-th checkpoint
+    charts_every: int = 0  # also log the per-family charts (every head a line) every k-th checkpoint; 0: only at the phase change and the end
 
 
 @dataclass
@@ -145,6 +146,7 @@ class Config:
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
     resume: Optional[str] = None  # a run directory to continue, or auto (train/cli.py RESUME_AUTO)
     name: str = "induction"  # run name (wandb)
+    live_detection_every: int = 10  # run the phase-change detector on the rows so far every k checkpoints; 0: off
 
 
 def register_configs() -> None:
@@ -200,6 +202,8 @@ def validate(cfg: Any) -> None:
     dev = str(cfg.device)
     _need(dev in DEVICES or (dev.startswith("cuda:") and dev[5:].isdigit()),
           f"unknown device {dev!r}; use auto, cpu, cuda, cuda:N or mps")
+    _need(cfg.get("live_detection_every", 0) >= 0,
+          f"live_detection_every must be >= 0, got {cfg.get('live_detection_every')}")
     _need(cfg.logger.get("mode", "auto") in WANDB_MODES,
           f"logger.mode must be one of {', '.join(WANDB_MODES)}, got {cfg.logger.get('mode')!r}")
     for name, cb in (cfg.get("callbacks") or {}).items():

@@ -25,6 +25,7 @@ from train import rundir
 from train.callbacks import RunContext, evaluate_checkpoint, instantiate_callbacks, prepare_callbacks
 from train.config import validate
 from train.data import probes_from_config
+from train.live import LiveDetection
 from train.schedules import lr_multiplier, run_steps
 from train.signals import STOP, StopSignal
 
@@ -110,6 +111,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_multiplier(s, warmup, self.total_steps, o.lr_schedule, o.min_lr_ratio))
         self.logger = instantiate(cfg.logger)
+        self.live = LiveDetection(cfg.get("live_detection_every", 0), self.logger, self._say)
         self.step = 0
         self.last_saved: int | None = None  # step of the newest checkpoint written (the last good step)
         self.over_divergence_line = 0  # consecutive checkpoints with held-out loss above the line
@@ -209,6 +211,7 @@ class Trainer:
             rundir.rewind_metrics(self.run_dir, self.step)
             rundir.remove_stale_temporaries(self.run_dir)
             self.resumed_from.append(self.step)
+            self.live.rows = rundir.read_metrics(self.run_dir)  # the rows before the resumed checkpoint
         if getattr(self.data, "tokenizer_dir", None) is not None:
             rundir.save_tokenizer(self.run_dir, self.data.tokenizer_dir)
         metrics = rundir.MetricsFile(self.run_dir)
@@ -229,6 +232,7 @@ class Trainer:
                 self.exit_code, state = 128 + stopped_by, rundir.INTERRUPTED
             else:
                 self.exit_code, state = 0, rundir.FINISHED
+                self.live.finish()
             return last_row
         except KeyboardInterrupt:  # a second signal while stopping: no new checkpoint
             self.exit_code, state, self._error = 130, rundir.INTERRUPTED, "stopped by a second signal"
@@ -281,6 +285,7 @@ class Trainer:
                     last_row = self.evaluate()
                     metrics.write(last_row)
                     self.logger.log(last_row | {N.ELAPSED: time.perf_counter() - t0})
+                    self.live.update(last_row)
                     self.save()
                     saved_now = True
                     self._status(rundir.RUNNING, run_id, time.perf_counter() - t0)  # wall time survives SIGKILL
@@ -303,6 +308,10 @@ class Trainer:
                 raise
             self.step += 1
             bar.update(self.tokens_per_step)
+
+    @staticmethod
+    def _say(line: str) -> None:
+        tqdm.write(line, file=sys.stderr)
 
     def _status(self, state: str, run_id: str | None, seconds: float | None = None, error: str | None = None,
                 step: int | None = None):

@@ -33,6 +33,8 @@ EVENT = "event"  # a row that records a fault instead of a checkpoint
 NONFINITE, DIVERGENCE = "nonfinite", "divergence"  # its values: a non-finite loss or gradient; the divergence guard
 ELAPSED = "time/elapsed_s"  # loggers only (wall clock is not part of metrics.jsonl)
 HEATMAP = "heads/prefix_matching"  # wandb only: the layers x heads image of prefix matching
+OVERVIEW, CHARTS = "overview", "charts"  # wandb only: sections of the key scalars and of the per-family charts
+PHASE_CHANGE = "phase_change"  # wandb run summary only: the detected window (train/live.py)
 
 # per-head metrics
 PREFIX_MATCHING, DUPLICATE_TOKEN, PREVIOUS_TOKEN, COPYING = (
@@ -55,6 +57,7 @@ VECTOR_DECIMALS = 5
 
 _HEAD = re.compile(r"^L(?P<layer>\d+)H(?P<head>\d+)$")
 _HEAD_KEY = re.compile(r"^(?P<metric>[^/]+)/L(?P<layer>\d+)H(?P<head>\d+)$")
+_FAMILY_KEY = re.compile(r"^(?P<metric>[^/]+)/(?P<member>L\d+H\d+(/L\d+H\d+)?)$")
 
 
 def composition(kind: str) -> str:
@@ -113,6 +116,34 @@ def parse_head_key(key: str) -> tuple[str, int, int] | None:
     """"prefix_matching/L1H3" -> ("prefix_matching", 1, 3); None for any other key."""
     m = _HEAD_KEY.match(key)
     return None if m is None else (m["metric"], int(m["layer"]), int(m["head"]))
+
+
+def parse_family_key(key: str) -> tuple[str, str] | None:
+    """A per-head or per-pair key split into its metric and its head (or head pair):
+    "prefix_matching/L1H3" -> ("prefix_matching", "L1H3"), "k_composition/L1H2/L0H3" ->
+    ("k_composition", "L1H2/L0H3"); None for any other key."""
+    m = _FAMILY_KEY.match(key)
+    return None if m is None else (m["metric"], m["member"])
+
+
+def overview_key(key: str) -> str:
+    """A row key repeated in the first wandb section: "loss/heldout" -> "overview/loss_heldout"."""
+    return f"{OVERVIEW}/{key.replace('/', '_')}"
+
+
+def overview_layer_max_key(metric: str, layer: int) -> str:
+    """The largest per-head score of a layer in the first wandb section: "overview/max_{metric}_L{layer}"."""
+    return f"{OVERVIEW}/max_{metric}_L{layer}"
+
+
+def phase_change_key(part: str) -> str:
+    """A run-summary entry of the detected phase change: "phase_change/{part}"."""
+    return f"{PHASE_CHANGE}/{part}"
+
+
+def chart_key(metric: str) -> str:
+    """The wandb chart of a whole per-head (or per-pair) family: "charts/{metric}"."""
+    return f"{CHARTS}/{metric}"
 
 
 def heads_in(keys, metric: str) -> list[tuple[int, int]]:
