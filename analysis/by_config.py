@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from analysis.__main__ import _params
-from analysis.phase import analyze_run
+from analysis.phase import detect_run
 from analysis.runs import AnalysisError, Run, load_runs
 
 
@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         params, _ = _params(args.set)
         runs = load_runs(args.sweep)
-        results = {str(r.path): analyze_run(r, params) for r in runs}
+        results = {str(r.path): detect_run(r, params) for r in runs}
         groups = group_runs(runs, args.key, results)
     except AnalysisError as e:
         print(f"error: {e}", file=sys.stderr)

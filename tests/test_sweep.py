@@ -49,7 +49,7 @@ def test_submitit_local_sweep_reports_failed_jobs_with_their_reason(tmp_path):
     assert set(outcomes) == {"0", "1", "2", "3"}
     for num in ("1", "3"):  # d_head=0: refused before training, nothing trained
         assert outcomes[num].split()[2] == "failed"
-        assert outcomes[num].endswith("error: model.d_head must be positive, got 0")
+        assert outcomes[num].endswith("error: model.d_head must be positive and finite, got 0")
         assert rundir.read_status(outcomes[num].split()[3]) is None
     for num, layers in (("0", 1), ("2", 2)):
         assert outcomes[num].split()[2] == "finished"

@@ -257,8 +257,12 @@ def test_text_errors_are_one_line_exit_2(case, corpus, tmp_path, capsys):
         proc = cli(*args)
         assert proc.returncode == 2, proc.stderr[-2000:]
         assert expect in one_line_error(proc.stderr)
-        return
-    with pytest.raises(SystemExit) as exc:
-        run(compose_config([a for a in args if not a.startswith("hydra.")]), tmp_path / "run")
-    assert exc.value.code == 2
-    assert expect in one_line_error(capsys.readouterr().err)
+    else:
+        with pytest.raises(SystemExit) as exc:
+            run(compose_config([a for a in args if not a.startswith("hydra.")]), tmp_path / "run")
+        assert exc.value.code == 2
+        assert expect in one_line_error(capsys.readouterr().err)
+    assert not (tmp_path / "run").exists()  # nothing written
+    cache = tmp_path / "c"
+    if case in ("missing_column", "empty", "small_vocab", "hub_offline"):  # no half-built cache entry
+        assert not cache.exists() or not [p for p in cache.iterdir() if p.suffix != ".lock"]

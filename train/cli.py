@@ -179,8 +179,16 @@ class RunDirCheck(Callback):
                 rundir.check_new_run_dir(run_dir)
         except (ValueError, OSError, OmegaConfBaseException) as e:
             if run_dir is not None:
-                rundir.remove_stub(run_dir)  # never touches a run, nor a directory another process holds
+                _discard_stub(run_dir)
             fail(_user_error(e).splitlines()[0])
+
+
+def _discard_stub(run_dir: Path) -> None:
+    """Remove what a run that failed before training wrote (rundir.remove_stub: never a run, nor a
+    directory another process holds). A sweep job keeps its own subdirectory: its Hydra log holds
+    the one-line reason that the end-of-sweep summary (train/sweep.py) reports."""
+    if not _multirun():
+        rundir.remove_stub(run_dir)
 
 
 def _io_error(e: OSError, run_dir: Path, trainer) -> str:
@@ -197,7 +205,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
     try:
         cfg, run_dir, status, resuming = prepare(cfg, run_dir)
     except (ValueError, OSError, OmegaConfBaseException) as e:
-        rundir.remove_stub(run_dir)  # never touches a run, nor a directory another process holds
+        _discard_stub(run_dir)
         fail(_user_error(e))
     if _multirun() and cfg.device == "auto":  # one GPU per job where there are several
         cfg.device = job_device(cfg.device, _job_num(), _cuda_count())
@@ -233,10 +241,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         fail(f"stopped by a second signal; resume from the last checkpoint with resume={run_dir}", 130)
     except (ConfigError, rundir.CheckpointError, OmegaConfBaseException) as e:
         # Bad input; other exceptions during training are bugs and keep their traceback.
-        rundir.remove_stub(run_dir)
+        _discard_stub(run_dir)
         fail(_user_error(e))
     except OSError as e:  # the file system failed: not the user's input
-        rundir.remove_stub(run_dir)
+        _discard_stub(run_dir)
         fail(_io_error(e, run_dir, trainer), EXIT_IO)
     if trainer.exit_code != 0:  # stopped by a signal, after writing a checkpoint
         raise SystemExit(trainer.exit_code)
