@@ -171,10 +171,11 @@ def test_text_run_logs_plain_and_mixture_scores_and_resumes_exactly(corpus, cach
         full = tmp_path / "full"
         run(compose_config(overrides), full)
         clean_loss = Trainer.loss
+        sent = []
 
         def term_at_step_2(self, tokens):
-            if self.step == 2 and not getattr(Trainer, "_sent", False):
-                Trainer._sent = True
+            if self.step == 2 and not sent:
+                sent.append(True)
                 os.kill(os.getpid(), signal.SIGTERM)
             return clean_loss(self, tokens)
 

@@ -299,6 +299,8 @@ class Repetition:
         self.source, self.p, self.min_span, self.max_span, self.form = source, p, min_span, max_span, form
 
     def __getattr__(self, name):  # everything but the batches is the source's
+        if name == "source":  # not set yet (copying, unpickling): no recursion
+            raise AttributeError(name)
         return getattr(self.source, name)
 
     def apply(self, seqs: torch.Tensor, g: torch.Generator) -> torch.Tensor:

@@ -103,11 +103,16 @@ def load_corpus(source: str, source_config: str | None = None, split: str = "tra
     return ds
 
 
+def _has_text(row: dict) -> bool:
+    """A document with something besides whitespace (empty paragraphs and rows are skipped)."""
+    return bool(row["text"] and row["text"].strip())
+
+
 def _texts(ds, limit: int | None = None):
     for i, row in enumerate(ds):
         if limit is not None and i >= limit:
             return
-        if row["text"] and row["text"].strip():
+        if _has_text(row):
             yield row["text"]
 
 
@@ -267,7 +272,7 @@ def _write_entry(tmp: Path, source, source_config, split, text_column, streaming
     def encode(batch):
         return {"ids": tok.encode([t for t in batch["text"]])}
 
-    corpus = corpus.filter(lambda row: bool(row["text"] and row["text"].strip()))
+    corpus = corpus.filter(_has_text)
     if streaming:
         tokenized = corpus.map(encode, batched=True, remove_columns=["text"])
     else:
