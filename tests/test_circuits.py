@@ -288,6 +288,8 @@ def test_partial_forward_and_ablation_match_the_model():
             full = C.ablated_logits(model, tokens, heads, repl)
             fast = C.ablated_logits(model, tokens, heads, repl, resid)
             assert torch.allclose(full, fast, atol=1e-5)
+            # the first ablated layer from its clean z: the same numbers as recomputing it
+            assert torch.equal(C.ablated_logits(model, tokens, heads, repl, resid, zs), fast)
     assert not torch.allclose(C.ablated_logits(model, tokens, [(0, 0)]), logits, atol=1e-3)
 
 

@@ -22,6 +22,7 @@ BAD_CONFIGS = [
     (["train.total_tokens=-5"], "train.total_tokens must be positive"),
     (["train.total_tokens=1000"], "less than one batch"),
     (["probes.n_heldout=0"], "probes.n_heldout must be positive"),
+    (["probes.n_heldout_mixture=0"], "probes.n_heldout_mixture must be positive"),
     (["model.positional=rotary", "model.d_head=15"], "rotary needs an even model.d_head"),
     (["probes.icl_late=70"], "probes.icl_late=70 lies outside the context"),
     (["probes.icl_early=-1"], "probes.icl_early=-1 lies outside the context"),

@@ -213,7 +213,8 @@ def test_presets_run_a_few_steps_on_cpu_with_sizes_overridden(preset, corpus, ca
     cfg = compose_config([f"experiment={preset}", f"data.source={corpus}", f"data.cache_dir={cache}",
                           "logger=none", "device=cpu", "data.n_ctx=64", "data.vocab_size=300", "model.d_model=32",
                           "train.batch_size=4", "train.total_tokens=768", "checkpoint.first_tokens=256",
-                          "checkpoint.n_log=2", "checkpoint.n_linear=1", "probes.n_heldout=8", "probes.icl_early=null",
+                          "checkpoint.n_log=2", "checkpoint.n_linear=1", "probes.n_heldout=8", "probes.n_heldout_mixture=8",
+                          "probes.icl_early=null",
                           "probes.icl_late=null"])
     full = compose_config([f"experiment={preset}", f"data.source={corpus}"])
     if preset == "hoogland_2l":
@@ -267,3 +268,18 @@ def test_text_errors_are_one_line_exit_2(case, corpus, tmp_path, capsys):
     cache = tmp_path / "c"
     if case in ("missing_column", "empty", "small_vocab", "hub_offline"):  # no half-built cache entry
         assert not cache.exists() or not [p for p in cache.iterdir() if p.suffix != ".lock"]
+
+
+def test_mixture_set_has_its_own_size(corpus, cache):
+    """probes.n_heldout_mixture sizes the held-out set with the training repetition on its own
+    (null: as many as the plain held-out set); the plain set keeps probes.n_heldout."""
+    from hydra.utils import instantiate
+
+    from train.data import probes_from_config
+
+    for extra, n_mixture in ((["probes.n_heldout_mixture=5"], 5), ([], 12)):
+        cfg = compose_config(_text(corpus, cache, "data.repeat.p=0.5", "data.n_ctx=64", "probes.n_heldout=12", *extra))
+        probes = probes_from_config(instantiate(cfg.data), 64, cfg.probes)
+        assert probes.heldout.shape == (12, 64) and probes.heldout_mixture.shape == (n_mixture, 64)
+    plain = compose_config(_text(corpus, cache, "data.n_ctx=64", "probes.n_heldout=12", "probes.n_heldout_mixture=5"))
+    assert probes_from_config(instantiate(plain.data), 64, plain.probes).heldout_mixture is None

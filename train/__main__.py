@@ -10,7 +10,12 @@ directory is checked and locked before that (train/cli.py `RunDirCheck`, a Hydra
 a bad one fails with a one-line error before anything is written into it; the job checks it
 again (train/cli.py `prepare`) because sweeps and the compose API do not pass through there. On
 resume Hydra does not rewrite the run's `.hydra/` record of how it was started
-(`hydra.output_subdir=null`)."""
+(`hydra.output_subdir=null`).
+
+Under torchrun (WORLD_SIZE > 1, train/distributed.py) every rank runs this command line. Rank 0
+is the run; the other ranks give Hydra the system's temporary directory as run directory, with
+no `.hydra/` record and no log file, so they create and write no directory; a sweep (-m) is
+refused there."""
 from __future__ import annotations
 
 from train.signals import STOP
@@ -18,12 +23,14 @@ from train.signals import STOP
 STOP.install()  # before anything slow
 
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import hydra  # noqa: E402
 from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
+from train import distributed  # noqa: E402
 from train.cli import RESUME_AUTO  # noqa: E402
 from train.config import register_configs  # noqa: E402
 from train.rundir import CONFIG_FILE  # noqa: E402
@@ -41,10 +48,20 @@ def _argument(argv: list[str], key: str) -> str | None:
     return value
 
 
-def precheck(argv: list[str]) -> list[str]:
-    """The argv to hand to Hydra: a resumed run runs in its own directory."""
-    if any(a in ("-m", "--multirun") or a.startswith(("--cfg", "--help", "-h", "--info", "--hydra-help"))
-           for a in argv):
+# What a rank other than 0 hands Hydra instead of the user's values: no directory of its own.
+FOLLOWER_KEYS = ("hydra.run.dir", "hydra.output_subdir", "hydra/job_logging")
+
+
+def precheck(argv: list[str], env=None) -> list[str]:
+    """The argv to hand to Hydra: a resumed run runs in its own directory; a rank other than 0
+    of several runs in none (FOLLOWER_KEYS)."""
+    multirun = any(a in ("-m", "--multirun") for a in argv)
+    if multirun and distributed.env_world_size(env) > 1:
+        if distributed.env_rank(env) == 0:
+            print("error: a sweep (-m) cannot run under torchrun; launch one torchrun per run, "
+                  "or sweep without it", file=sys.stderr)
+        raise SystemExit(2)
+    if multirun or any(a.startswith(("--cfg", "--help", "-h", "--info", "--hydra-help")) for a in argv):
         return argv
     resume = _argument(argv, "resume")
     if resume == RESUME_AUTO:  # the run directory may hold this run already: keep its .hydra/ then
@@ -57,6 +74,9 @@ def precheck(argv: list[str]) -> list[str]:
             argv = [*argv, "hydra.output_subdir=null"]  # keep the original .hydra/ as it is
         if _argument(argv, "hydra.run.dir") is None:
             argv = [*argv, f"hydra.run.dir={resume}"]  # Hydra runs in the resumed run's directory
+    if distributed.env_rank(env) != 0:
+        argv = [a for a in argv if a.partition("=")[0].lstrip("+~") not in FOLLOWER_KEYS]
+        argv += [f"hydra.run.dir={tempfile.gettempdir()}", "hydra.output_subdir=null", "hydra/job_logging=none"]
     return argv
 
 
@@ -68,5 +88,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    if distributed.env_world_size() > 1:  # torchrun forwards the signals its ranks got already
+        distributed.merge_repeated_signals()
     sys.argv[1:] = precheck(sys.argv[1:])
     main()

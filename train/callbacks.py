@@ -358,12 +358,12 @@ class HeadAblations(Callback):
             icl_key, rep_key, removed_key = N.ablated(N.ICL_SCORE, kind), N.ablated(N.REPEAT_LOSS, kind), N.icl_removed(kind)
             for l in range(model.n_layers):
                 for h in range(model.n_heads):
-                    icl, rep = self._losses(C.ablated_logits(model, self.tokens, [(l, h)], repl, resid))
+                    icl, rep = self._losses(C.ablated_logits(model, self.tokens, [(l, h)], repl, resid, zs))
                     out[N.head_key(icl_key, l, h)] = icl
                     out[N.head_key(rep_key, l, h)] = rep
                     out[N.head_key(removed_key, l, h)] = M.icl_removed(clean_icl, icl)
             if joint:
-                icl, rep = self._losses(C.ablated_logits(model, self.tokens, joint, repl, resid))
+                icl, rep = self._losses(C.ablated_logits(model, self.tokens, joint, repl, resid, zs))
                 out[N.part_key(N.ABLATION, N.of_induction_heads(icl_key))] = icl
                 out[N.part_key(N.ABLATION, N.of_induction_heads(rep_key))] = rep
                 out[N.part_key(N.ABLATION, N.of_induction_heads(removed_key))] = M.icl_removed(clean_icl, icl)

@@ -338,12 +338,13 @@ def mean_ablation_values(zs: list[torch.Tensor], groups: list[int]) -> list[torc
 @torch.no_grad()
 def ablated_logits(model: AttnOnlyTransformer, tokens: torch.Tensor, heads: list[tuple[int, int]],
                    replacement: list[torch.Tensor] | None = None,
-                   resid: list[torch.Tensor] | None = None) -> torch.Tensor:
+                   resid: list[torch.Tensor] | None = None, zs: list[torch.Tensor] | None = None) -> torch.Tensor:
     """Logits with each head in `heads` replaced through the model's z hooks: by zero
     (replacement None) or by replacement[layer][:, head] (e.g. the head's mean z over the batch).
 
     With `resid` (from residual_inputs on the same tokens) the layers before the first ablated
-    head are not recomputed."""
+    head are not recomputed; with its `zs` too, neither are the queries, keys and values of the
+    first ablated layer (its heads' clean z, with the ablated ones replaced, go through W_O)."""
     by_layer: dict[int, list[int]] = {}
     for layer, head in heads:
         by_layer.setdefault(layer, []).append(head)
@@ -359,7 +360,11 @@ def ablated_logits(model: AttnOnlyTransformer, tokens: torch.Tensor, heads: list
     if resid is None or not by_layer:
         return model(tokens, z_hook=hook).logits
     _, qk_pos = model.embed(tokens)
-    x = resid[min(by_layer)]
-    for layer in range(min(by_layer), model.n_layers):
+    first = min(by_layer)
+    x = resid[first]
+    if zs is not None:
+        x = x + model.blocks[first].attn.output(hook(first, zs[first]))
+        first += 1
+    for layer in range(first, model.n_layers):
         x = x + model.run_layer(layer, x, qk_pos, z_hook=hook)[0]
     return model.unembed(x)

@@ -7,9 +7,15 @@ or gradient, divergence) stopped training; 4 the file system failed (disk full, 
 permissions: the message names the path); 128 + N stopped by signal N (SIGTERM 143, SIGINT 130)
 after writing a checkpoint. After 3, 4 and 128 + N the last good checkpoint is kept and
 status.json names its step. Hydra's own composition errors (misspelled key, wrong type) exit 1
-with Hydra's message."""
+with Hydra's message.
+
+With several processes (torchrun, train/distributed.py) rank 0 checks, locks and writes the run
+directory, reports every error and exits with these codes; the other ranks take the config from
+it, print nothing of what rank 0 reports, and exit with the same codes (torchrun itself exits 1
+when any rank fails or it was signalled, and lists each rank's exit code)."""
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -17,8 +23,8 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from train import rundir
-from train.config import ConfigError, differences, load_saved_config, validate
+from train import distributed, rundir
+from train.config import Config, ConfigError, differences, load_saved_config, validate
 from train.sweep import job_device, requeued_job
 
 EXIT_USAGE, EXIT_FAULT, EXIT_IO = 2, 3, 4
@@ -166,6 +172,8 @@ class RunDirCheck(Callback):
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         from hydra.core.hydra_config import HydraConfig
 
+        if distributed.env_rank() != 0:  # rank 0 checks and locks the run directory; the others use none
+            return
         HydraConfig.instance().set_config(config)
         task = config.copy()
         with open_dict(task):
@@ -180,6 +188,7 @@ class RunDirCheck(Callback):
         except (ValueError, OSError, OmegaConfBaseException) as e:
             if run_dir is not None:
                 _discard_stub(run_dir)
+            distributed.refuse(EXIT_USAGE, str(config.get("device", "auto")))  # the other ranks wait for word
             fail(_user_error(e).splitlines()[0])
 
 
@@ -201,53 +210,125 @@ def _io_error(e: OSError, run_dir: Path, trainer) -> str:
 
 def run(cfg: DictConfig, run_dir: Path) -> dict:
     """Start or resume a run; exits (SystemExit) with the codes in the module docstring. A new
-    run that fails before training removes what its start wrote (rundir.remove_stub)."""
+    run that fails before training removes what its start wrote (rundir.remove_stub). Under a
+    launcher of several processes (WORLD_SIZE > 1) this process joins the group first and
+    leaves it at the end."""
     try:
-        cfg, run_dir, status, resuming = prepare(cfg, run_dir)
+        world = distributed.world_from_env()
+    except ConfigError as e:
+        fail(str(e))
+    if not world.enabled:
+        return _run(cfg, Path(run_dir), world)
+    try:
+        world = distributed.start(world, str(cfg.device))
+    except (ConfigError, RuntimeError) as e:  # the same on every rank; RuntimeError: no group formed
+        _fail(world, _user_error(e), EXIT_USAGE, quiet=True)
+    together = True  # every rank ends here knowing how the run ended
+    try:
+        return _run(cfg, Path(run_dir), world)
+    except SystemExit as e:  # a stop, or an error reported by `_fail` (its context)
+        together = e.__context__ is None or distributed.shared(e.__context__)
+        raise
+    except BaseException:  # a bug on this rank alone: torchrun stops the others
+        together = False
+        raise
+    finally:
+        distributed.finish(world, together)
+
+
+def _fail(world: distributed.World, message: str, code: int, quiet: bool) -> None:
+    """`fail` on rank 0. Another rank exits with `code` and says nothing when the error is one
+    rank 0 reports too (`quiet`), and names itself otherwise."""
+    if world.main:
+        fail(message, code)
+    if quiet:
+        raise SystemExit(code)
+    fail(f"rank {world.rank}: {message}", code)
+
+
+def _trainer(cfg: DictConfig, run_dir: Path, world: distributed.World):
+    """The Trainer (building the model, data, probes and callbacks checks the remaining values);
+    ConfigError for a user's mistake."""
+    from hydra.errors import InstantiationException
+
+    from train.loop import Trainer
+
+    try:
+        return Trainer(cfg, run_dir, world)
+    except InstantiationException as e:  # unwrap the user's mistake from Hydra's wrapper
+        cause = e.__cause__
+        raise ConfigError(_user_error(cause) if isinstance(cause, (ValueError, OSError)) else str(e)) from None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _run(cfg: DictConfig, run_dir: Path, world: distributed.World) -> dict:
+    main = world.main
+    try:
+        if main:
+            with distributed.leading(world) as handover:  # the other ranks wait for the config
+                cfg, run_dir, status, resuming = prepare(cfg, run_dir)
+                world.rows(cfg.train.batch_size)  # the batch must split over the ranks
+                if world.enabled:
+                    handover.value = (OmegaConf.to_container(cfg, resolve=True), str(run_dir))
+        else:  # rank 0's config (on resume: the run's) and run directory, never read here
+            saved, where = distributed.follow(world)
+            cfg, run_dir, status, resuming = OmegaConf.merge(OmegaConf.structured(Config), saved), Path(where), {}, False
+    except distributed.PeerFailed as e:
+        raise SystemExit(e.code) from None
     except (ValueError, OSError, OmegaConfBaseException) as e:
-        _discard_stub(run_dir)
-        fail(_user_error(e))
+        if main:
+            _discard_stub(run_dir)
+        _fail(world, _user_error(e), EXIT_USAGE, quiet=False)
     if _multirun() and cfg.device == "auto":  # one GPU per job where there are several
         cfg.device = job_device(cfg.device, _job_num(), _cuda_count())
 
-    from hydra.errors import InstantiationException
-
-    from train.loop import Trainer, TrainingError
+    from train.loop import TrainingError
 
     trainer = None
     try:
-        with rundir.lock(run_dir):
-            resume_checkpoint = rundir.resume_point(run_dir) if resuming else None
-            try:  # building the model, data, probes and callbacks checks the remaining values
-                trainer = Trainer(cfg, run_dir)
-            except InstantiationException as e:  # unwrap the user's mistake from Hydra's wrapper
-                cause = e.__cause__
-                raise ConfigError(_user_error(cause) if isinstance(cause, (ValueError, OSError)) else str(e)) from None
-            except ValueError as e:
-                raise ConfigError(str(e)) from None
-            if not resuming:
-                rundir.write_text_atomic(run_dir / rundir.CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
-            elif resume_checkpoint is None:  # stopped before its first checkpoint: start it again
-                print(f"resuming {run_dir} from the start (it has no checkpoint yet)", file=sys.stderr)
-                rundir.rewind_metrics(run_dir, -1)
-                rundir.remove_stale_temporaries(run_dir)
+        with rundir.lock(run_dir) if main else contextlib.nullcontext():
+            if main:
+                with distributed.leading(world):  # the other ranks wait for the start
+                    resume_checkpoint = rundir.resume_point(run_dir) if resuming else None
+                    trainer = _trainer(cfg, run_dir, world)
+                    if not resuming:
+                        rundir.write_text_atomic(run_dir / rundir.CONFIG_FILE, OmegaConf.to_yaml(cfg, resolve=True))
+                    elif resume_checkpoint is None:  # stopped before its first checkpoint: start it again
+                        print(f"resuming {run_dir} from the start (it has no checkpoint yet)", file=sys.stderr)
+                        rundir.rewind_metrics(run_dir, -1)
+                        rundir.remove_stale_temporaries(run_dir)
+                    else:
+                        print(f"resuming {run_dir} from step {rundir.read_meta(resume_checkpoint)['step']}",
+                              file=sys.stderr)
             else:
-                print(f"resuming {run_dir} from step {rundir.read_meta(resume_checkpoint)['step']}", file=sys.stderr)
+                resume_checkpoint = None
+                try:
+                    trainer = _trainer(cfg, run_dir, world)
+                finally:  # rank 0's outcome first: an error rank 0 had too is rank 0's to report
+                    distributed.follow(world)
             row = trainer.run(resume_checkpoint, status)
+    except distributed.PeerFailed as e:
+        raise SystemExit(e.code) from None
     except TrainingError as e:
-        fail(f"{e}. The last good checkpoint is kept in {run_dir / rundir.CHECKPOINTS}; "
-             f"the event is recorded in {run_dir / rundir.METRICS_FILE}.", EXIT_FAULT)
-    except KeyboardInterrupt:
-        fail(f"stopped by a second signal; resume from the last checkpoint with resume={run_dir}", 130)
+        _fail(world, f"{e}. The last good checkpoint is kept in {run_dir / rundir.CHECKPOINTS}; "
+                     f"the event is recorded in {run_dir / rundir.METRICS_FILE}.", EXIT_FAULT, distributed.shared(e))
+    except KeyboardInterrupt as e:
+        _fail(world, f"stopped by a second signal; resume from the last checkpoint with resume={run_dir}", 130,
+              distributed.shared(e))
     except (ConfigError, rundir.CheckpointError, OmegaConfBaseException) as e:
         # Bad input; other exceptions during training are bugs and keep their traceback.
-        _discard_stub(run_dir)
-        fail(_user_error(e))
+        if main:
+            _discard_stub(run_dir)
+        _fail(world, _user_error(e), EXIT_USAGE, distributed.shared(e))
     except OSError as e:  # the file system failed: not the user's input
-        _discard_stub(run_dir)
-        fail(_io_error(e, run_dir, trainer), EXIT_IO)
+        if main:
+            _discard_stub(run_dir)
+        _fail(world, _io_error(e, run_dir, trainer), EXIT_IO, distributed.shared(e))
     if trainer.exit_code != 0:  # stopped by a signal, after writing a checkpoint
         raise SystemExit(trainer.exit_code)
+    if not main:
+        return row
     status = rundir.read_status(run_dir) or {}
     print(summarize(row, run_dir, status.get("wall_seconds")))
     return row

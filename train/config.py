@@ -93,6 +93,9 @@ class TrainConfig:
     # consecutive checkpoints (0: never stop).
     divergence_margin: float = 1.0
     divergence_checkpoints: int = 3
+    # Run the training step's forward pass and loss through torch.compile (the first steps then
+    # take longer while it compiles; results agree with an uncompiled run to float rounding).
+    compile: bool = False
 
 
 @dataclass
@@ -114,6 +117,7 @@ class ProbeConfig:
     repeats: int = 4
     n_copy_tokens: int = 48
     n_heldout: int = 256
+    n_heldout_mixture: Optional[int] = None  # held-out sequences with the training repetition (null: n_heldout)
     seed: int = 1234
     icl_early: Optional[int] = None  # defaults scale Olsson's 50 / 500 (of 512) with n_ctx
     icl_late: Optional[int] = None
@@ -277,6 +281,8 @@ def _validate_training(cfg: Any) -> None:
 def _validate_probes(cfg: Any) -> None:
     p, n_ctx = cfg.probes, cfg.data.n_ctx
     _positive(cfg, "probes", "n_probes", "n_copy_tokens", "n_heldout")
+    if p.get("n_heldout_mixture") is not None:
+        _positive(cfg, "probes", "n_heldout_mixture")
     _need(p.repeats >= 2, f"probes.repeats must be at least 2, got {p.repeats}")
     _need(p.period >= 2, f"probes.period must be at least 2, got {p.period}")
     # The probe is BOS + period x repeats tokens; the period is scaled down to fit the context,

@@ -412,6 +412,7 @@ def build_probes(
     n_copy_tokens: int = _Probes.n_copy_tokens,
     n_heldout: int = _Probes.n_heldout,
     seed: int = _Probes.seed,
+    n_heldout_mixture: int | None = _Probes.n_heldout_mixture,
 ) -> Probes:
     """Olsson's prefix-matching probe (BOS + 25 random tokens x 4) when it fits the context;
     otherwise the period is scaled down so that `repeats` copies fit."""
@@ -431,14 +432,16 @@ def build_probes(
                          f"raise data.vocab_size or lower probes.period")
     repeated = repeated_random_tokens(n_probes, period, repeats, allowed, g)
     copy_tokens = allowed[torch.randperm(allowed.numel(), generator=g)[:n_copy_tokens]]
-    mixture = data.mixture(n_heldout, seed) if isinstance(data, Repetition) else None
+    n_mixture = n_heldout if n_heldout_mixture is None else n_heldout_mixture
+    mixture = data.mixture(n_mixture, seed) if isinstance(data, Repetition) else None
     return Probes(repeated, period, repeats, copy_tokens, data.heldout(n_heldout, seed), allowed, mixture)
 
 
 def probes_from_config(data, n_ctx: int, probes_cfg) -> Probes:
     """The run's probes from its `probes` config section (training and re-analysis alike)."""
     p = probes_cfg
-    return build_probes(data, n_ctx, p.n_probes, p.period, p.repeats, p.n_copy_tokens, p.n_heldout, p.seed)
+    return build_probes(data, n_ctx, p.n_probes, p.period, p.repeats, p.n_copy_tokens, p.n_heldout, p.seed,
+                        p.get("n_heldout_mixture"))
 
 
 def robustness_probes(probes: Probes, n_ctx: int, variants: list[tuple[int, int]],

@@ -1,6 +1,11 @@
 """The training loop: AdamW with a learning-rate schedule, gradient clipping, bf16 autocast on CUDA,
 callbacks and checkpoints on the checkpoint schedule (train/schedules.py), exact resume, and safe
-stops. Files in the run directory are written through train/rundir.py."""
+stops. Files in the run directory are written through train/rundir.py.
+
+With several processes (train/distributed.py) every rank runs this loop on its rows of each
+step's batch under DistributedDataParallel; rank 0 alone evaluates, saves and writes, and the
+ranks meet at every checkpoint (rank 0's outcome), at every step's stop check and loss, and at
+the end. With `train.compile` the training step runs through `torch.compile`."""
 from __future__ import annotations
 
 import contextlib
@@ -20,12 +25,14 @@ from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from train import checkpoint as ckpt
+from train import distributed as D
 from train import names as N
 from train import rundir
 from train.callbacks import RunContext, evaluate_checkpoint, instantiate_callbacks, prepare_callbacks
 from train.config import validate
 from train.data import probes_from_config
 from train.live import LiveDetection
+from train.loggers import NullLogger
 from train.schedules import lr_multiplier, run_steps
 from train.signals import STOP, StopSignal
 
@@ -91,27 +98,41 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _on_cpu(obj: Any) -> Any:
+    """`obj` with every tensor in it (nested dicts, lists, tuples) moved to the CPU."""
+    if isinstance(obj, torch.Tensor):
+        return obj.cpu()
+    if isinstance(obj, dict):
+        return {k: _on_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_on_cpu(v) for v in obj)
+    return obj
+
+
 class Trainer:
-    def __init__(self, cfg: DictConfig, run_dir: str | Path):
+    def __init__(self, cfg: DictConfig, run_dir: str | Path, world: D.World = D.SINGLE):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
+        self.world, self.main = world, world.main  # `main`: this process evaluates and writes
         validate(cfg)  # the one home of value checks (the command line ran it already)
-        self.device = select_device(cfg.device)
+        self.rows = world.rows(cfg.train.batch_size)  # this rank's rows of each step's batch
+        self.device = torch.device(world.device) if world.enabled else select_device(cfg.device)
         self.tokens_per_step, self.total_steps, self.checkpoint_steps = run_steps(cfg)
         seed_everything(cfg.seed)
         self.data = instantiate(cfg.data)
         self.model = instantiate(cfg.model).to(self.device)
-        self.probes = probes_from_config(self.data, cfg.data.n_ctx, cfg.probes).to(self.device)
+        self.train_module: torch.nn.Module = self.model  # what `loss` runs; set by `run` (_training_module)
+        self.probes = probes_from_config(self.data, cfg.data.n_ctx, cfg.probes).to(self.device) if self.main else None
         self.ctx = RunContext(self.model, self.probes)
-        self.callbacks = prepare_callbacks(instantiate_callbacks(cfg.callbacks), self.ctx)
+        self.callbacks = prepare_callbacks(instantiate_callbacks(cfg.callbacks), self.ctx) if self.main else []
         o = cfg.optim
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas),
                                            weight_decay=o.weight_decay)
         warmup = max(1, o.warmup_tokens // self.tokens_per_step)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_multiplier(s, warmup, self.total_steps, o.lr_schedule, o.min_lr_ratio))
-        self.logger = instantiate(cfg.logger)
-        self.live = LiveDetection(cfg.get("live_detection_every", 0), self.logger, self._say)
+        self.logger = instantiate(cfg.logger) if self.main else NullLogger()
+        self.live = LiveDetection(cfg.get("live_detection_every", 0) if self.main else 0, self.logger, self._say)
         self.step = 0
         self.last_saved: int | None = None  # step of the newest checkpoint written (the last good step)
         self.over_divergence_line = 0  # consecutive checkpoints with held-out loss above the line
@@ -161,6 +182,40 @@ class Trainer:
             raise rundir.CheckpointError(f"checkpoint {path} is at step {self.step}, outside this run's "
                                          f"{self.total_steps} steps")
 
+    def resume_state(self, restored: bool) -> dict[str, Any] | None:
+        """What the other ranks need of a restored checkpoint (None when nothing was restored):
+        the step, the optimizer and the scheduler state, on the CPU. The weights reach them when
+        the model is wrapped in DistributedDataParallel, which broadcasts rank 0's."""
+        if not restored:
+            return None
+        return {"step": self.step, "optimizer": _on_cpu(self.optimizer.state_dict()),
+                "scheduler": self.scheduler.state_dict()}
+
+    def take_resume_state(self, state: dict[str, Any] | None) -> bool:
+        """Apply rank 0's `resume_state` on another rank; True when there was one."""
+        if state is None:
+            return False
+        self.optimizer.load_state_dict(state["optimizer"])  # moves the state to the parameters' device
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = self.last_saved = int(state["step"])
+        return True
+
+    def _training_module(self) -> torch.nn.Module:
+        """The module the training step runs: the model, wrapped in DistributedDataParallel with
+        several processes, and through `torch.compile` with train.compile. Callbacks, checkpoints
+        and resume use `self.model`, the plain module, whose parameters these share (so a
+        state dict never has `module.` or `_orig_mod.` prefixes)."""
+        module = self.model
+        if self.world.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # Wrapping broadcasts rank 0's parameters (a resumed checkpoint's) to every rank.
+            module = DistributedDataParallel(module, device_ids=[self.device.index] if self.device.type == "cuda"
+                                             else None)
+        if self.cfg.train.compile:
+            module = torch.compile(module)
+        return module
+
     # -- one checkpoint ------------------------------------------------------------------------
     def evaluate(self) -> dict[str, Any]:
         self.model.eval()
@@ -179,7 +234,7 @@ class Trainer:
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy of a batch."""
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-            logits = self.model(tokens).logits
+            logits = self.train_module(tokens).logits
         return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
     def train_step(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -188,10 +243,14 @@ class Trainer:
         loss.backward()
         clip = self.cfg.optim.grad_clip
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip if clip > 0 else float("inf"))
+        # With several ranks: the global batch's loss, the same on every rank, as is the norm of
+        # the all-reduced gradient; so every rank takes the same decision below.
+        loss = D.mean_over_ranks(self.world, loss)
         if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
             what = "loss" if not torch.isfinite(loss) else "gradient norm"
-            raise TrainingError(f"non-finite {what} at step {self.step} "
-                                f"({self.step * self.tokens_per_step:,} tokens); stopped without updating")
+            raise D.mark_shared(TrainingError(f"non-finite {what} at step {self.step} "
+                                              f"({self.step * self.tokens_per_step:,} tokens); "
+                                              f"stopped without updating"))
         self.optimizer.step()
         self.scheduler.step()
         self.loss_sum += loss.detach()
@@ -202,26 +261,36 @@ class Trainer:
         """Train to the end (or to a stop signal or fault), from the start or from
         `resume_checkpoint`. `previous_status` (the run's status.json when resuming) carries the
         wandb run id, the wall time and the resume steps of earlier segments. `self.exit_code`
-        says how it ended: 0 finished, 128 + signal number when stopped by SIGTERM/SIGINT."""
+        says how it ended: 0 finished, 128 + signal number when stopped by SIGTERM/SIGINT.
+        With several processes only rank 0 is given a checkpoint and a status; the others
+        receive the resumed state from it."""
         previous = previous_status or {}
         self.resumed_from = list(previous.get("resumed_from_steps") or [])
         prior_seconds = float(previous.get("wall_seconds") or 0.0)
-        if resume_checkpoint is not None:
-            self.restore(resume_checkpoint)  # raises before anything on disk changes
-            rundir.rewind_metrics(self.run_dir, self.step)
-            rundir.remove_stale_temporaries(self.run_dir)
-            self.resumed_from.append(self.step)
-            self.live.rows = rundir.read_metrics(self.run_dir)  # the rows before the resumed checkpoint
-        if getattr(self.data, "tokenizer_dir", None) is not None:
-            rundir.save_tokenizer(self.run_dir, self.data.tokenizer_dir)
-        metrics = rundir.MetricsFile(self.run_dir)
-        run_id = self.logger.start(self.run_dir, OmegaConf.to_container(self.cfg, resolve=True),
-                                   previous.get("wandb_run_id"))
-        self._status(rundir.RUNNING, run_id, prior_seconds or None)
-        pending = [s for s in self.checkpoint_steps
-                   if s > self.step or (resume_checkpoint is None and s == self.step)]
+        metrics, run_id = None, None
+        if self.main:
+            with D.leading(self.world) as handover:  # the other ranks wait for the resumed state
+                if resume_checkpoint is not None:
+                    self.restore(resume_checkpoint)  # raises before anything on disk changes
+                    rundir.rewind_metrics(self.run_dir, self.step)
+                    rundir.remove_stale_temporaries(self.run_dir)
+                    self.resumed_from.append(self.step)
+                    self.live.rows = rundir.read_metrics(self.run_dir)  # the rows before the resumed checkpoint
+                if getattr(self.data, "tokenizer_dir", None) is not None:
+                    rundir.save_tokenizer(self.run_dir, self.data.tokenizer_dir)
+                metrics = rundir.MetricsFile(self.run_dir)
+                run_id = self.logger.start(self.run_dir, OmegaConf.to_container(self.cfg, resolve=True),
+                                           previous.get("wandb_run_id"))
+                self._status(rundir.RUNNING, run_id, prior_seconds or None)
+                restored = resume_checkpoint is not None
+                if self.world.enabled:
+                    handover.value = self.resume_state(restored)
+        else:
+            restored = self.take_resume_state(D.follow(self.world, TrainingError))
+        self.train_module = self._training_module()  # after the restore: DDP hands rank 0's weights on
+        pending = [s for s in self.checkpoint_steps if s > self.step or (not restored and s == self.step)]
         bar = tqdm(total=self.total_steps * self.tokens_per_step, initial=self.step * self.tokens_per_step,
-                   unit="tok", unit_scale=True, dynamic_ncols=True, disable=not sys.stderr.isatty(),
+                   unit="tok", unit_scale=True, dynamic_ncols=True, disable=not (sys.stderr.isatty() and self.main),
                    desc=f"{self.cfg.model.n_layers}L")
         t0 = time.perf_counter() - prior_seconds  # wall time summed over segments
         self.exit_code, state, self._error = 1, rundir.FAILED, None
@@ -242,18 +311,23 @@ class Trainer:
             raise
         finally:
             bar.close()
-            with contextlib.suppress(OSError):  # a failed write raised already; every row was flushed
-                metrics.close()
-            try:  # a failed run reports its last good checkpoint's step
-                self._status(state, run_id, time.perf_counter() - t0, self._error,
-                             step=self.last_saved if state == rundir.FAILED else None)
-            except OSError as e:
-                print(f"warning: could not update {self.run_dir / rundir.STATUS_FILE}: {e.strerror or e}",
-                      file=sys.stderr)
-            try:
-                self.logger.finish(self.exit_code)
-            except Exception as e:  # noqa: BLE001 - the logger must not hide how training ended
-                print(f"warning: logger did not finish cleanly: {type(e).__name__}: {e}", file=sys.stderr)
+            if self.main:
+                self._last_word(metrics, state, run_id, t0)
+
+    def _last_word(self, metrics: rundir.MetricsFile, state: str, run_id: str | None, t0: float) -> None:
+        """Close metrics.jsonl, write the final status.json and finish the logger."""
+        with contextlib.suppress(OSError):  # a failed write raised already; every row was flushed
+            metrics.close()
+        try:  # a failed run reports its last good checkpoint's step
+            self._status(state, run_id, time.perf_counter() - t0, self._error,
+                         step=self.last_saved if state == rundir.FAILED else None)
+        except OSError as e:
+            print(f"warning: could not update {self.run_dir / rundir.STATUS_FILE}: {e.strerror or e}",
+                  file=sys.stderr)
+        try:
+            self.logger.finish(self.exit_code)
+        except Exception as e:  # noqa: BLE001 - the logger must not hide how training ended
+            print(f"warning: logger did not finish cleanly: {type(e).__name__}: {e}", file=sys.stderr)
 
     def check_divergence(self, row: dict[str, Any]) -> None:
         """Raise TrainingError when the held-out loss has been above ln(vocab_size) +
@@ -282,32 +356,52 @@ class Trainer:
             try:
                 if pending and pending[0] == self.step:
                     pending.pop(0)
-                    last_row = self.evaluate()
-                    metrics.write(last_row)
-                    self.logger.log(last_row | {N.ELAPSED: time.perf_counter() - t0})
-                    self.live.update(last_row)
-                    self.save()
+                    if self.main:
+                        with D.leading(self.world):  # the other ranks wait for its outcome
+                            last_row = self._checkpoint(metrics, bar, run_id, t0)
+                    else:
+                        D.follow(self.world, TrainingError)
+                        self.last_saved = self.step
                     saved_now = True
-                    self._status(rundir.RUNNING, run_id, time.perf_counter() - t0)  # wall time survives SIGKILL
-                    if N.LOSS_HELDOUT in last_row:
-                        bar.set_postfix(loss=f"{last_row[N.LOSS_HELDOUT]:.3f}", refresh=False)
-                    self.check_divergence(last_row)
                 if self.step >= self.total_steps:
                     return last_row, None
-                if stop.received is not None:
-                    path = rundir.checkpoint_dir(self.run_dir, self.step) if saved_now else self.save(rundir.INTERRUPT)
-                    print(f"\nreceived {signal.Signals(stop.received).name} at step {self.step}; checkpoint "
-                          f"written to {path}; resume with resume={self.run_dir}", file=sys.stderr)
-                    return last_row, stop.received
-                tokens = self.data.batch(self.step, self.cfg.train.batch_size).to(self.device, non_blocking=True)
-                self.train_step(tokens)
+                received = D.agree_stop(self.world, stop.received)  # a signal to any rank stops every rank here
+                if received is not None:
+                    if self.main:
+                        with D.leading(self.world):
+                            path = rundir.checkpoint_dir(self.run_dir, self.step) if saved_now else \
+                                self.save(rundir.INTERRUPT)
+                            print(f"\nreceived {signal.Signals(received).name} at step {self.step}; checkpoint "
+                                  f"written to {path}; resume with resume={self.run_dir}", file=sys.stderr)
+                    else:
+                        D.follow(self.world, TrainingError)
+                    return last_row, received
+                tokens = self.data.batch(self.step, self.cfg.train.batch_size)
+                if self.world.enabled:  # the global batch on every rank, of which this rank trains its rows
+                    tokens = tokens[self.rows]
+                self.train_step(tokens.to(self.device, non_blocking=True))
             except TrainingError as e:
                 self._error = str(e)
-                metrics.write({N.EVENT: e.event, N.STEP: self.step,
-                               N.TOKENS: self.step * self.tokens_per_step, "message": str(e)})
+                if self.main:
+                    metrics.write({N.EVENT: e.event, N.STEP: self.step,
+                                   N.TOKENS: self.step * self.tokens_per_step, "message": str(e)})
                 raise
             self.step += 1
             bar.update(self.tokens_per_step)
+
+    def _checkpoint(self, metrics: rundir.MetricsFile, bar, run_id: str | None, t0: float) -> dict[str, Any]:
+        """Rank 0 at a scheduled checkpoint: evaluate, write the row, log, save, then check for
+        divergence. Returns the row."""
+        row = self.evaluate()
+        metrics.write(row)
+        self.logger.log(row | {N.ELAPSED: time.perf_counter() - t0})
+        self.live.update(row)
+        self.save()
+        self._status(rundir.RUNNING, run_id, time.perf_counter() - t0)  # wall time survives SIGKILL
+        if N.LOSS_HELDOUT in row:
+            bar.set_postfix(loss=f"{row[N.LOSS_HELDOUT]:.3f}", refresh=False)
+        self.check_divergence(row)
+        return row
 
     @staticmethod
     def _say(line: str) -> None:

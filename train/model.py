@@ -71,19 +71,25 @@ class Attention(nn.Module):
         if rotary is not None:
             q, k = rotary(q), rotary(k)
         pattern = None
-        if return_pattern:
-            scores = q @ k.transpose(-1, -2) / math.sqrt(self.d_head)
-            n = scores.shape[-1]
-            causal = torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
-            pattern = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        if return_pattern:  # softmax(q k^T / sqrt(d_head) + causal mask), scaled and masked in one op
+            b, h, n, e = q.shape
+            mask = torch.full((n, n), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+            scores = torch.baddbmm(mask, q.reshape(b * h, n, e), k.reshape(b * h, n, e).transpose(-1, -2),
+                                   alpha=1 / math.sqrt(self.d_head))
+            pattern = scores.softmax(dim=-1).view(b, h, n, n)
             z = pattern @ v
         else:
             z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         if z_hook is not None:
             z = z_hook(self.layer, z)
+        return self.output(z), pattern
+
+    def output(self, z: torch.Tensor) -> torch.Tensor:
+        """What the heads write to the residual stream: z [batch, n_heads, pos, d_head] -> sum over
+        heads of z W_O, plus b_O: [batch, pos, d_model]."""
         b, h, n, e = z.shape
-        out = z.transpose(1, 2).reshape(b, n, h * e) @ self.W_O.reshape(h * e, -1) + self.b_O
-        return out, pattern
+        out = torch.addmm(self.b_O, z.transpose(1, 2).reshape(b * n, h * e), self.W_O.reshape(h * e, -1))
+        return out.view(b, n, -1)
 
 
 def _project(x: torch.Tensor, weights, biases) -> tuple[torch.Tensor, ...]:
@@ -91,8 +97,8 @@ def _project(x: torch.Tensor, weights, biases) -> tuple[torch.Tensor, ...]:
     h, d, e = weights[0].shape
     w = torch.cat([w.transpose(0, 1).reshape(d, h * e) for w in weights], dim=1)
     bias = torch.cat([bb.reshape(h * e) for bb in biases])
-    out = (x @ w + bias).view(*x.shape[:2], len(weights), h, e)
-    return tuple(out[:, :, i].transpose(1, 2) for i in range(len(weights)))
+    out = torch.addmm(bias, x.reshape(-1, d), w).view(*x.shape[:2], len(weights), h, e)
+    return tuple(t.transpose(1, 2) for t in out.unbind(2))  # unbind: its backward stacks, no zero-filled copies
 
 
 class Rotary(nn.Module):
@@ -201,4 +207,5 @@ class AttnOnlyTransformer(nn.Module):
         return block.attn(block.ln1(x), qk_pos, self.rotary, return_pattern, z_hook)
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ln_final(x) @ self.W_U + self.b_U
+        x = self.ln_final(x)
+        return torch.addmm(self.b_U, x.reshape(-1, x.shape[-1]), self.W_U).view(*x.shape[:-1], -1)

@@ -1,0 +1,315 @@
+"""Training in several processes through PyTorch's launcher: `torchrun --nproc_per_node=N -m train`
+(also under SLURM, `srun ... torchrun`), with DistributedDataParallel: NCCL on CUDA (rank r on
+cuda:LOCAL_RANK), gloo on the CPU.
+
+A process belongs to a group when the launcher's environment says WORLD_SIZE > 1 (with RANK and
+LOCAL_RANK). Rank 0 is the run: it checks the config and the run directory, reads a resumed
+checkpoint, evaluates the callbacks and writes every file and log. The other ranks compute their
+share of each step's gradient and nothing else; they receive the config, the resumed state and
+the outcome of each of rank 0's checkpoints from it (`broadcast`, `leading`/`follow`), so they
+never read or write the run directory. A failure of rank 0 that the others must know about is
+broadcast to them (they raise `PeerFailed` and exit quietly with its code); whoever reports an
+error to the user is rank 0.
+
+No torch at import: the command line reads the environment before anything heavy is imported."""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import os
+import signal
+import time
+from typing import Any, Iterator
+
+from train.config import ConfigError
+
+ENV_KEYS = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
+REPEAT_WINDOW_S = 3.0  # the same stop signal again within this many seconds counts once (`merge_repeated_signals`)
+# How long a rank waits in a collective: the others wait there while rank 0 evaluates a
+# checkpoint, or starts wandb, which may take long.
+TIMEOUT_MIN = 60
+_OK, _FAULT, _FAILED = "ok", "fault", "failed"
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    """This process's place among the training processes: `size` processes, this one `rank`
+    (0 is the run) on its node's `local_rank`; `device` is set by `start`."""
+
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+    device: str | None = None
+
+    @property
+    def enabled(self) -> bool:
+        """More than one process: a process group and DistributedDataParallel."""
+        return self.size > 1
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the process that evaluates, writes the run directory and logs."""
+        return self.rank == 0
+
+    def rows(self, batch_size: int) -> slice:
+        """This rank's rows of a step's global batch of `batch_size` sequences: the r-th of
+        `size` equal consecutive blocks. Every rank draws the whole batch (the data's
+        `batch(step, batch_size)` is a function of its seed and the step alone) and trains these
+        rows, so the ranks together see exactly the data of one process, and DDP's average of
+        their gradients is the mean gradient of the global batch. ConfigError when the batch
+        does not split evenly."""
+        if batch_size % self.size:
+            raise ConfigError(f"train.batch_size={batch_size} does not split over {self.size} processes "
+                              f"(WORLD_SIZE); use a multiple of {self.size}")
+        share = batch_size // self.size
+        return slice(self.rank * share, (self.rank + 1) * share)
+
+
+SINGLE = World()
+
+
+class PeerFailed(Exception):
+    """Rank 0 failed at a point where this rank waited for it, and has reported the error; this
+    rank exits with `code` and says nothing."""
+
+    def __init__(self, code: int):
+        super().__init__(f"rank 0 failed (exit {code})")
+        self.code = code
+
+
+def world_from_env(env: Any = None) -> World:
+    """The launcher's WORLD_SIZE, RANK and LOCAL_RANK (torchrun sets all three); a single process
+    (SINGLE) when WORLD_SIZE is unset or 1. ConfigError when they are not integers in range."""
+    env = os.environ if env is None else env
+    if env.get("WORLD_SIZE") in (None, "", "1"):
+        return SINGLE
+    try:
+        size, rank, local = (int(env.get(k, "0")) for k in ENV_KEYS)
+    except ValueError:
+        values = ", ".join(f"{k}={env.get(k)!r}" for k in ENV_KEYS)
+        raise ConfigError(f"the launcher's {values} are not integers") from None
+    if not (size >= 1 and 0 <= rank < size and local >= 0):
+        raise ConfigError(f"the launcher's WORLD_SIZE={size}, RANK={rank} do not fit (need 0 <= RANK < WORLD_SIZE)")
+    return World(rank=rank, local_rank=local, size=size)
+
+
+def env_world_size(env: Any = None) -> int:
+    """WORLD_SIZE of the launcher's environment (1 when unset or unreadable); no checks."""
+    env = os.environ if env is None else env
+    try:
+        return int(env.get("WORLD_SIZE") or 1)
+    except ValueError:
+        return 1
+
+
+def env_rank(env: Any = None) -> int:
+    """RANK of this process among several (0 when single or unreadable); no checks."""
+    env = os.environ if env is None else env
+    try:
+        return int(env.get("RANK") or 0) if env_world_size(env) > 1 else 0
+    except ValueError:
+        return 0
+
+
+# -- the process group ------------------------------------------------------------------------------
+def start(world: World, device: str) -> World:
+    """Join the process group (NCCL on CUDA, gloo on the CPU) and return `world` with this
+    rank's device: cuda:LOCAL_RANK for device=auto (when CUDA is there) or cuda, the CPU for
+    device=cpu (or auto without CUDA). ConfigError for a device one process cannot share out."""
+    import torch
+    import torch.distributed as dist
+
+    if device.startswith("cuda:") or device == "mps":
+        raise ConfigError(f"device={device} names one device; with {world.size} processes each rank uses "
+                          f"cuda:LOCAL_RANK: use device=cuda, auto or cpu")
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        local_size = int(os.environ.get("LOCAL_WORLD_SIZE", world.local_rank + 1))
+        if max(local_size, world.local_rank + 1) > count:
+            raise ConfigError(f"{max(local_size, world.local_rank + 1)} processes per node need as many CUDA "
+                              f"devices, this node has {count}; start fewer (--nproc_per_node) or use device=cpu")
+        torch.cuda.set_device(world.local_rank)
+        here = f"cuda:{world.local_rank}"
+    else:
+        here = "cpu"
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(minutes=TIMEOUT_MIN),
+                                device_id=torch.device(here) if cuda else None)
+    return dataclasses.replace(world, device=here)
+
+
+def finish(world: World, together: bool = True) -> None:
+    """The end of a run with several processes. `together`: every rank ends knowing how the run
+    ended; they meet at a barrier first, so that none exits (which makes torchrun stop the
+    others) before rank 0 has written and said its last word, and then leave the group; from
+    then on stop signals are ignored (torchrun's, to a rank that is exiting anyway, would
+    otherwise replace its exit code). A rank that fails on its own leaves without waiting (the
+    others are torchrun's to stop)."""
+    if not world.enabled:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return
+    if together:
+        with contextlib.suppress(Exception):  # a rank that died already: torchrun reports it
+            dist.barrier()
+        dist.destroy_process_group()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread
+                signal.signal(sig, signal.SIG_IGN)
+
+
+def refuse(code: int, device: str, env: Any = None) -> None:
+    """Rank 0 refused the run before it started (train/cli.py RunDirCheck, before Hydra's job):
+    join the group only to tell the other ranks, which wait for the config (train/cli.py), to
+    exit with `code`. Nothing in a single process, or when the group cannot be formed."""
+    try:
+        world = world_from_env(env)
+        if not world.enabled:
+            return
+        world = start(world, device)
+        broadcast(world, (_FAILED, code))
+        finish(world)
+    except Exception:  # noqa: BLE001 - the refusal itself is what the user must see
+        pass
+
+
+def broadcast(world: World, obj: Any = None) -> Any:
+    """Rank 0's `obj` (any picklable object; tensors in it should be on the CPU) on every rank;
+    `obj` itself in a single process."""
+    if not world.enabled:
+        return obj
+    import torch.distributed as dist
+
+    box = [obj if world.main else None]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier(world: World) -> None:
+    if world.enabled:
+        import torch.distributed as dist
+
+        dist.barrier()
+
+
+def agree_stop(world: World, received: int | None) -> int | None:
+    """The stop signal of any rank (SIGTERM before SIGINT), the same on every rank; `received`
+    itself in a single process. One small all-reduce: call it at the same point on every rank."""
+    if not world.enabled:
+        return received
+    import torch
+    import torch.distributed as dist
+
+    flags = torch.tensor([received == signal.SIGTERM, received == signal.SIGINT], dtype=torch.float32,
+                         device=world.device)
+    dist.all_reduce(flags)
+    term, interrupt = flags.tolist()
+    return signal.SIGTERM if term else signal.SIGINT if interrupt else None
+
+
+def mean_over_ranks(world: World, value):
+    """The mean of a scalar tensor over the ranks (the global batch's mean loss from the ranks'
+    shares of equal size): a non-finite value on any rank makes it non-finite on every rank."""
+    if not world.enabled:
+        return value
+    import torch.distributed as dist
+
+    total = value.detach().float().clone()
+    dist.all_reduce(total)
+    return total / world.size
+
+
+# -- rank 0 leads, the others follow --------------------------------------------------------------
+def shared(e: BaseException) -> bool:
+    """True when every rank knows of the failure `e` (it came through `leading`/`follow`, or from
+    a value all ranks computed together), so that they may still meet at a barrier."""
+    return bool(getattr(e, "peers_told", False))
+
+
+def mark_shared(e: BaseException) -> BaseException:
+    e.peers_told = True
+    return e
+
+
+def exit_code(e: BaseException) -> int:
+    """The command line's exit code for a failure of rank 0 (train/cli.py), for the others to
+    exit with: 2 bad input, 3 a fault, 4 the file system, 130 a second signal, 1 a bug."""
+    if isinstance(e, PeerFailed):
+        return e.code
+    if hasattr(e, "event"):  # train.loop.TrainingError
+        return 3
+    if isinstance(e, KeyboardInterrupt):
+        return 130
+    if isinstance(e, OSError):
+        return 4
+    if isinstance(e, ValueError) or type(e).__module__.startswith("omegaconf"):
+        return 2
+    return 1
+
+
+class Outbox:
+    """What rank 0 hands the others at the end of a `leading` block (`value`)."""
+
+    value: Any = None
+
+
+@contextlib.contextmanager
+def leading(world: World) -> Iterator[Outbox]:
+    """Rank 0's part of a step the other ranks wait for (in `follow`): when the block ends they
+    receive the outbox's value; when it raises they learn of it first (a fault with an `event`,
+    train.loop.TrainingError, as itself; anything else as PeerFailed with its exit code), and the
+    error goes on marked `shared`. A single process just runs the block."""
+    box = Outbox()
+    try:
+        yield box
+    except BaseException as e:
+        if world.enabled:
+            event = getattr(e, "event", None)
+            with contextlib.suppress(Exception):  # a rank that is gone already: torchrun stops the rest
+                broadcast(world, (_FAULT, str(e), event) if event is not None else (_FAILED, exit_code(e)))
+            mark_shared(e)
+        raise
+    broadcast(world, (_OK, box.value))
+
+
+def follow(world: World, fault: type[Exception] | None = None) -> Any:
+    """The other ranks' side of `leading`: the value rank 0 handed over, or rank 0's failure
+    raised here, marked `shared`: `fault(message, event)` for a fault (PeerFailed(3) without
+    `fault`), PeerFailed with rank 0's exit code for anything else."""
+    kind, *rest = broadcast(world, None)
+    if kind == _OK:
+        return rest[0]
+    if kind == _FAULT:
+        raise mark_shared(fault(rest[0], rest[1]) if fault is not None else PeerFailed(3))
+    raise mark_shared(PeerFailed(rest[0]))
+
+
+# -- signals --------------------------------------------------------------------------------------
+def merge_repeated_signals(window: float = REPEAT_WINDOW_S) -> None:
+    """Make the installed SIGTERM/SIGINT handlers (train/signals.py STOP) take a signal that
+    repeats the first one within `window` seconds as the same signal: under SLURM the job's
+    SIGTERM reaches every rank and torchrun, which forwards it to them again, and Ctrl-C reaches
+    torchrun and its ranks alike; a second signal later still stops at once."""
+    first: dict[str, Any] = {}
+
+    def wrap(handler):
+        def handle(signum, frame):
+            now = time.monotonic()
+            if first and first["signum"] == signum and now - first["at"] < window:
+                return
+            if not first:
+                first.update(signum=signum, at=now)
+            handler(signum, frame)
+        return handle
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        handler = signal.getsignal(sig)
+        if callable(handler):
+            try:
+                signal.signal(sig, wrap(handler))
+            except ValueError:  # not the main thread
+                pass
