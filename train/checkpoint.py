@@ -9,9 +9,11 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import queue
 import shutil
+import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -28,15 +30,30 @@ def model_kwargs(model_cfg: dict[str, Any]) -> dict[str, Any]:
     return {k: model_cfg[k] for k in MODEL_KEYS if k in model_cfg}
 
 
-def save_checkpoint(run_dir: Path, model: torch.nn.Module, meta: dict[str, Any],
+def snapshot(obj: Any) -> Any:
+    """A copy of `obj` (nested dicts, lists, tuples) with every tensor copied to the CPU: what a
+    checkpoint written in the background needs while training goes on changing the originals."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return {k: snapshot(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(snapshot(v) for v in obj)
+    return obj
+
+
+def save_checkpoint(run_dir: Path, model: torch.nn.Module | dict[str, torch.Tensor], meta: dict[str, Any],
                     train_state: dict[str, Any] | None = None, save_weights: bool = True) -> Path:
+    """Write checkpoint `meta["step"]` of `model` (a module, or its state dict) with its meta.json
+    and, when given, the training state."""
     final = checkpoint_dir(run_dir, meta["step"])
     tmp = final.with_name(final.name + TMP_SUFFIX)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
         if save_weights or train_state is not None:
-            weights = {k: v.detach().float().contiguous().cpu() for k, v in model.state_dict().items()}
+            state_dict = model if isinstance(model, dict) else model.state_dict()
+            weights = {k: v.detach().float().contiguous().cpu() for k, v in state_dict.items()}
             _written(tmp / MODEL_FILE, lambda p: save_file(weights, str(p), metadata={"step": str(meta["step"])}))
         if train_state is not None:
             _written(tmp / STATE_FILE, lambda p: torch.save(train_state, p))
@@ -57,6 +74,47 @@ def save_checkpoint(run_dir: Path, model: torch.nn.Module, meta: dict[str, Any],
         os.replace(tmp, final)
     fsync_dir(final.parent)
     return final
+
+
+class BackgroundWriter:
+    """Runs file-writing jobs (checkpoints, metrics rows, status.json) one after another in a
+    background thread, in the order submitted, so that training goes on while the file system
+    writes and fsyncs. `submit` waits while `depth` jobs are queued; `wait` returns when every
+    queued job is done. A job's error (an OSError from a full disk, say) stops the jobs after it
+    and is raised in the training thread by the next `submit` or `wait`."""
+
+    def __init__(self, depth: int = 2):
+        self._jobs: queue.Queue = queue.Queue(maxsize=depth)
+        self._error: BaseException | None = None  # raised once in the training thread
+        self._failed = False  # no job runs after a failed one
+        self._thread: threading.Thread | None = None
+
+    def submit(self, job: Callable[[], Any]) -> None:
+        self.raise_error()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._work, name="checkpoint-writer", daemon=True)
+            self._thread.start()
+        self._jobs.put(job)
+
+    def wait(self) -> None:
+        self._jobs.join()
+        self.raise_error()
+
+    def raise_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            try:
+                if not self._failed:
+                    job()
+            except BaseException as e:  # noqa: BLE001 - handed to the training thread
+                self._error, self._failed = e, True
+            finally:
+                self._jobs.task_done()
 
 
 def _written(path: Path, write) -> None:

@@ -135,6 +135,8 @@ class Trainer:
         self.live = LiveDetection(cfg.get("live_detection_every", 0) if self.main else 0, self.logger, self._say)
         self.step = 0
         self.last_saved: int | None = None  # step of the newest checkpoint written (the last good step)
+        # Checkpoints, metrics rows and status.json are written off the training thread, in order.
+        self.writer = ckpt.BackgroundWriter()
         self.over_divergence_line = 0  # consecutive checkpoints with held-out loss above the line
         self.loss_sum = torch.zeros((), device=self.device)
         self.loss_count = 0
@@ -152,15 +154,24 @@ class Trainer:
                 "config": OmegaConf.to_container(self.cfg, resolve=True)}
 
     def save(self, kind: str = rundir.SCHEDULED) -> Path:
+        """Checkpoint this step: the weights and training state are copied now and written, with
+        the pruning of older checkpoints, by the background writer (`self.writer`), which sets
+        `last_saved` once the checkpoint is in place. Returns the checkpoint's directory."""
         c = self.cfg.checkpoint
         # An interrupt checkpoint must always be resumable, whatever keep_resume_states says.
         with_state = c.keep_resume_states > 0 or kind == rundir.INTERRUPT
-        path = ckpt.save_checkpoint(self.run_dir, self.model, self.meta(kind),
-                                    self.train_state() if with_state else None, save_weights=c.save_weights)
-        if kind != rundir.INTERRUPT:
-            rundir.prune(self.run_dir, self.step, c.keep_resume_states, c.save_weights)
-        self.last_saved = self.step
-        return path
+        step, meta = self.step, self.meta(kind)
+        weights = ckpt.snapshot(self.model.state_dict()) if c.save_weights or with_state else {}
+        state = ckpt.snapshot(self.train_state()) if with_state else None
+
+        def write() -> None:
+            ckpt.save_checkpoint(self.run_dir, weights, meta, state, save_weights=c.save_weights)
+            if kind != rundir.INTERRUPT:
+                rundir.prune(self.run_dir, step, c.keep_resume_states, c.save_weights)
+            self.last_saved = step
+
+        self.writer.submit(write)
+        return rundir.checkpoint_dir(self.run_dir, step)
 
     def restore(self, path: Path) -> None:
         """Load model, optimizer, scheduler, RNG and the running train-loss sums of a checkpoint.
@@ -315,7 +326,10 @@ class Trainer:
                 self._last_word(metrics, state, run_id, t0)
 
     def _last_word(self, metrics: rundir.MetricsFile, state: str, run_id: str | None, t0: float) -> None:
-        """Close metrics.jsonl, write the final status.json and finish the logger."""
+        """Let the background writer finish, close metrics.jsonl, write the final status.json and
+        finish the logger."""
+        with contextlib.suppress(BaseException):  # a write that failed now: the run ends failing already
+            self.writer.wait()
         with contextlib.suppress(OSError):  # a failed write raised already; every row was flushed
             metrics.close()
         try:  # a failed run reports its last good checkpoint's step
@@ -371,6 +385,7 @@ class Trainer:
                         with D.leading(self.world):
                             path = rundir.checkpoint_dir(self.run_dir, self.step) if saved_now else \
                                 self.save(rundir.INTERRUPT)
+                            self.writer.wait()  # the checkpoint is in place before anyone is told so
                             print(f"\nreceived {signal.Signals(received).name} at step {self.step}; checkpoint "
                                   f"written to {path}; resume with resume={self.run_dir}", file=sys.stderr)
                     else:
@@ -383,6 +398,7 @@ class Trainer:
             except TrainingError as e:
                 self._error = str(e)
                 if self.main:
+                    self.writer.wait()  # the rows and checkpoints before the fault, then its event row
                     metrics.write({N.EVENT: e.event, N.STEP: self.step,
                                    N.TOKENS: self.step * self.tokens_per_step, "message": str(e)})
                 raise
@@ -393,11 +409,14 @@ class Trainer:
         """Rank 0 at a scheduled checkpoint: evaluate, write the row, log, save, then check for
         divergence. Returns the row."""
         row = self.evaluate()
-        metrics.write(row)
+        self.writer.submit(lambda: metrics.write(row))
         self.logger.log(row | {N.ELAPSED: time.perf_counter() - t0})
         self.live.update(row)
         self.save()
-        self._status(rundir.RUNNING, run_id, time.perf_counter() - t0)  # wall time survives SIGKILL
+        step, seconds = self.step, time.perf_counter() - t0
+        self.writer.submit(lambda: self._status(rundir.RUNNING, run_id, seconds, step=step))  # wall time survives SIGKILL
+        if self.step >= self.total_steps:
+            self.writer.wait()  # the last checkpoint is in place before the run ends
         if N.LOSS_HELDOUT in row:
             bar.set_postfix(loss=f"{row[N.LOSS_HELDOUT]:.3f}", refresh=False)
         self.check_divergence(row)
