@@ -263,6 +263,41 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, ca
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+def test_deferred_finiteness_check_skips_updates_and_stops_at_the_next_checkpoint(tmp_path, capsys, single_thread,
+                                                                                  monkeypatch):
+    """The CUDA path, run on the CPU: no host sync per step; fused AdamW skips the update of the
+    non-finite step and of every step after it, and the run stops at the next checkpoint naming
+    the step, with no checkpoint written from it on."""
+    from train.loop import Trainer
+
+    clean_loss = Trainer.loss
+
+    def nan_at_step_9(self, tokens):
+        loss = clean_loss(self, tokens)
+        return loss * float("nan") if self.step == 9 else loss
+
+    monkeypatch.setattr(Trainer, "loss", nan_at_step_9)
+    monkeypatch.setattr(Trainer, "defer_checks", True)
+    seen = []
+    clean_step = Trainer.train_step
+
+    def remember(self, tokens):  # the weights before each step
+        seen.append([p.detach().clone() for p in self.model.parameters()])
+        return clean_step(self, tokens)
+
+    monkeypatch.setattr(Trainer, "train_step", remember)
+    run_dir = tmp_path / "nan"
+    with pytest.raises(SystemExit) as exc:
+        run(compose_config(SMALL + _drop_extra_callbacks() + ["train.total_tokens=49152"]), run_dir)
+    assert exc.value.code == 3
+    assert "non-finite loss or gradient norm at step 9" in _one_line_error(capsys.readouterr().err)
+    last = read_metrics(run_dir / "metrics.jsonl")[-1]
+    assert last["event"] == "nonfinite" and last["step"] > 9
+    assert len(seen) > 11 and not all(torch.equal(a, b) for a, b in zip(seen[8], seen[9]))  # updates before 9
+    assert all(torch.equal(a, b) for later in seen[10:] for a, b in zip(seen[9], later))  # none from 9 on
+    assert int(rundir.list_checkpoints(run_dir)[-1].name[5:]) < 9
+
+
 # -- the command line refuses a finished run ----------------------------------------------------
 
 def test_cli_refuses_a_finished_run_dir_and_resuming_it(reference):

@@ -110,6 +110,8 @@ def _on_cpu(obj: Any) -> Any:
 
 
 class Trainer:
+    defer_checks: bool | None = None  # None: deferred finiteness checks on CUDA only (see __init__)
+
     def __init__(self, cfg: DictConfig, run_dir: str | Path, world: D.World = D.SINGLE):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
@@ -126,8 +128,14 @@ class Trainer:
         self.ctx = RunContext(self.model, self.probes)
         self.callbacks = prepare_callbacks(instantiate_callbacks(cfg.callbacks), self.ctx) if self.main else []
         o = cfg.optim
+        # On CUDA a step's finiteness check stays on the device (reading it every step is a host
+        # sync that stalls the GPU): fused AdamW skips every update from the first non-finite
+        # step on, and `check_finite` raises at the next checkpoint. On the CPU each step is
+        # checked at once.
+        self.deferred_checks = self.device.type == "cuda" if self.defer_checks is None else self.defer_checks
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=self.device)  # first non-finite step
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=o.lr, betas=tuple(o.betas),
-                                           weight_decay=o.weight_decay)
+                                           weight_decay=o.weight_decay, fused=self.deferred_checks or None)
         warmup = max(1, o.warmup_tokens // self.tokens_per_step)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_multiplier(s, warmup, self.total_steps, o.lr_schedule, o.min_lr_ratio))
@@ -257,7 +265,11 @@ class Trainer:
         # With several ranks: the global batch's loss, the same on every rank, as is the norm of
         # the all-reduced gradient; so every rank takes the same decision below.
         loss = D.mean_over_ranks(self.world, loss)
-        if not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
+        if self.deferred_checks:  # no host sync: the update is skipped on the device
+            bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+            self.first_bad = torch.where(bad & (self.first_bad < 0), self.step, self.first_bad)
+            self.optimizer.found_inf = (self.first_bad >= 0).float()  # read by fused AdamW
+        elif not (torch.isfinite(loss) and torch.isfinite(grad_norm)):
             what = "loss" if not torch.isfinite(loss) else "gradient norm"
             raise D.mark_shared(TrainingError(f"non-finite {what} at step {self.step} "
                                               f"({self.step * self.tokens_per_step:,} tokens); "
@@ -267,6 +279,15 @@ class Trainer:
         self.loss_sum += loss.detach()
         self.loss_count += 1
         return loss
+
+    def check_finite(self) -> None:
+        """With deferred checks: raise TrainingError when a step since the last check had a
+        non-finite loss or gradient norm (the updates from that step on were skipped)."""
+        if self.deferred_checks and int(self.first_bad) >= 0:
+            bad = int(self.first_bad)
+            raise D.mark_shared(TrainingError(f"non-finite loss or gradient norm at step {bad} "
+                                              f"({bad * self.tokens_per_step:,} tokens), found at step {self.step}; "
+                                              f"stopped without updating from step {bad} on"))
 
     def run(self, resume_checkpoint: Path | None = None, previous_status: dict[str, Any] | None = None) -> dict[str, Any]:
         """Train to the end (or to a stop signal or fault), from the start or from
@@ -368,6 +389,8 @@ class Trainer:
         while True:
             saved_now = False
             try:
+                if (pending and pending[0] == self.step) or self.step >= self.total_steps:
+                    self.check_finite()
                 if pending and pending[0] == self.step:
                     pending.pop(0)
                     if self.main:
@@ -381,6 +404,7 @@ class Trainer:
                     return last_row, None
                 received = D.agree_stop(self.world, stop.received)  # a signal to any rank stops every rank here
                 if received is not None:
+                    self.check_finite()  # never an interrupt checkpoint of skipped updates
                     if self.main:
                         with D.leading(self.world):
                             path = rundir.checkpoint_dir(self.run_dir, self.step) if saved_now else \
