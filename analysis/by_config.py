@@ -7,9 +7,11 @@ Runs the same detection as `python -m analysis` (analysis/phase.py, default para
 
 * `by_config.md`: one row per group: the keys' values, the runs with a phase change out of all, the
   tokens at the steepest point of each run's window (sorted; "none" for a run without one), their
-  median, and the tokens the runs trained for;
-* `by_config.png`: the steepest-point tokens against the first key (log scale), one marker per run,
-  one colour per value of the second key; runs without a phase change at the top, marked "none".
+  median, the last-layer max prefix-matching score at each run's last checkpoint (sorted: how far
+  the induction heads got, window or not), and the tokens the runs trained for;
+* `by_config.png`: left, the steepest-point tokens against the first key (log scale), one marker
+  per run, one colour per value of the second key, runs without a phase change at the top, marked
+  "none"; right, the last-layer max prefix matching at the end against the first key.
 """
 from __future__ import annotations
 
@@ -23,6 +25,18 @@ import numpy as np
 from analysis.__main__ import _params
 from analysis.phase import detect_run
 from analysis.runs import AnalysisError, Run, load_runs
+from train import names as N
+
+
+def final_prefix_matching(run: Run) -> float | None:
+    """The largest last-layer prefix-matching score at the run's last checkpoint that has one."""
+    heads = run.head_series(N.PREFIX_MATCHING)
+    last = max((N.parse_head_name(h)[0] for h in heads), default=None)
+    if last is None:
+        return None
+    series = np.array([v for h, v in heads.items() if N.parse_head_name(h)[0] == last])  # [heads, checkpoints]
+    finite = np.isfinite(series).all(0)
+    return float(series[:, finite][:, -1].max()) if finite.any() else None
 
 
 def config_value(run: Run, key: str) -> Any:
@@ -39,9 +53,10 @@ def group_runs(runs: list[Run], keys: list[str], results: dict[str, dict]) -> li
     groups: dict[tuple, dict[str, Any]] = {}
     for run in runs:
         values = tuple(config_value(run, k) for k in keys)
-        g = groups.setdefault(values, {"values": values, "steepest": [], "trained": []})
+        g = groups.setdefault(values, {"values": values, "steepest": [], "final": [], "trained": []})
         window = results[str(run.path)]["window"]
         g["steepest"].append(window["steepest_tokens"] if window else None)
+        g["final"].append(final_prefix_matching(run))
         g["trained"].append(float(run.tokens[-1]))
     return [groups[k] for k in sorted(groups, key=lambda v: tuple((x is None, str(type(x)), x) for x in v))]
 
@@ -51,15 +66,16 @@ def _tokens(t: float | None) -> str:
 
 
 def table(keys: list[str], groups: list[dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(keys) + " | phase change | steepest (tokens) | median | trained |",
-             "|" + " --- |" * (len(keys) + 4)]
+    lines = ["| " + " | ".join(keys) + " | phase change | steepest (tokens) | median | prefix matching at the end | trained |",
+             "|" + " --- |" * (len(keys) + 5)]
     for g in groups:
         found = sorted(t for t in g["steepest"] if t is not None)
         cells = [str(v) for v in g["values"]]
         runs = ", ".join([_tokens(t) for t in found] + ["none"] * (len(g["steepest"]) - len(found)))
         median = _tokens(float(np.median(found))) if len(found) * 2 > len(g["steepest"]) else "none"
         trained = _tokens(max(g["trained"]))
-        lines.append("| " + " | ".join(cells + [f"{len(found)}/{len(g['steepest'])}", runs, median, trained]) + " |")
+        final = ", ".join("n/a" if v is None else f"{v:.2f}" for v in sorted(g["final"], key=lambda v: (v is None, v)))
+        lines.append("| " + " | ".join(cells + [f"{len(found)}/{len(g['steepest'])}", runs, median, final, trained]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -67,7 +83,7 @@ def figure(keys: list[str], groups: list[dict[str, Any]], path: Path) -> None:
     from analysis.plots import plt
 
     top = max(max(g["trained"]) for g in groups)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, (ax, right) = plt.subplots(1, 2, figsize=(10, 4))
     second = sorted({g["values"][1] for g in groups}, key=str) if len(keys) > 1 else [None]
     for i, value in enumerate(second):
         members = [g for g in groups if len(keys) == 1 or g["values"][1] == value]
@@ -82,11 +98,18 @@ def figure(keys: list[str], groups: list[dict[str, Any]], path: Path) -> None:
         offset = (i - (len(second) - 1) / 2) * 0.004
         ax.scatter(np.array(xs) + offset, ys, color=f"C{i}", label=label, zorder=3)
         ax.scatter(np.array(none_x) + offset, [top * 1.4] * len(none_x), color=f"C{i}", marker="x", zorder=3)
+        finals = [(float(g["values"][0]), v) for g in members for v in g["final"] if v is not None]
+        if finals:
+            fx, fy = zip(*finals)
+            right.scatter(np.array(fx) + offset, fy, color=f"C{i}", label=label, zorder=3)
     ax.axhline(top, color="#999", lw=0.8, ls="--")
     ax.text(ax.get_xlim()[0], top * 1.5, f" none within {top / 1e6:.1f}M tokens (x)", fontsize=8, va="bottom")
     ax.set_yscale("log")
     ax.set_xlabel(keys[0])
     ax.set_ylabel("tokens at the steepest point of the phase change")
+    right.set_ylim(0, 1)
+    right.set_xlabel(keys[0])
+    right.set_ylabel("last-layer max prefix matching at the end")
     if label:
         ax.legend(fontsize=8)
     fig.tight_layout()

@@ -16,6 +16,7 @@ from analysis.__main__ import main
 from analysis.phase import PhaseParams, burn_in_end, detect_bump, detect_jump, detect_phase_change, smooth
 from analysis.runs import load_run
 from tests.helpers import checkpoint_tokens, sigmoid
+from train.rundir import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -232,6 +233,11 @@ def test_sweep_table_groups_runs_by_config_values(two_layer_run, one_layer_run, 
     expected = _detect(two_layer_run)["window"]["steepest_tokens"]
     assert rows[0].startswith("| 1 | 0 | 0/1 | none | none |")
     assert rows[1].startswith(f"| 2 | 0 | 1/1 | {expected / 1e6:.2f}M | {expected / 1e6:.2f}M |")
+    # the last-layer max prefix matching at each run's end: the 2-layer run's induction heads, none in 1 layer
+    final = {n: float(r.split("|")[6]) for n, r in zip((1, 2), rows)}
+    last = read_metrics(two_layer_run / "metrics.jsonl")[-1]
+    assert abs(final[2] - max(v for k, v in last.items() if k.startswith("prefix_matching/L1H"))) < 0.006
+    assert final[2] > 0.5 > 0.2 > final[1]
     assert (sweep / "by_config" / "by_config.png").stat().st_size > 10_000
     assert sweep_main([str(tmp_path / "nothing"), "--key", "seed"]) == 2
     assert "error:" in capsys.readouterr().err
