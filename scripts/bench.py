@@ -685,14 +685,16 @@ def run_all(device: torch.device, quick: bool, use_tl: bool = True, say=print) -
     say("matmul peak ...")
     result["matmul_peak"] = peak = matmul_peak(device, s.matmul_sizes, s.matmul_repeats)
     warm_up_libraries(device)
+    # The loop first, in a fresh process state: after the model sizes and TransformerLens the same
+    # run is measurably slower (allocator and thread-pool state), which is not the loop's doing.
+    say("loop vs step ...")
+    result["loop"] = bench_loop(device, s)
     result["sizes"] = []
     for size in s.sizes:
         say(f"training step, d_model/n_ctx/batch {size} ...")
         result["sizes"].append(bench_size(*size, device, s, peak["peak_flops"], tl))
     say("probe cost ...")
     result["probes"] = bench_probes(device, s)
-    say("loop vs step ...")
-    result["loop"] = bench_loop(device, s)
     say("torch.compile ...")
     result["compile"] = bench_compile(device, s)
     result["process_peak_rss_bytes"] = process_peak_rss()

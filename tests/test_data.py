@@ -26,6 +26,22 @@ def test_batches_are_a_pure_function_of_step():
     assert not torch.equal(a.batch(5, 8), RepeatsLanguage(64, 64, seed=1).batch(5, 8))
 
 
+def test_batches_made_in_blocks_equal_one_batch_at_a_time():
+    """Training batches come from blocks of steps with one chain walk: each equals the batch of
+    its step sampled alone, across block boundaries, in any order, and a caller's change to a
+    batch does not reach the next call."""
+    from train.data import BATCH_BLOCK, _generator
+
+    lang = RepeatsLanguage(seed=3)
+    for step in (0, 1, BATCH_BLOCK - 1, BATCH_BLOCK, 5 * BATCH_BLOCK + 7, 2):
+        for batch_size in (64, 5):
+            alone = lang.sample(batch_size, _generator(3, 1, step))
+            assert torch.equal(lang.batch(step, batch_size), alone)
+    first = lang.batch(9, 8)
+    first.zero_()
+    assert torch.equal(lang.batch(9, 8), lang.sample(8, _generator(3, 1, 9)))
+
+
 def test_sequences_start_with_bos_and_stay_in_vocabulary():
     x = _lang().batch(0, 256)
     assert (x[:, 0] == BOS).all()

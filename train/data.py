@@ -33,6 +33,7 @@ from train.config import RepeatConfig as _Repeat
 from train.config import ProbeConfig as _Probes
 
 BOS = 0
+BATCH_BLOCK = 16  # RepeatsLanguage makes its training batches this many steps at a time
 
 
 def _generator(*seeds: int) -> torch.Generator:
@@ -75,35 +76,64 @@ class RepeatsLanguage:
         self.cum_probs[:, -1] = 1.0
         self._cum_np = self.cum_probs.numpy()
         self._succ_np = (self.successors - 1).numpy()
+        self._block_key: tuple[int, int] | None = None  # the block of training batches made last
+        self._block: list[torch.Tensor] = []
 
     # -- sampling ------------------------------------------------------------------------------
-    def _chain(self, n_seq: int, length: int, g: torch.Generator) -> torch.Tensor:
-        # A sequential walk: numpy's per-call overhead is far below torch's for tiny arrays.
-        cur = torch.randint(1, self.vocab_size, (n_seq,), generator=g).numpy() - 1
-        u = torch.rand(n_seq, length, 1, generator=g).numpy()
+    def _draw(self, n_seq: int, g: torch.Generator) -> tuple[torch.Tensor, ...]:
+        """Every random number of `n_seq` sequences, in the generator's order: the chain's start
+        tokens and uniforms, the uniform segments, the periods, and which rows repeat and which
+        segments are uniform."""
+        body = self.n_ctx - 1
+        start = torch.randint(1, self.vocab_size, (n_seq,), generator=g)
+        u = torch.rand(n_seq, body, 1, generator=g)
+        uniform = torch.randint(1, self.vocab_size, (n_seq, self.max_period), generator=g)
+        period = torch.randint(self.min_period, self.max_period + 1, (n_seq,), generator=g)
+        is_repeat = torch.rand(n_seq, generator=g) < self.p_repeat
+        is_uniform = torch.rand(n_seq, generator=g) < self.p_uniform_segment
+        return start, u, uniform, period, is_repeat, is_uniform
+
+    def _chain(self, start: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+        """The bigram-chain walks from `start` [n] driven by the uniforms `u` [n, length, 1]. A
+        sequential walk over positions, vectorised over rows (each row its own walk): numpy's
+        per-call overhead is far below torch's for tiny arrays."""
+        cur, u = start.numpy() - 1, u.numpy()
         cum, succ = self._cum_np, self._succ_np
-        out = np.empty((n_seq, length), dtype=np.int64)
-        for t in range(length):
+        out = np.empty(u.shape[:2], dtype=np.int64)
+        for t in range(u.shape[1]):
             out[:, t] = cur
             choice = (cum[cur] < u[:, t]).sum(1)
             cur = succ[cur, choice]
         return torch.from_numpy(out + 1)
 
-    def sample(self, n_seq: int, g: torch.Generator) -> torch.Tensor:
+    def _assemble(self, chain: torch.Tensor, uniform, period, is_repeat, is_uniform) -> torch.Tensor:
         body = self.n_ctx - 1
-        chain = self._chain(n_seq, body, g)
-        uniform = torch.randint(1, self.vocab_size, (n_seq, self.max_period), generator=g)
-        period = torch.randint(self.min_period, self.max_period + 1, (n_seq,), generator=g)
-        is_repeat = torch.rand(n_seq, generator=g) < self.p_repeat
-        is_uniform = torch.rand(n_seq, generator=g) < self.p_uniform_segment
         segment = torch.where(is_uniform[:, None], uniform, chain[:, : self.max_period])
         idx = torch.arange(body)[None] % period[:, None]
         tiled = segment.gather(1, idx)
         seqs = torch.where(is_repeat[:, None], tiled, chain)
-        return torch.cat([torch.full((n_seq, 1), BOS, dtype=torch.long), seqs], dim=1)
+        return torch.cat([torch.full((chain.shape[0], 1), BOS, dtype=torch.long), seqs], dim=1)
+
+    def sample(self, n_seq: int, g: torch.Generator) -> torch.Tensor:
+        start, u, *rest = self._draw(n_seq, g)
+        return self._assemble(self._chain(start, u), *rest)
+
+    def batches(self, first_step: int, n_steps: int, batch_size: int) -> list[torch.Tensor]:
+        """`[batch(s, batch_size) for s in first_step .. first_step + n_steps - 1]`, equal
+        element for element, with one chain walk over all their rows (the walk's cost is per
+        position, nearly independent of the number of rows)."""
+        draws = [self._draw(batch_size, _generator(self.seed, 1, s)) for s in range(first_step, first_step + n_steps)]
+        chains = self._chain(torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws])).split(batch_size)
+        return [self._assemble(c, *d[2:]) for c, d in zip(chains, draws)]
 
     def batch(self, step: int, batch_size: int) -> torch.Tensor:
-        return self.sample(batch_size, _generator(self.seed, 1, step))
+        """The training batch of `step`: a pure function of (seed, step). Batches are made
+        `BATCH_BLOCK` steps at a time (`batches`) and handed out from that block."""
+        key = (step // BATCH_BLOCK, batch_size)
+        if self._block_key != key:
+            self._block = self.batches(key[0] * BATCH_BLOCK, BATCH_BLOCK, batch_size)
+            self._block_key = key
+        return self._block[step % BATCH_BLOCK].clone()  # the caller may change it; the block stays
 
     def heldout(self, n_seq: int, seed: int) -> torch.Tensor:
         return self.sample(n_seq, _generator(self.seed, 2, seed))
