@@ -84,9 +84,9 @@ if str(ROOT) not in sys.path:  # run as a script: the project's packages, and te
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from train.config import DataConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
+from train.loop import next_token_loss  # noqa: E402
 from train.model import AttnOnlyTransformer  # noqa: E402
 
 N_LAYERS = 2
@@ -260,22 +260,24 @@ def make_tl_model(model: AttnOnlyTransformer, tl, device: torch.device):
     return hooked.train()
 
 
-def make_optimizer(params) -> torch.optim.Optimizer:
+def make_optimizer(params, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with the config's defaults, fused on CUDA as the trainer's."""
     o = OptimConfig()
-    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay,
+                             fused=device.type == "cuda" or None)
 
 
 def make_step(logits_of: Callable[[torch.Tensor], torch.Tensor], params: list[torch.nn.Parameter],
               device: torch.device, tokens: torch.Tensor) -> Callable[[], torch.Tensor]:
     """One training step on the fixed batch `tokens`, as train/loop.py Trainer.train_step without
     its scheduler and non-finite checks: autocast forward, cross-entropy, backward, clip, AdamW."""
-    optimizer = make_optimizer(params)
+    optimizer = make_optimizer(params, device)
     clip = OptimConfig.grad_clip
 
     def step() -> torch.Tensor:
         with autocast(device):
             logits = logits_of(tokens)
-        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+        loss = next_token_loss(logits, tokens)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, clip if clip > 0 else float("inf"))

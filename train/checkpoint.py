@@ -100,6 +100,16 @@ class BackgroundWriter:
         self._jobs.join()
         self.raise_error()
 
+    def close(self) -> None:
+        """`wait`, then end the thread (a later `submit` starts a new one)."""
+        try:
+            self.wait()
+        finally:
+            if self._thread is not None:
+                self._jobs.put(None)
+                self._thread.join()
+                self._thread = None
+
     def raise_error(self) -> None:
         if self._error is not None:
             error, self._error = self._error, None
@@ -108,6 +118,9 @@ class BackgroundWriter:
     def _work(self) -> None:
         while True:
             job = self._jobs.get()
+            if job is None:  # close()
+                self._jobs.task_done()
+                return
             try:
                 if not self._failed:
                     job()

@@ -189,13 +189,6 @@ def broadcast(world: World, obj: Any = None) -> Any:
     return box[0]
 
 
-def barrier(world: World) -> None:
-    if world.enabled:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
 def agree_stop(world: World, received: int | None) -> int | None:
     """The stop signal of any rank (SIGTERM before SIGINT), the same on every rank; `received`
     itself in a single process. One small all-reduce: call it at the same point on every rank."""

@@ -65,6 +65,12 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)  # names are checked by train.config.validate
 
 
+def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (in fp32) of every next-token prediction: logits [b, p, V] at
+    positions 0..p-2 against tokens [b, p] at 1..p-1."""
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -96,17 +102,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
                      state.get("python_gauss")))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _on_cpu(obj: Any) -> Any:
-    """`obj` with every tensor in it (nested dicts, lists, tuples) moved to the CPU."""
-    if isinstance(obj, torch.Tensor):
-        return obj.cpu()
-    if isinstance(obj, dict):
-        return {k: _on_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_on_cpu(v) for v in obj)
-    return obj
 
 
 class Trainer:
@@ -207,7 +202,7 @@ class Trainer:
         the model is wrapped in DistributedDataParallel, which broadcasts rank 0's."""
         if not restored:
             return None
-        return {"step": self.step, "optimizer": _on_cpu(self.optimizer.state_dict()),
+        return {"step": self.step, "optimizer": ckpt.snapshot(self.optimizer.state_dict()),
                 "scheduler": self.scheduler.state_dict()}
 
     def take_resume_state(self, state: dict[str, Any] | None) -> bool:
@@ -254,7 +249,7 @@ class Trainer:
         """Mean next-token cross-entropy of a batch."""
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             logits = self.train_module(tokens).logits
-        return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
+        return next_token_loss(logits, tokens)
 
     def train_step(self, tokens: torch.Tensor) -> torch.Tensor:
         loss = self.loss(tokens)
@@ -350,7 +345,7 @@ class Trainer:
         """Let the background writer finish, close metrics.jsonl, write the final status.json and
         finish the logger."""
         with contextlib.suppress(BaseException):  # a write that failed now: the run ends failing already
-            self.writer.wait()
+            self.writer.close()
         with contextlib.suppress(OSError):  # a failed write raised already; every row was flushed
             metrics.close()
         try:  # a failed run reports its last good checkpoint's step
