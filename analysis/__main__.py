@@ -4,34 +4,13 @@ Olsson-style figures, summary.json and a self-contained report.html."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import shutil
 import sys
 from pathlib import Path
 
-from analysis.phase import PhaseParams
-from analysis.runs import AnalysisError, default_out_dir, load_runs
-from analysis.stages import StageParams
-
-
-def _params(pairs: list[str]) -> tuple[PhaseParams, StageParams]:
-    """--set KEY=VALUE pairs: keys of PhaseParams (analysis/phase.py) or StageParams
-    (analysis/stages.py); int fields take ints, the others floats."""
-    phase_fields = {f.name: type(f.default) for f in dataclasses.fields(PhaseParams)}
-    stage_fields = {f.name: type(f.default) for f in dataclasses.fields(StageParams)}
-    fields = phase_fields | stage_fields
-    phase_values, stage_values = {}, {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or key not in fields:
-            raise AnalysisError(f"--set {pair!r}: expected KEY=VALUE with KEY one of {', '.join(fields)}")
-        try:
-            number = int(value) if fields[key] is int else float(value)
-        except ValueError:
-            raise AnalysisError(f"--set {pair!r}: {value!r} is not a number") from None
-        (phase_values if key in phase_fields else stage_values)[key] = number
-    return PhaseParams(**phase_values), StageParams(**stage_values)
+from analysis.stages import detection_params
+from train.core.runs import AnalysisError, default_out_dir, load_runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,13 +21,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="also analyse a run's history read back from wandb (needs network)")
     parser.add_argument("--no-wandb", action="store_true", help="do not attach figures to the runs' wandb runs")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="detection parameter (analysis/phase.py PhaseParams, analysis/stages.py StageParams), "
+                        help="detection parameter (train/core/phase.py PhaseParams, analysis/stages.py StageParams), "
                              "e.g. --set bandwidth=0.15 --set llc_plateau_frac=0.2")
     args = parser.parse_args(argv)
     try:
         if not args.runs and not args.wandb:
             raise AnalysisError("give at least one RUN_DIR (or --wandb ENTITY/PROJECT/RUN_ID)")
-        params, stage_params = _params(args.set)
+        params, stage_params = detection_params(args.set)
         from analysis.report import build_report, fetch_wandb_history
 
         paths = list(args.runs)

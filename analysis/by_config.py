@@ -1,7 +1,7 @@
 """python -m analysis.by_config SWEEP_DIR --key data.repeat.p [--key data.repeat.form] [--out DIR]:
 when does the phase change come, as a function of swept config values?
 
-Runs the same detection as `python -m analysis` (analysis/phase.py, default parameters or
+Runs the same detection as `python -m analysis` (train/core/phase.py, default parameters or
 `--set`) on every run under SWEEP_DIR, groups the runs by the values of the given config keys
 (read from each run's config.yaml), and writes:
 
@@ -22,10 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from analysis.__main__ import _params
-from analysis.phase import detect_run
-from analysis.runs import AnalysisError, Run, load_runs
-from train import names as N
+from analysis.stages import detection_params
+from train.core.phase import detect_run
+from train.core.runs import AnalysisError, Run, load_runs
+from train.core import names as N
 
 
 def final_prefix_matching(run: Run) -> float | None:
@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="detection parameter")
     args = parser.parse_args(argv)
     try:
-        params, _ = _params(args.set)
+        params, _ = detection_params(args.set)
         runs = load_runs(args.sweep)
         results = {str(r.path): detect_run(r, params) for r in runs}
         groups = group_runs(runs, args.key, results)

@@ -8,10 +8,10 @@ from typing import Any
 
 import numpy as np
 
-from analysis.phase import PhaseParams, local_linear, smooth
+from train.core.phase import PhaseParams, local_linear, smooth
 from analysis.plots import plt
-from analysis.runs import Run
-from train import names as N
+from train.core.runs import Run
+from train.core import names as N
 
 WINDOW_COLOR = "tab:orange"
 

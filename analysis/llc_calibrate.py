@@ -5,10 +5,10 @@
         [--seed N] [--device cpu]
 
 Loads the checkpoint at step N (default: the last one with weights), rebuilds the run's probes
-from the config saved in its meta.json, and runs `train.llc.estimate_llc` on the first
+from the config saved in its meta.json, and runs `train.core.llc.estimate_llc` on the first
 n-sequences held-out sequences for every combination of --lr, --localization and --n-beta
-("default": the rule in train/llc.py). Settings not given take the defaults of the `llc`
-callback (train.callbacks.LLCEstimate). Prints one row per combination: lr, localization, n_beta,
+("default": the rule in train/core/llc.py). Settings not given take the defaults of the `llc`
+callback (train.core.callbacks.LLCEstimate). Prints one row per combination: lr, localization, n_beta,
 mean, std (over chains), diverged chains, the LLC over the first and the second half of the
 draws (close when the chains are stationary after burn-in), and seconds. Good settings: no
 diverged chain, a small std, the two halves close, and a mean that changes little with lr.
@@ -31,7 +31,7 @@ class CalibrateError(ValueError):
 
 
 def _defaults() -> dict:
-    from train.callbacks import LLCEstimate
+    from train.core.callbacks import LLCEstimate
 
     return {k: p.default for k, p in inspect.signature(LLCEstimate).parameters.items()}
 
@@ -40,10 +40,10 @@ def load_checkpoint(run_dir: Path, step: int | None, device: str = "cpu"):
     """(model, probes, step) of a run's checkpoint (the last one with weights when step is None)."""
     from hydra.utils import instantiate
 
-    from train import checkpoint as ckpt
-    from train import rundir
-    from train.config import load_saved_config
-    from train.data import probes_from_config
+    from train.core import checkpoint as ckpt
+    from train.core import rundir
+    from train.core.config import load_saved_config
+    from train.core.data import probes_from_config
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -72,7 +72,7 @@ def load_checkpoint(run_dir: Path, step: int | None, device: str = "cpu"):
 def calibrate(model, tokens, lrs, localizations, n_betas, **settings) -> Iterator[dict]:
     """One row per (lr, localization, n_beta), as each finishes: estimate_llc's results, the LLC
     of each half of the draws and the seconds it took."""
-    from train.llc import estimate_llc
+    from train.core.llc import estimate_llc
 
     for lr, loc, nb in itertools.product(lrs, localizations, n_betas):
         start = time.perf_counter()
@@ -118,9 +118,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=d["seed"])
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    from train.config import ConfigError
-    from train.llc import check_settings
-    from train.rundir import CheckpointError
+    from train.core.config import ConfigError
+    from train.core.llc import check_settings
+    from train.core.rundir import CheckpointError
 
     try:
         for lr, loc, nb in itertools.product(args.lr, args.localization, args.n_beta):

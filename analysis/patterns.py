@@ -1,7 +1,7 @@
 """Attention patterns of the detected induction heads, for the report.
 
-For each detected induction head (a head with a prefix-matching rise, analysis/phase.py) and its
-previous-token partner, the attention pattern A[query, key] (train/metrics.py
+For each detected induction head (a head with a prefix-matching rise, train/core/phase.py) and its
+previous-token partner, the attention pattern A[query, key] (train/core/metrics.py
 `attention_patterns`) at three saved checkpoints: the last one before the phase-change window
 starts, the one nearest the steepest point, and the first one after the window ends. Two inputs:
 the run's first prefix-matching probe (BOS + a random segment repeated) and the held-out sequence
@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from analysis.runs import Run
-from train import names as N
-from train import rundir
+from train.core.runs import Run
+from train.core import names as N
+from train.core import rundir
 
 MOMENTS = ("before", "during", "after")
 CAPTIONS = {f"attention_{key}": f"attention patterns on the {name} sequence: the induction heads and their "
@@ -70,8 +70,8 @@ def probe_inputs(config: dict[str, Any]):
     import torch
     from hydra.utils import instantiate
 
-    from train.config import load_saved_config
-    from train.data import probes_from_config
+    from train.core.config import load_saved_config
+    from train.core.data import probes_from_config
 
     cfg = load_saved_config(config, "the run's config.yaml")
     probes = probes_from_config(instantiate(cfg.data), cfg.data.n_ctx, cfg.probes)
@@ -86,8 +86,8 @@ def collect(run: Run, result: dict[str, Any]) -> dict[str, Any] | None:
     "patterns": {moment: {head: [[...]]}}}}}; None without a window, heads or saved weights."""
     import torch
 
-    from train.checkpoint import load_model
-    from train.metrics import attention_patterns
+    from train.core.checkpoint import load_model
+    from train.core.metrics import attention_patterns
 
     window = result.get("window")
     if not window or not result.get("induction_heads") or not run.rows:

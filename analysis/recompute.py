@@ -5,7 +5,7 @@
 Loads every saved checkpoint (RUN_DIR/checkpoints/step_*/model.safetensors + meta.json), rebuilds
 the probes exactly as training did (``probes_from_config`` on the run's saved config), and
 evaluates the named callbacks at each checkpoint with the same code training uses
-(``train.callbacks.evaluate_checkpoint``), each at its own `every` cadence over the run's
+(``train.core.callbacks.evaluate_checkpoint``), each at its own `every` cadence over the run's
 checkpoint schedule. Writes one row per checkpoint (step, tokens + metric keys) to
 RUN_DIR/recomputed.jsonl (or --out). Callback names are the keys of the callbacks config: the
 run's own saved entries first, then those of conf/callbacks/ (default.yaml, and the optional
@@ -26,13 +26,13 @@ from typing import Any
 from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
-from train import checkpoint as ckpt
-from train import names as N
-from train import rundir
-from train.callbacks import RunContext, evaluate_checkpoint, instantiate_callbacks, prepare_callbacks, with_providers
-from train.config import ConfigError, load_saved_config
-from train.data import probes_from_config
-from train.schedules import run_steps
+from train.core import checkpoint as ckpt
+from train.core import names as N
+from train.core import rundir
+from train.core.callbacks import RunContext, evaluate_checkpoint, instantiate_callbacks, prepare_callbacks, with_providers
+from train.core.config import ConfigError, load_saved_config
+from train.core.data import probes_from_config
+from train.core.schedules import run_steps
 
 CALLBACK_CONFIGS = Path(__file__).resolve().parents[1] / "conf" / "callbacks"
 
@@ -74,7 +74,7 @@ def callback_configs(cfg, names: list[str] | None, prefer_defaults: bool = False
 
 def recompute(run_dir: Path, names: list[str] | None = None, out: Path | None = None,
               device: str = "cpu", prefer_defaults: bool = False) -> tuple[list[dict[str, Any]], Path]:
-    from train.loop import select_device
+    from train.core.device import select_device
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():

@@ -14,12 +14,12 @@ from typing import Any
 
 from analysis import figures
 from analysis.patterns import CAPTIONS as PATTERN_CAPTIONS, attention_section
-from analysis.phase import PhaseParams, detect_run
+from train.core.phase import PhaseParams, detect_run
 from analysis.plots import plt
-from analysis.runs import AnalysisError, Run
+from train.core.runs import AnalysisError, Run
 from analysis.stages import StageParams, detect_stages
-from train import names as N
-from train.rundir import CONFIG_FILE, METRICS_FILE
+from train.core import names as N
+from train.core.rundir import CONFIG_FILE, METRICS_FILE
 
 
 def analyze_run(run: Run, params: PhaseParams = PhaseParams()) -> dict[str, Any]:
@@ -184,7 +184,7 @@ def _html(runs, results, per_run_figs, joint, params: PhaseParams, stage_params:
         for name, path in per_run_figs[str(r.path)].items():
             parts.append(_img(path, captions.get(name, PATTERN_CAPTIONS.get(name, name))))
         parts.append((views or {}).get(str(r.path), ""))
-    parts.append("<h2>Detection parameters</h2><p>See <code>analysis/phase.py</code> for the method.</p><pre>"
+    parts.append("<h2>Detection parameters</h2><p>See <code>train/core/phase.py</code> for the method.</p><pre>"
                  + html.escape(json.dumps(params.to_dict(), indent=1)) + "</pre>")
     if stage_params is not None:
         parts.append("<p>Stages: see <code>analysis/stages.py</code>.</p><pre>"
@@ -212,7 +212,7 @@ def attach_to_wandb(run: Run, result: dict[str, Any], figs: dict[str, Path], log
     try:
         import wandb
 
-        from train.loggers import wandb_credentials_present
+        from train.core.wandb_env import wandb_credentials_present
 
         env = os.environ.get("WANDB_MODE")
         online = env not in ("offline", "disabled") and wandb_credentials_present() and \
@@ -252,7 +252,7 @@ def attach_to_wandb(run: Run, result: dict[str, Any], figs: dict[str, Path], log
 def fetch_wandb_history(run_path: str, dest: Path) -> Path:
     """Read a run's history back from wandb (ENTITY/PROJECT/RUN_ID) into dest/metrics.jsonl.
     Needs network access and credentials; raises AnalysisError otherwise."""
-    from train.loggers import wandb_credentials_present
+    from train.core.wandb_env import wandb_credentials_present
 
     if run_path.count("/") != 2:
         raise AnalysisError(f"--wandb expects ENTITY/PROJECT/RUN_ID, got {run_path!r}")

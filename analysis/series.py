@@ -8,19 +8,19 @@
 SOURCE is a hub model name (its revisions: names, a range START:STOP:STEP of steps written
 `step{N}`, or `pythia`, Pythia's 154 checkpoints: steps 0, 1, 2, 4, ..., 512, then every 1000 to
 143000) or a local directory of checkpoint directories (each loadable by
-`AutoModelForCausalLM.from_pretrained`, e.g. `python -m train.export RUN --all`). Steps come from
+`AutoModelForCausalLM.from_pretrained`, e.g. `python -m analysis.export RUN --all`). Steps come from
 an export's induction_tracker.json, else from the digits ending a revision or directory name;
 tokens = step x --tokens-per-step (Pythia: 2,097,152) unless the export records them.
 
 At each checkpoint, with the model loaded by `transformers` (eager attention; --dtype fp32 or
-bf16; --device auto: cuda, mps, cpu), the scores of a training run (train/metrics.py, same
-definitions and row keys, train/names.py) are computed:
+bf16; --device auto: cuda, mps, cpu), the scores of a training run (train/core/metrics.py, same
+definitions and row keys, train/core/names.py) are computed:
 
 * prefix-matching and duplicate-token scores per head on BOS + `period` random tokens x
   `repeats`, the tokens drawn from the mid-frequency tokens of the text set (the most and least
-  common 10% of the tokens it contains left out, train.data.probe_tokens; without a text set,
+  common 10% of the tokens it contains left out, train.core.data.probe_tokens; without a text set,
   token ids 10%..50% of the vocabulary, the frequent half of a BPE vocabulary), or the token ids
-  given by --probes (a probes.safetensors as train.export writes: the run's own probes);
+  given by --probes (a probes.safetensors as analysis.export writes: the run's own probes);
 * the previous-token score on the first `n_previous_token` text sequences (the probes without
   a text set);
 * per-position loss, held-out loss and the ICL score on the text set (--text: a .txt file, a
@@ -31,7 +31,7 @@ definitions and row keys, train/names.py) are computed:
   Their MLPs are left out (the direct path through one head); other architectures get the
   behavioral scores and a note.
 
-Rows go to RUN_DIR/metrics.jsonl in a training run's format (train/rundir.py), so `python -m
+Rows go to RUN_DIR/metrics.jsonl in a training run's format (train/core/rundir.py), so `python -m
 analysis RUN_DIR` reads them unchanged. Steps already in the file are skipped (resume). A
 checkpoint that fails (a missing revision, a model without attention weights, a vocabulary
 mismatch) is recorded as a row {"event": "checkpoint_failed", "step", "revision", "message"} and
@@ -50,11 +50,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from train import data as D
-from train import metrics as M
-from train import names as N
-from train import rundir
-from train.circuits import ov_eigen_score
+from train.core import data as D
+from train.core import metrics as M
+from train.core import names as N
+from train.core import rundir
+from train.core.circuits import ov_eigen_score
+from train.core.device import select_device
 
 PYTHIA_STEPS = [0, *(2 ** i for i in range(10)), *range(1000, 143001, 1000)]
 PYTHIA_TOKENS_PER_STEP = 2_097_152
@@ -101,7 +102,7 @@ def local_series(root: Path) -> list[Checkpoint]:
     when it is one."""
     import json
 
-    from train.export import INFO_FILE
+    from analysis.export import INFO_FILE
 
     dirs = [root] if (root / "config.json").is_file() else sorted(d for d in root.iterdir() if (d / "config.json").is_file())
     found = []
@@ -117,19 +118,11 @@ def local_series(root: Path) -> list[Checkpoint]:
 
 
 # -- loading -------------------------------------------------------------------------------------
-def pick_device(device: str) -> str:
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    return "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu"
-
-
 def register_project_model() -> None:
     """This project's exports load with its own classes (no remote code needed)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from train.hf_model import MODEL_TYPE, AttnOnlyConfig, AttnOnlyForCausalLM
+    from train.core.hf_model import MODEL_TYPE, AttnOnlyConfig, AttnOnlyForCausalLM
 
     try:
         AutoConfig.register(MODEL_TYPE, AttnOnlyConfig)
@@ -332,7 +325,7 @@ def mid_frequency_tokens(d_vocab: int, exclude: set[int], text: torch.Tensor | N
     if exclude:
         counts[list(exclude)] = 0
     seen = counts.nonzero().flatten()
-    # train.data.probe_tokens leaves out index 0 (BOS) and the most/least common tenths.
+    # train.core.data.probe_tokens leaves out index 0 (BOS) and the most/least common tenths.
     return seen[D.probe_tokens(torch.cat([counts.new_zeros(1), counts[seen]])) - 1]
 
 
@@ -340,7 +333,7 @@ def build_series_probes(tokenizer, d_vocab: int, text: torch.Tensor | None, n_pr
                         repeats: int, n_copy: int, seed: int) -> SeriesProbes:
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     allowed = mid_frequency_tokens(d_vocab, special, text)
-    g = D._generator(seed, 7)
+    g = D.generator(seed, 7)
     repeated = D.repeated_random_tokens(n_probes, period, repeats, allowed, g)
     repeated[:, 0] = bos_id(tokenizer)
     copy_tokens = allowed[torch.randperm(allowed.numel(), generator=g)[:n_copy]]
@@ -356,7 +349,7 @@ def bos_id(tokenizer) -> int:
 
 
 def given_probes(path: Path) -> SeriesProbes:
-    from train.export import read_probe_file
+    from analysis.export import read_probe_file
 
     tensors, settings = read_probe_file(path)
     text = tensors["heldout"]
@@ -377,7 +370,7 @@ def hf_attention_patterns(model, tokens: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def checkpoint_scores(model, probes: SeriesProbes, d_vocab: int | None = None) -> tuple[dict[str, Any], str | None]:
-    """The results of one checkpoint by metric name (train/names.py), and a note on what was
+    """The results of one checkpoint by metric name (train/core/names.py), and a note on what was
     left out (None when nothing was)."""
     device = next(model.parameters()).device
     vocab = model.config.vocab_size
@@ -463,7 +456,7 @@ def run_series(source: str, out: Path, opts: Options, log=print) -> list[dict[st
                                                  "tokens_per_step": per_step, "options": {
                                                      k: str(v) if isinstance(v, Path) else v
                                                      for k, v in vars(opts).items()}})
-    device = pick_device(opts.device)
+    device = select_device(opts.device)
     probes: SeriesProbes | None = given_probes(opts.probes) if opts.probes else None
     d_vocab: int | None = None
     notes: set[str] = set()
@@ -540,7 +533,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="run directory for metrics.jsonl")
     parser.add_argument("--revisions", nargs="+", metavar="REV", help="hub revisions: names, START:STOP:STEP, or pythia")
     parser.add_argument("--tokens-per-step", type=int, help="tokens per step (default: Pythia's for Pythia models)")
-    parser.add_argument("--probes", type=Path, help="probe token ids: a probes.safetensors (train.export), or its directory")
+    parser.add_argument("--probes", type=Path, help="probe token ids: a probes.safetensors (analysis.export), or its directory")
     parser.add_argument("--text", help="text set: .txt file, datasets directory, or hub data set name")
     parser.add_argument("--text-split", default="train")
     parser.add_argument("--n-text", type=int, default=256, help="text sequences (default 256)")

@@ -1,6 +1,6 @@
 """Developmental stages around the phase change (after Hoogland et al. 2024, "The developmental
 landscape of in-context learning"): pure functions on a run's series and on the phase-change
-result of `analysis/phase.py`, whose smoothing (`smooth`, local linear in x = ln tokens) and
+result of `train/core/phase.py`, whose smoothing (`smooth`, local linear in x = ln tokens) and
 jump detector (`detect_jump`) they reuse. Nothing here is logged during training; the output is
 the "stages" entry of `summary.json` (fields: docs/METRICS.md, "Stages (analysis only)").
 
@@ -91,10 +91,11 @@ from typing import Any
 
 import numpy as np
 
-from analysis.phase import PhaseParams, Smooth, Window, _round, detect_jump, smooth
-from train import names as N
+from train.core import names as N
+from train.core.phase import PhaseParams, Smooth, Window, detect_jump, rounded, smooth
+from train.core.runs import AnalysisError
 
-LLC_MEAN, LLC_STD = f"{N.LLC}/mean", f"{N.LLC}/std"  # the LLC's mean and std over SGLD chains (train/llc.py)
+LLC_MEAN, LLC_STD = f"{N.LLC}/mean", f"{N.LLC}/std"  # the LLC's mean and std over SGLD chains (train/core/llc.py)
 
 MIN_LLC_POINTS = 5  # what phase.smooth needs
 
@@ -224,9 +225,9 @@ def llc_boundaries(tokens, llc, params: StageParams = StageParams(),
     width = float(g[-1] - g[0])
     thr = params.llc_plateau_frac * value_range / width
     delta = max(params.llc_min_change * value_range, params.llc_min_snr * noise)
-    out.update({"range": _round(value_range), "noise": _round(noise), "plateau_slope": _round(thr),
-                "min_move": _round(delta), "first_tokens": _round(float(math.exp(g[0]))),
-                "last_tokens": _round(float(math.exp(g[-1])))})
+    out.update({"range": rounded(value_range), "noise": rounded(noise), "plateau_slope": rounded(thr),
+                "min_move": rounded(delta), "first_tokens": rounded(float(math.exp(g[0]))),
+                "last_tokens": rounded(float(math.exp(g[-1])))})
     if value_range <= params.llc_min_snr * noise or value_range <= 0:
         out["message"] = (f"LLC flat within noise (range {value_range:.3g} <= {params.llc_min_snr:g} x noise "
                           f"{noise:.3g}) from {n} points")
@@ -242,17 +243,17 @@ def llc_boundaries(tokens, llc, params: StageParams = StageParams(),
         if b < len(g) - 1 and np.max(np.abs(v[b:after + 1] - v[b])) >= delta:
             found.append((b, "plateau_end"))
     found.sort(key=lambda p: p[0])
-    out["boundaries"] = [{"tokens": _round(float(math.exp(g[i]))), "kind": kind, "llc": _round(float(v[i])),
-                          "slope": _round(float(s[i]))} for i, kind in found]
+    out["boundaries"] = [{"tokens": rounded(float(math.exp(g[i]))), "kind": kind, "llc": rounded(float(v[i])),
+                          "slope": rounded(float(s[i]))} for i, kind in found]
     cuts = [0] + [i for i, _ in found] + [len(g) - 1]
     for a, b in pairwise(cuts):
         if b <= a:
             continue
         mean_slope = float((v[b] - v[a]) / (g[b] - g[a]))
         trend = "rising" if mean_slope >= thr else "falling" if mean_slope <= -thr else "flat"
-        out["stages"].append({"start_tokens": _round(float(math.exp(g[a]))),
-                              "end_tokens": _round(float(math.exp(g[b]))),
-                              "trend": trend, "llc_change": _round(float(v[b] - v[a]))})
+        out["stages"].append({"start_tokens": rounded(float(math.exp(g[a]))),
+                              "end_tokens": rounded(float(math.exp(g[b]))),
+                              "trend": trend, "llc_change": rounded(float(v[b] - v[a]))})
     kinds = [k for _, k in found]
     out["message"] = (f"{len(found)} LLC stage boundar{'y' if len(found) == 1 else 'ies'}"
                       + (f" ({', '.join(kinds)})" if found else "") + f" from {n} points")
@@ -286,9 +287,9 @@ def _order(pt: dict[str, Any], ref: dict[str, Any] | None, ref_key: str | None, 
     before = bool(gap > 0 and start_gap >= 0)
     overlapping = bool(pt["start_tokens"] <= ref["end_tokens"] and ref["start_tokens"] <= pt["end_tokens"])
     res.update({"previous_token_before_induction": before, "overlapping": overlapping,
-                "steepest_gap_tokens": _round(float(gap)),
-                "start_gap_tokens": _round(float(start_gap)),
-                "steepest_gap_ln_tokens": _round(math.log(ref["steepest_tokens"] / pt["steepest_tokens"]))})
+                "steepest_gap_tokens": rounded(float(gap)),
+                "start_gap_tokens": rounded(float(start_gap)),
+                "steepest_gap_ln_tokens": rounded(math.log(ref["steepest_tokens"] / pt["steepest_tokens"]))})
     where = f"{ref_name} steepest {_fmt(ref['steepest_tokens'])}"
     steep = f"steepest at {_fmt(pt['steepest_tokens'])} tokens"
     if before:
@@ -337,7 +338,7 @@ def _events(pt, pm_name, pm, phase_result, llc) -> list[dict[str, Any]]:
 def detect_stages(run, phase_result: dict[str, Any], params: StageParams = StageParams(),
                   phase_params: PhaseParams | None = None) -> dict[str, Any]:
     """Previous-token window, induction window, LLC boundaries, ordered events and the order of
-    previous-token and induction formation of one run (analysis.runs.Run). `phase_result` is
+    previous-token and induction formation of one run (train.core.runs.Run). `phase_result` is
     `detect_phase_change`'s output; its smoothing parameters are used unless `phase_params` is
     given. JSON-ready dict (fields: docs/METRICS.md)."""
     if phase_params is None:
@@ -371,3 +372,22 @@ def detect_stages(run, phase_result: dict[str, Any], params: StageParams = Stage
         "message": order["message"] + "; " + llc["message"],
         "params": params.to_dict(),
     }
+
+
+def detection_params(pairs: list[str]) -> tuple[PhaseParams, StageParams]:
+    """--set KEY=VALUE pairs: keys of PhaseParams (train/core/phase.py) or StageParams
+    (analysis/stages.py); int fields take ints, the others floats."""
+    phase_fields = {f.name: type(f.default) for f in fields(PhaseParams)}
+    stage_fields = {f.name: type(f.default) for f in fields(StageParams)}
+    known = phase_fields | stage_fields
+    phase_values, stage_values = {}, {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in known:
+            raise AnalysisError(f"--set {pair!r}: expected KEY=VALUE with KEY one of {', '.join(known)}")
+        try:
+            number = int(value) if known[key] is int else float(value)
+        except ValueError:
+            raise AnalysisError(f"--set {pair!r}: {value!r} is not a number") from None
+        (phase_values if key in phase_fields else stage_values)[key] = number
+    return PhaseParams(**phase_values), StageParams(**stage_values)

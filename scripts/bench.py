@@ -12,7 +12,7 @@ It prints a machine line and markdown tables, and with --out writes every number
    model's training path, cross-entropy as `Trainer.loss`, backward, grad-norm clip, AdamW with
    the config's hyperparameters; bf16 autocast on CUDA, like the trainer), achieved FLOP/s as a
    percentage of the measured matmul peak (MFU on CUDA), peak memory, and the speed ratio to
-   TransformerLens's HookedTransformer built by train/export.py (`transformer_lens_state`: the
+   TransformerLens's HookedTransformer built by analysis/export.py (`transformer_lens_state`: the
    same shapes and weights), trained with the same step, batch and AdamW, the same number of
    warmed-up steps, in timed blocks interleaved with ours (the ratio is the median over blocks
    of ours/TL). Batches are fixed uniform random token ids (the cost does not depend on them).
@@ -31,7 +31,7 @@ It prints a machine line and markdown tables, and with --out writes every number
    reported too (the methods wrapped for the run; their overhead is negligible).
 5. compile gain: training-step tokens/s of `torch.compile(model)` vs the eager model at the
    default size (first-call compile time reported apart); also `Trainer.train_step` with
-   `train.compile=true` vs false when train/config.py TrainConfig has that flag (the training
+   `train.compile=true` vs false when train/core/config.py TrainConfig has that flag (the training
    module prepared as `Trainer.run` prepares it; its first call reuses the graph compiled
    just before when dynamo can).
 6. peak memory per size: on CPU the process's peak RSS (VmHWM) while that size's own model
@@ -80,14 +80,14 @@ from pathlib import Path
 from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as a script: the project's packages, and tests/helpers.py
+if str(ROOT) not in sys.path:  # run as a script: the project's packages
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from train.config import DataConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
-from train.loop import next_token_loss  # noqa: E402
-from train.model import AttnOnlyTransformer  # noqa: E402
+from train.core.config import DataConfig, ModelConfig, OptimConfig, TrainConfig  # noqa: E402
+from train.core.device import autocast, select_device  # noqa: E402
+from train.core.model import AttnOnlyTransformer, next_token_loss  # noqa: E402
 
 N_LAYERS = 2
 DEFAULT_SIZE = (ModelConfig.d_model, DataConfig.n_ctx, TrainConfig.batch_size)  # (64, 64, 64)
@@ -136,19 +136,6 @@ def timed(fn: Callable[[], Any], device: torch.device, n: int = 1) -> float:
         fn()
     sync(device)
     return time.perf_counter() - t0
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda was asked for, but no CUDA device is available")
-    return torch.device(name)
-
-
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA, as train/loop.py Trainer.loss; nothing elsewhere."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def random_batch(batch: int, n_ctx: int, vocab: int, device: torch.device, seed: int = 0) -> torch.Tensor:
@@ -244,8 +231,8 @@ def import_transformer_lens():
 
 
 def make_tl_model(model: AttnOnlyTransformer, tl, device: torch.device):
-    """TransformerLens's HookedTransformer with `model`'s config and weights (train/export.py)."""
-    from train.export import transformer_lens_state
+    """TransformerLens's HookedTransformer with `model`'s config and weights (analysis/export.py)."""
+    from analysis.export import transformer_lens_state
 
     state, cfg = transformer_lens_state(model, {})
     with warnings.catch_warnings():
@@ -413,10 +400,10 @@ def bench_size(d_model: int, n_ctx: int, batch: int, device: torch.device, s: Se
 
 # -- 3. probe cost -------------------------------------------------------------------------------------
 def default_trainer(run_dir: Path, device: torch.device, overrides: list[str] = ()):
-    from tests.helpers import compose_config
+    from train.core.config import compose
     from train.loop import Trainer
 
-    cfg = compose_config(["logger=none", f"device={device.type}", *overrides])
+    cfg = compose(["logger=none", f"device={device.type}", *overrides])
     return Trainer(cfg, run_dir)
 
 
@@ -444,7 +431,7 @@ def time_train_steps(trainer, device: torch.device, n: int, warmup: int) -> list
 
 def callback_breakdown(trainer, device: torch.device) -> dict[str, float]:
     """Seconds per due callback at the trainer's current checkpoint, run as
-    train/callbacks.py evaluate_checkpoint runs them (in order, no_grad, scores published)."""
+    train/core/callbacks.py evaluate_checkpoint runs them (in order, no_grad, scores published)."""
     ctx = trainer.ctx
     ctx.step, ctx.tokens = trainer.step, trainer.step * trainer.tokens_per_step
     ctx.checkpoint_index = trainer.checkpoint_steps.index(trainer.step)
@@ -525,9 +512,9 @@ def time_inside(trainer, device: torch.device) -> dict[str, float]:
 def bench_loop(device: torch.device, s: Settings) -> dict[str, Any]:
     from hydra.utils import instantiate
 
-    from tests.helpers import compose_config
+    from train.core.config import compose
 
-    names = list(compose_config(["logger=none"]).callbacks)
+    names = list(compose(["logger=none"]).callbacks)
     overrides = [f"callbacks.{n}=null" for n in names]
     if s.loop_tokens is not None:
         overrides.append(f"train.total_tokens={s.loop_tokens}")
@@ -585,8 +572,7 @@ def bench_compile(device: torch.device, s: Settings) -> dict[str, Any]:
 def prepare_training_module(trainer) -> bool:
     """Give `trainer` the training module `Trainer.run` would (train.compile: compiled); True when
     that module is compiled. Outside `run` the Trainer trains `trainer.model` itself."""
-    if hasattr(trainer, "_training_module"):
-        trainer.train_module = trainer._training_module()
+    trainer.train_module = trainer.training_module()
     return hasattr(getattr(trainer, "train_module", None), "_orig_mod")
 
 
@@ -673,7 +659,7 @@ def tables(r: dict[str, Any]) -> str:
     elif t:
         lines.append(f"| train.compile=true gain (Trainer) | n/a | {t['status']} |")
     else:
-        lines.append("| train.compile=true gain (Trainer) | n/a | train/config.py TrainConfig has no `compile` flag |")
+        lines.append("| train.compile=true gain (Trainer) | n/a | train/core/config.py TrainConfig has no `compile` flag |")
     return "\n".join(lines)
 
 
@@ -712,7 +698,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--without-transformer-lens", action="store_true",
                         help="leave TransformerLens out even when it is installed")
     args = parser.parse_args(argv)
-    device = pick_device(args.device)
+    device = select_device(args.device)
     result = run_all(device, args.quick, not args.without_transformer_lens,
                      say=lambda line: print(line, file=sys.stderr, flush=True))
     result["wall_seconds_with_imports"] = time.perf_counter() - _T_START

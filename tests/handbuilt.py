@@ -19,7 +19,7 @@ import math
 
 import torch
 
-from train.model import AttnOnlyTransformer
+from train.core.model import AttnOnlyTransformer
 
 
 def _layout(d_vocab: int, n_ctx: int):

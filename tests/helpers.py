@@ -6,9 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from hydra import compose, initialize_config_dir
-
-from train.config import register_configs
+from train.core.config import compose, register_configs
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = str(ROOT / "conf")
@@ -26,8 +24,7 @@ SHORT_RUN = [
 
 
 def compose_config(overrides: list[str] | None = None):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose("config", overrides=list(overrides or []))
+    return compose(list(overrides or []))
 
 
 def train_run(run_dir: Path, overrides: list[str]) -> Path:

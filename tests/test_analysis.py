@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 
 from analysis.__main__ import main
-from analysis.phase import PhaseParams, burn_in_end, detect_bump, detect_jump, detect_phase_change, smooth
-from analysis.runs import load_run
+from train.core.phase import burn_in_end, detect_bump, detect_jump, detect_phase_change, smooth
+from train.core.runs import load_run
 from tests.helpers import checkpoint_tokens, sigmoid
-from train.rundir import read_metrics
+from train.core.rundir import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -208,7 +208,7 @@ def test_cli_subprocess_missing_dir_has_no_traceback(tmp_path):
 def test_recomputed_keys_join_the_runs_rows(tmp_path):
     """Keys added later by `analysis.recompute` (e.g. the LLC) join the rows of the same step;
     the training-time values win where both have a key."""
-    from train.rundir import format_row
+    from train.core.rundir import format_row
 
     rows = [{"step": s, "tokens": 100 * s, "icl_score": -0.1 * s} for s in range(4)]
     (tmp_path / "metrics.jsonl").write_text("".join(format_row(r) for r in rows))

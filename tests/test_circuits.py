@@ -1,5 +1,5 @@
 """Mechanistic circuit scores, behavioral vs mechanistic classification, probe robustness,
-ablations and the recompute command (train/circuits.py, the circuit callbacks, analysis/recompute.py).
+ablations and the recompute command (train/core/circuits.py, the circuit callbacks, analysis/recompute.py).
 
 Hand-built weights with known answers first, then the shared short training runs."""
 from __future__ import annotations
@@ -10,16 +10,16 @@ import math
 import pytest
 import torch
 
-from train import circuits as C
-from train import names as N
-from train.callbacks import (AttentionScores, CircuitScores, CopyingScores, HeadAblations,
+from train.core import circuits as C
+from train.core import names as N
+from train.core.callbacks import (AttentionScores, CircuitScores, CopyingScores, HeadAblations,
                              InductionClassification, ProbeRobustness, RunContext, evaluate_checkpoint,
                              prepare_callbacks)
-from train.checkpoint import load_model
-from train.config import ConfigError
-from train.data import Probes, probes_from_config, repeated_random_tokens
-from train.model import AttnOnlyTransformer
-from train.rundir import list_checkpoints, read_metrics
+from train.core.checkpoint import load_model
+from train.core.config import ConfigError
+from train.core.data import Probes, probes_from_config, repeated_random_tokens
+from train.core.model import AttnOnlyTransformer
+from train.core.rundir import list_checkpoints, read_metrics
 
 # -- a hand-built 2-layer model ---------------------------------------------------------------
 # Residual stream (d_model 64): token one-hots in dims 0..15 (vocab 16, BOS = 0), position
@@ -194,7 +194,7 @@ def test_a_missing_need_is_refused_before_anything_runs():
 
 
 def test_flattened_keys_follow_the_key_format(hand_row):
-    """Every row key is a plain name, a per-head key, a per-pair key or a named part (train/names.py)."""
+    """Every row key is a plain name, a per-head key, a per-pair key or a named part (train/core/names.py)."""
     named_parts = {N.COMPOSITION_BASELINE, N.INDUCTION_THRESHOLDS, N.INDUCTION_HEADS}
     for key in hand_row:
         parts = key.split("/")

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from tests.helpers import compose_config
-from train import rundir
+from train.core import rundir
 from train.cli import run
 
 SMOKE = ["experiment=smoke", "logger=none", "device=cpu"]  # 49 steps, 13 checkpoints

@@ -14,11 +14,11 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
 from tests.helpers import CONF_DIR, compose_config
-from train.callbacks import Callback, InductionClassification
-from train.config import TEXT_DATA, Config
-from train.data import RepeatsLanguage, build_data, build_probes
+from train.core.callbacks import Callback, InductionClassification
+from train.core.config import TEXT_DATA, Config
+from train.core.data import RepeatsLanguage, build_data, build_probes
 from train.loggers import WandbLogger
-from train.model import AttnOnlyTransformer
+from train.core.model import AttnOnlyTransformer
 
 ROOT = Path(__file__).resolve().parents[1]
 GROUPS = sorted(p.name for p in Path(CONF_DIR).iterdir() if p.is_dir())
@@ -78,7 +78,7 @@ def _as_lists(value):
 
 
 def test_groups_mirror_the_schema_sections():
-    """One config group per section of the schema (train/config.py), plus the experiment presets
+    """One config group per section of the schema (train/core/config.py), plus the experiment presets
     and Hydra's launcher presets (conf/hydra/launcher)."""
     assert set(GROUPS) == set(SECTIONS) | {"experiment", "hydra"}
 
@@ -110,7 +110,7 @@ def test_callback_files_show_every_constructor_argument_with_its_default(option)
     """Every file in conf/callbacks/ lists every argument of every callback it adds with the code's
     default (values that follow another section, ${...}, excepted); its Hydra defaults list (the
     options it extends, checked on their own) aside."""
-    from train.circuits import Thresholds
+    from train.core.circuits import Thresholds
 
     entries = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / "callbacks" / f"{option}.yaml"))
     entries.pop("defaults", None)
@@ -183,7 +183,7 @@ def test_quick_start_command_writes_a_dated_run_directory(tmp_path):
 def test_configs_saved_with_the_old_names_still_load():
     """Runs saved before `schedule` moved into `checkpoint` and `optim.schedule` became
     `optim.lr_schedule` load as the same config (resume and recompute read saved configs)."""
-    from train.config import ConfigError, load_saved_config
+    from train.core.config import ConfigError, load_saved_config
 
     current = OmegaConf.to_container(compose_config(["logger=none"]), resolve=True)
     old = OmegaConf.to_container(compose_config(["logger=none"]), resolve=True)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.data import BOS, RepeatsLanguage, build_data, build_probes, probe_tokens, token_file
+from train.core.data import BOS, RepeatsLanguage, build_data, build_probes, probe_tokens, token_file
 
 
 def _lang(**kw):
@@ -30,16 +30,16 @@ def test_batches_made_in_blocks_equal_one_batch_at_a_time():
     """Training batches come from blocks of steps with one chain walk: each equals the batch of
     its step sampled alone, across block boundaries, in any order, and a caller's change to a
     batch does not reach the next call."""
-    from train.data import BATCH_BLOCK, _generator
+    from train.core.data import BATCH_BLOCK, generator
 
     lang = RepeatsLanguage(seed=3)
     for step in (0, 1, BATCH_BLOCK - 1, BATCH_BLOCK, 5 * BATCH_BLOCK + 7, 2):
         for batch_size in (64, 5):
-            alone = lang.sample(batch_size, _generator(3, 1, step))
+            alone = lang.sample(batch_size, generator(3, 1, step))
             assert torch.equal(lang.batch(step, batch_size), alone)
     first = lang.batch(9, 8)
     first.zero_()
-    assert torch.equal(lang.batch(9, 8), lang.sample(8, _generator(3, 1, 9)))
+    assert torch.equal(lang.batch(9, 8), lang.sample(8, generator(3, 1, 9)))
 
 
 def test_sequences_start_with_bos_and_stay_in_vocabulary():

@@ -18,9 +18,9 @@ import pytest
 
 from tests.helpers import cli_env, compose_config
 from train import distributed as D
-from train import rundir
+from train.core import rundir
 from train.cli import run
-from train.config import ConfigError
+from train.core.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 # 146 steps of 4096 tokens, 19 checkpoints: long enough to be stopped part-way.

@@ -69,7 +69,7 @@ def test_d_model_need_not_equal_heads_times_d_head():
     """W_O maps n_heads * d_head back to d_model, so the sizes are independent (documented)."""
     from hydra.utils import instantiate
 
-    from train.config import validate
+    from train.core.config import validate
 
     cfg = compose_config(["model.d_model=30", "model.n_heads=3", "model.d_head=7"])
     validate(cfg)

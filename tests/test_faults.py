@@ -23,9 +23,9 @@ import torch
 from omegaconf import OmegaConf
 
 from tests.helpers import ROOT, cli_env, compose_config, one_line_error
-from train import rundir
+from train.core import rundir
 from train.cli import EXIT_FAULT, EXIT_IO, EXIT_USAGE, run
-from train.rundir import read_metrics
+from train.core.rundir import read_metrics
 
 # A one-layer model small enough that its metrics rows, not its checkpoints, are the largest
 # file: 60 steps of 1024 tokens, about 45 checkpoints.
@@ -53,14 +53,14 @@ def _files(root: Path) -> dict[str, bytes]:
 # filled in with real paths; each payload, built by Hydra, writes DST.
 PAYLOADS = {
     "copyfile through a module attribute": (
-        "callbacks.attention", {"_target_": "train.checkpoint.shutil.copyfile", "_args_": ["SRC", "DST"]}),
+        "callbacks.attention", {"_target_": "train.core.checkpoint.shutil.copyfile", "_args_": ["SRC", "DST"]}),
     "builtins.open": ("data", {"_target_": "builtins.open", "_args_": ["DST", "w"]}),
     "builtins.exec": ("model", {"_target_": "builtins.exec", "_args_": ["open('DST', 'w').close()"]}),
     "os.system": ("logger", {"_target_": "os.system", "_args_": ["echo x > DST"]}),
     "nested in a callback's settings": (
         "callbacks.heldout.icl_early", {"_target_": "os.system", "_args_": ["echo x > DST"]}),
     "allowed target with Hydra's _args_": (
-        "callbacks.copying", {"_target_": "train.callbacks.CopyingScores", "_args_": [1]}),
+        "callbacks.copying", {"_target_": "train.core.callbacks.CopyingScores", "_args_": [1]}),
 }
 OFFENDING_KEY = {"copyfile through a module attribute": "callbacks.attention._target_",
                  "builtins.open": "data._target_", "builtins.exec": "model._target_", "os.system": "logger._target_",

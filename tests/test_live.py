@@ -3,13 +3,12 @@ once (console, wandb summary and alert) at a checkpoint after the window; never 
 import math
 
 import numpy as np
-import pytest
 
-from analysis.phase import detect_run
-from analysis.runs import Run
+from train.core.phase import detect_run
+from train.core.runs import Run
 from tests.helpers import checkpoint_tokens, sigmoid
 from tests.wandb_files import read_offline_records, read_offline_summary
-from train import names as N
+from train.core import names as N
 from train.live import LiveDetection
 from train.loggers import NullLogger, WandbLogger
 

@@ -1,4 +1,4 @@
-"""The local learning coefficient (train/llc.py, the `llc` callback, analysis/llc_calibrate.py).
+"""The local learning coefficient (train/core/llc.py, the `llc` callback, analysis/llc_calibrate.py).
 
 Known answer first: a regular model with d parameters at its optimum has LLC d/2."""
 from __future__ import annotations
@@ -9,11 +9,11 @@ import warnings
 import pytest
 import torch
 
-from train import names as N
-from train.callbacks import LLCEstimate, RunContext, evaluate_checkpoint, prepare_callbacks
-from train.data import Probes, RepeatsLanguage, repeated_random_tokens
-from train.llc import default_n_beta, estimate_llc
-from train.model import AttnOnlyTransformer
+from train.core import names as N
+from train.core.callbacks import LLCEstimate, RunContext, evaluate_checkpoint, prepare_callbacks
+from train.core.data import Probes, RepeatsLanguage, repeated_random_tokens
+from train.core.llc import default_n_beta, estimate_llc
+from train.core.model import AttnOnlyTransformer
 
 
 @pytest.fixture(autouse=True)
@@ -154,7 +154,7 @@ def test_settings_out_of_range_are_refused_in_one_line(tiny):
 
 
 def test_callback_needs_a_batch_of_heldout_sequences(tiny):
-    from train.config import ConfigError
+    from train.core.config import ConfigError
 
     model, tokens = tiny
     ctx = RunContext(model, hand_probes(tokens))
@@ -197,4 +197,4 @@ def test_with_llc_option_is_the_defaults_plus_llc():
     with_llc = OmegaConf.to_container(compose_config(["callbacks=with_llc"]).callbacks, resolve=True)
     assert list(with_llc) == [*default, "llc"]
     assert {k: v for k, v in with_llc.items() if k != "llc"} == default
-    assert with_llc["llc"]["_target_"] == "train.callbacks.LLCEstimate"
+    assert with_llc["llc"]["_target_"] == "train.core.callbacks.LLCEstimate"

@@ -7,11 +7,11 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from analysis.patterns import attention_section, collect, interactive_view, moment_checkpoints, partner
-from analysis.runs import Run
+from train.core.runs import Run
 from tests.handbuilt import blank_model, induction_circuit
 from tests.helpers import compose_config
-from train import names as N
-from train.checkpoint import save_checkpoint
+from train.core import names as N
+from train.core.checkpoint import save_checkpoint
 
 D_VOCAB, N_CTX = 24, 64
 

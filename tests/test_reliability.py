@@ -23,10 +23,10 @@ from tests.helpers import cli as _cli
 from tests.helpers import cli_env as _env
 from tests.helpers import compose_config
 from tests.helpers import one_line_error as _one_line_error
-from train import checkpoint as ckpt
-from train import rundir
+from train.core import checkpoint as ckpt
+from train.core import rundir
 from train.cli import run
-from train.rundir import read_metrics
+from train.core.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE_CALLBACKS = ("attention", "copying", "heldout")
@@ -411,7 +411,7 @@ def test_damaged_checkpoint_is_refused(stopped_copy, capsys, damage):
 def test_weights_of_another_shape_are_refused(stopped_copy, capsys):
     from safetensors.torch import save_file
 
-    from train.model import AttnOnlyTransformer
+    from train.core.model import AttnOnlyTransformer
 
     other = AttnOnlyTransformer(d_vocab=64, n_ctx=64, d_model=48, layernorm=True)  # meta.json still says 32
     save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(_newest(stopped_copy) / rundir.MODEL_FILE))
@@ -449,9 +449,9 @@ def test_pickled_code_in_resume_state_is_refused(stopped_copy, tmp_path, capsys)
 def test_config_yaml_naming_foreign_code_is_refused(stopped_copy, tmp_path, capsys):
     marker = tmp_path / "pwned_marker"
     config = (stopped_copy / "config.yaml").read_text()
-    assert "  copying:\n    _target_: train.callbacks.CopyingScores\n" in config
+    assert "  copying:\n    _target_: train.core.callbacks.CopyingScores\n" in config
     (stopped_copy / "config.yaml").write_text(config.replace(
-        "_target_: train.callbacks.CopyingScores\n", f"_target_: os.system\n    command: touch {marker}\n"))
+        "_target_: train.core.callbacks.CopyingScores\n", f"_target_: os.system\n    command: touch {marker}\n"))
     assert "refusing callbacks.copying._target_='os.system'" in _resume_error(stopped_copy, capsys)
     assert not marker.exists()
 

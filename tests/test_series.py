@@ -15,18 +15,18 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from analysis.phase import PhaseParams
+from train.core.phase import PhaseParams
 from analysis.report import analyze_run
-from analysis.runs import load_run
+from train.core.runs import load_run
 from analysis import series as S
-from train import export as E
-from train import names as N
-from train import rundir
-from train.checkpoint import save_checkpoint
-from train.export import export_run
-from train.model import AttnOnlyTransformer
-from train.rundir import read_metrics
-from tests.helpers import ROOT, compose_config, one_line_error, train_run
+from analysis import export as E
+from train.core import names as N
+from train.core import rundir
+from train.core.checkpoint import save_checkpoint
+from analysis.export import export_run
+from train.core.model import AttnOnlyTransformer
+from train.core.rundir import read_metrics
+from tests.helpers import compose_config, one_line_error, train_run
 
 TINY_RUN = ["logger=none", "device=cpu", "train.total_tokens=120000", "checkpoint.n_log=5", "checkpoint.n_linear=3",
             "probes.n_heldout=64", "callbacks.ablation=null", "callbacks.robustness=null"]
@@ -93,7 +93,7 @@ def test_exported_series_reproduces_the_runs_scores_and_window(tiny_run, tmp_pat
 def test_native_export_loads_without_the_project(tiny_run, tmp_path):
     """The project's own model type loads with trust_remote_code from the export alone (the
     package `train` made unimportable) and gives the project's logits."""
-    from train.checkpoint import load_model
+    from train.core.checkpoint import load_model
 
     out = export_run(tiny_run, tmp_path / "native")[0]
     model, _ = load_model(rundir.list_checkpoints(tiny_run)[-1])

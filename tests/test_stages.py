@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from analysis.__main__ import main
-from analysis.phase import PhaseParams, detect_phase_change
-from analysis.runs import Run
+from train.core.phase import PhaseParams, detect_phase_change
+from train.core.runs import Run
 from analysis.stages import LLC_MEAN, LLC_STD, StageParams, detect_stages, llc_boundaries
 from tests.helpers import checkpoint_tokens, sigmoid
-from train import names as N
-from train.rundir import format_row
+from train.core import names as N
+from train.core.rundir import format_row
 
 
 def checkpoints(total=8_000_000, first=10_000, n_log=100, n_linear=50):

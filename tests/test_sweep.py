@@ -7,7 +7,7 @@ import pytest
 
 from tests.helpers import ROOT, cli_env
 from tests.wandb_files import read_offline_records
-from train import rundir
+from train.core import rundir
 from train.sweep import job_device, job_outcome, summary_lines
 
 TINY = ["experiment=smoke", "device=cpu", "train.total_tokens=12000", "train.batch_size=16",

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from tests.helpers import cli, compose_config, one_line_error
-from train import rundir, text
+from train.core import rundir, text
 from train.cli import run
-from train.data import BOS, Repetition, TextCorpus, build_data
-from train.rundir import read_metrics
+from train.core.data import BOS, Repetition, TextCorpus, build_data
+from train.core.rundir import read_metrics
 
 VOCAB = 300
 
@@ -148,7 +148,7 @@ def test_token_rows_are_kept_as_rows(tmp_path):
 
 
 def test_icl_score_standard_error_has_its_known_value():
-    from train import metrics as M
+    from train.core import metrics as M
 
     losses = torch.zeros(4, 10)
     losses[:, 8] = torch.tensor([1.0, 2.0, 3.0, 4.0])  # late - early per sequence: 1, 2, 3, 4
@@ -201,7 +201,7 @@ def test_text_run_logs_plain_and_mixture_scores_and_resumes_exactly(corpus, cach
     # the tokenizer goes with a Hugging Face export of the run
     from transformers import AutoTokenizer
 
-    from train.export import export_run
+    from analysis.export import export_run
 
     [out] = export_run(full, tmp_path / "hf")
     exported = AutoTokenizer.from_pretrained(str(out))
@@ -275,7 +275,7 @@ def test_mixture_set_has_its_own_size(corpus, cache):
     (null: as many as the plain held-out set); the plain set keeps probes.n_heldout."""
     from hydra.utils import instantiate
 
-    from train.data import probes_from_config
+    from train.core.data import probes_from_config
 
     for extra, n_mixture in ((["probes.n_heldout_mixture=5"], 5), ([], 12)):
         cfg = compose_config(_text(corpus, cache, "data.repeat.p=0.5", "data.n_ctx=64", "probes.n_heldout=12", *extra))

@@ -1,6 +1,6 @@
 """Real CPU training: a 2-layer model forms induction heads, a 1-layer model does not."""
-from train.names import head_table
-from train.rundir import read_metrics
+from train.core.names import head_table
+from train.core.rundir import read_metrics
 
 
 def _last_layer_max(row, metric="prefix_matching"):

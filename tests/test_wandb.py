@@ -4,7 +4,7 @@ import pytest
 
 from tests.wandb_files import read_offline_history
 from tests.helpers import train_run
-from train.rundir import read_metrics
+from train.core.rundir import read_metrics
 
 
 @pytest.fixture(scope="module")

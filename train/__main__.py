@@ -32,8 +32,8 @@ from omegaconf import DictConfig  # noqa: E402
 
 from train import distributed  # noqa: E402
 from train.cli import RESUME_AUTO  # noqa: E402
-from train.config import register_configs  # noqa: E402
-from train.rundir import CONFIG_FILE  # noqa: E402
+from train.core.config import register_configs  # noqa: E402
+from train.core.rundir import CONFIG_FILE  # noqa: E402
 
 register_configs()
 

@@ -23,8 +23,9 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
-from train import distributed, rundir
-from train.config import Config, ConfigError, differences, load_saved_config, validate
+from train import distributed
+from train.core import rundir
+from train.core.config import Config, ConfigError, differences, load_saved_config, validate
 from train.sweep import job_device, requeued_job
 
 EXIT_USAGE, EXIT_FAULT, EXIT_IO = 2, 3, 4
@@ -52,12 +53,6 @@ def _job_num() -> int:
     return int(HydraConfig.get().job.num)
 
 
-def _cuda_count() -> int:
-    import torch
-
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
-
-
 def fail(message: str, code: int = EXIT_USAGE) -> None:
     """Print `error: <one line>` and exit with `code`. Inside a sweep (-m) the job fails instead,
     so the other jobs still run; Hydra then reports the first failure (one line) and exits 1."""
@@ -71,7 +66,7 @@ def fail(message: str, code: int = EXIT_USAGE) -> None:
 
 
 def summarize(row: dict, run_dir: Path, seconds: float | None) -> str:
-    from train import names as N
+    from train.core import names as N
 
     lines = [f"run directory: {run_dir}"]
     table = N.head_table(row, N.PREFIX_MATCHING)
@@ -281,7 +276,9 @@ def _run(cfg: DictConfig, run_dir: Path, world: distributed.World) -> dict:
             _discard_stub(run_dir)
         _fail(world, _user_error(e), EXIT_USAGE, quiet=False)
     if _multirun() and cfg.device == "auto":  # one GPU per job where there are several
-        cfg.device = job_device(cfg.device, _job_num(), _cuda_count())
+        from train.core.device import cuda_count
+
+        cfg.device = job_device(cfg.device, _job_num(), cuda_count())
 
     from train.loop import TrainingError
 

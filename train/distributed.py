@@ -22,7 +22,7 @@ import signal
 import time
 from typing import Any, Iterator
 
-from train.config import ConfigError
+from train.core.config import ConfigError
 
 ENV_KEYS = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
 REPEAT_WINDOW_S = 3.0  # the same stop signal again within this many seconds counts once (`merge_repeated_signals`)

@@ -1,4 +1,4 @@
-"""Live phase-change detection: the detector of `python -m analysis` (analysis/phase.py
+"""Live phase-change detection: the detector of `python -m analysis` (train/core/phase.py
 `detect_run`) run during training on the checkpoint rows kept in
 memory, every `every`-th checkpoint and once more at the end of the run.
 
@@ -9,15 +9,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from train import names as N
+from train.core import names as N
 
 def detect(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The analysis result (analysis/phase.py `detect_run`) for checkpoint rows, or None when
+    """The analysis result (train/core/phase.py `detect_run`) for checkpoint rows, or None when
     they have neither held-out loss nor ICL score."""
     from pathlib import Path
 
-    from analysis.phase import detect_run
-    from analysis.runs import Run
+    from train.core.phase import detect_run
+    from train.core.runs import Run
 
     run = Run(Path("."), rows)
     if not (run.has(N.LOSS_HELDOUT) or run.has(N.ICL_SCORE)):

@@ -1,17 +1,16 @@
-"""Where checkpoint rows go besides metrics.jsonl (which train/rundir.py always writes: it is the
+"""Where checkpoint rows go besides metrics.jsonl (which train/core/rundir.py always writes: it is the
 run's record): a logger chosen by config (`logger=wandb` or `logger=none`) receives the same rows."""
 from __future__ import annotations
 
-import netrc
 import os
-import re
 import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from train import names as N
-from train.config import WANDB_MODES
-from train.config import LoggerConfig as _Defaults
+from train.core import names as N
+from train.core.wandb_env import wandb_credentials_present
+from train.core.config import WANDB_MODES
+from train.core.config import LoggerConfig as _Defaults
 
 def heatmap_pixels(table: list[list[float]], cell: int = 24):
     """A per-head table [n_layers][n_heads] in [0, 1] as an RGB uint8 image (viridis; layers are
@@ -42,21 +41,6 @@ class NullLogger:
 
     def finish(self, exit_code: int = 0) -> None:
         pass
-
-
-def wandb_credentials_present() -> bool:
-    """True when wandb would find an API key (environment or netrc), without any network."""
-    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
-        return True
-    host = re.sub(r"^https?://", "", os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).split("/")[0]
-    for path in (os.environ.get("NETRC"), os.path.expanduser("~/.netrc"), os.path.expanduser("~/_netrc")):
-        if path and os.path.isfile(path):
-            try:
-                if netrc.netrc(path).authenticators(host):
-                    return True
-            except (netrc.NetrcParseError, OSError):
-                continue
-    return False
 
 
 def _warn(message: str) -> None:
@@ -134,7 +118,7 @@ class WandbLogger:
     family, every head a line ("charts/prefix_matching", ...; when the phase change is found, at
     the end, and every `charts_every` checkpoints if that is not 0: building them costs wandb about
     1 ms per point), while the single per-head keys stay in the history under their row keys
-    (train/names.py) but get no panel of their own; the layers x heads heatmap image of prefix
+    (train/core/names.py) but get no panel of their own; the layers x heads heatmap image of prefix
     matching per checkpoint; the phase change in the run summary ("phase_change/...") and an
     alert when it is found. In a sweep the runs of one sweep share a group (the sweep directory)
     and carry their overrides as tags."""

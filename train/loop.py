@@ -1,6 +1,6 @@
 """The training loop: AdamW with a learning-rate schedule, gradient clipping, bf16 autocast on CUDA,
-callbacks and checkpoints on the checkpoint schedule (train/schedules.py), exact resume, and safe
-stops. Files in the run directory are written through train/rundir.py.
+callbacks and checkpoints on the checkpoint schedule (train/core/schedules.py), exact resume, and safe
+stops. Files in the run directory are written through train/core/rundir.py.
 
 With several processes (train/distributed.py) every rank runs this loop on its rows of each
 step's batch under DistributedDataParallel; rank 0 alone evaluates, saves and writes, and the
@@ -19,56 +19,32 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from train import checkpoint as ckpt
+from train.core import checkpoint as ckpt
 from train import distributed as D
-from train import names as N
-from train import rundir
-from train.callbacks import RunContext, evaluate_checkpoint, instantiate_callbacks, prepare_callbacks
-from train.config import validate
-from train.data import probes_from_config
+from train.core import names as N
+from train.core import rundir
+from train.core.callbacks import RunContext, evaluate_checkpoint, instantiate_callbacks, prepare_callbacks
+from train.core.config import validate
+from train.core.device import autocast, select_device
+from train.core.model import next_token_loss
+from train.core.data import probes_from_config
 from train.live import LiveDetection
 from train.loggers import NullLogger
-from train.schedules import lr_multiplier, run_steps
+from train.core.schedules import lr_multiplier, run_steps
 from train.signals import STOP, StopSignal
 
 
 class TrainingError(RuntimeError):
     """Training stopped on a fault; the message names the step, `event` the kind of fault
-    (train/names.py: NONFINITE, DIVERGENCE) recorded in metrics.jsonl."""
+    (train/core/names.py: NONFINITE, DIVERGENCE) recorded in metrics.jsonl."""
 
     def __init__(self, message: str, event: str = N.NONFINITE):
         super().__init__(message)
         self.event = event
-
-
-def select_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"device={name} was asked for, but no CUDA device is available")
-        index, count = int(name.partition(":")[2] or 0), torch.cuda.device_count()
-        if index >= count:
-            raise ValueError(f"device={name} was asked for, but there {'is' if count == 1 else 'are'} only "
-                             f"{count} CUDA device{'s' if count != 1 else ''} (cuda:0..cuda:{count - 1})")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError("device=mps was asked for, but MPS is not available")
-    return torch.device(name)  # names are checked by train.config.validate
-
-
-def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy (in fp32) of every next-token prediction: logits [b, p, V] at
-    positions 0..p-2 against tokens [b, p] at 1..p-1."""
-    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
 
 def seed_everything(seed: int) -> None:
@@ -118,7 +94,7 @@ class Trainer:
         seed_everything(cfg.seed)
         self.data = instantiate(cfg.data)
         self.model = instantiate(cfg.model).to(self.device)
-        self.train_module: torch.nn.Module = self.model  # what `loss` runs; set by `run` (_training_module)
+        self.train_module: torch.nn.Module = self.model  # what `loss` runs; set by `run` (training_module)
         self.probes = probes_from_config(self.data, cfg.data.n_ctx, cfg.probes).to(self.device) if self.main else None
         self.ctx = RunContext(self.model, self.probes)
         self.callbacks = prepare_callbacks(instantiate_callbacks(cfg.callbacks), self.ctx) if self.main else []
@@ -214,7 +190,7 @@ class Trainer:
         self.step = self.last_saved = int(state["step"])
         return True
 
-    def _training_module(self) -> torch.nn.Module:
+    def training_module(self) -> torch.nn.Module:
         """The module the training step runs: the model, wrapped in DistributedDataParallel with
         several processes, and through `torch.compile` with train.compile. Callbacks, checkpoints
         and resume use `self.model`, the plain module, whose parameters these share (so a
@@ -247,7 +223,7 @@ class Trainer:
     # -- the loop ------------------------------------------------------------------------------
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy of a batch."""
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        with autocast(self.device):
             logits = self.train_module(tokens).logits
         return next_token_loss(logits, tokens)
 
@@ -314,7 +290,7 @@ class Trainer:
                     handover.value = self.resume_state(restored)
         else:
             restored = self.take_resume_state(D.follow(self.world, TrainingError))
-        self.train_module = self._training_module()  # after the restore: DDP hands rank 0's weights on
+        self.train_module = self.training_module()  # after the restore: DDP hands rank 0's weights on
         pending = [s for s in self.checkpoint_steps if s > self.step or (not restored and s == self.step)]
         bar = tqdm(total=self.total_steps * self.tokens_per_step, initial=self.step * self.tokens_per_step,
                    unit="tok", unit_scale=True, dynamic_ncols=True, disable=not (sys.stderr.isatty() and self.main),

@@ -6,7 +6,7 @@ with the first error, or when the sweep is stopped by Ctrl-C), one line per job:
 
     job 3  failed       multirun/2026-11-23/17-40-00/3_model.n_layers=2,seed=1  error: ...
 
-The outcome is the job's `status.json` state (train/rundir.py): finished, failed (with the
+The outcome is the job's `status.json` state (train/core/rundir.py): finished, failed (with the
 status's one-line error), interrupted; a job that left no status (refused before training) is
 failed, with the one-line reason that the job's own `on_job_end` wrote to its Hydra log; a job
 whose status still says running was stopped without a last word (killed), so it is interrupted.
@@ -23,7 +23,7 @@ from typing import Any
 
 from hydra.experimental.callback import Callback
 
-from train import rundir
+from train.core import rundir
 
 REFUSED_PREFIX = "job failed: "  # the job log line that carries a refused job's reason
 log = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ misspelled key or a value of the wrong type fails at composition, before anythin
 `validate(cfg)` then checks values (sizes, names, paths, index ranges) without importing torch,
 so that `python -m train` rejects bad input with a one-line error before anything is built or
 written. This module owns the defaults (the YAML files in conf/ mirror them; a test keeps the two
-equal) and the allowed values of every named choice. Where a run goes is checked by train/rundir.py.
+equal) and the allowed values of every named choice. Where a run goes is checked by train/core/rundir.py.
 
 Note on head sizes: `model.d_model` need not equal `n_heads * d_head`. W_O maps the concatenated
 head outputs (n_heads * d_head) back to d_model, so any positive combination is a valid model.
@@ -23,7 +23,7 @@ from omegaconf import II, DictConfig
 
 @dataclass
 class ModelConfig:
-    _target_: str = "train.model.AttnOnlyTransformer"
+    _target_: str = "train.core.model.AttnOnlyTransformer"
     n_layers: int = 2
     n_heads: int = 4
     d_model: int = 64
@@ -39,7 +39,7 @@ class ModelConfig:
 
 @dataclass
 class RepeatConfig:
-    """The repetition knob (train/data.py Repetition), for any data source."""
+    """The repetition knob (train/core/data.py Repetition), for any data source."""
 
     p: float = 0.0  # share of training sequences that repeat a span of their own text
     min_span: int = 4
@@ -49,7 +49,7 @@ class RepeatConfig:
 
 @dataclass
 class DataConfig:
-    _target_: str = "train.data.build_data"
+    _target_: str = "train.core.data.build_data"
     vocab_size: int = 64  # including BOS (id 0)
     n_ctx: int = 64  # sequence length including BOS
     seed: int = 0  # seed of the data (the bigram chain, window draws), not of the run
@@ -59,7 +59,7 @@ class DataConfig:
     min_period: int = 4
     max_period: int = 20
     branching: int = 4
-    # natural text (train/text.py): a local file, directory or glob, or a hub dataset name
+    # natural text (train/core/text.py): a local file, directory or glob, or a hub dataset name
     source: Optional[str] = None
     source_config: Optional[str] = None  # hub dataset config name
     split: str = "train"  # hub dataset split
@@ -101,7 +101,7 @@ class TrainConfig:
 @dataclass
 class CheckpointConfig:
     """When to evaluate and save (in tokens seen: the union of log-spaced and linearly spaced
-    points, train/schedules.py), and what each checkpoint keeps."""
+    points, train/core/schedules.py), and what each checkpoint keeps."""
 
     n_log: int = 70
     n_linear: int = 40
@@ -153,6 +153,17 @@ class Config:
     live_detection_every: int = 10  # run the phase-change detector on the rows so far every k checkpoints; 0: off
 
 
+def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """The config that `python -m train OVERRIDES` runs, composed with Hydra's compose API (for
+    scripts, notebooks and tests; not inside a running Hydra app)."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return hydra_compose("config", overrides=list(overrides))
+
+
 def register_configs() -> None:
     """The schema as Hydra's `base_config`, and the `${pid:}` resolver (this process's id) that
     makes the default run directory unique per process (conf/config.yaml `hydra.run.dir`)."""
@@ -168,7 +179,7 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 WANDB_MODES = ("auto", "online", "offline")  # auto: online if logged in, else offline
 DEVICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N
 REPEAT_FORMS = ("tile", "copy")  # data.repeat.form
-TEXT_DATA = "train.data.build_text_data"  # data=text's builder: needs data.source
+TEXT_DATA = "train.core.data.build_text_data"  # data=text's builder: needs data.source
 
 
 class ConfigError(ValueError):
@@ -370,10 +381,31 @@ def differences(a: Any, b: Any, ignore: tuple[str, ...] = ()) -> list[str]:
     return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k) and k.split(".")[0] not in ignore)
 
 
+# Modules of components before the library moved into train/core/ (saved `_target_`s name them).
+MOVED_MODULES = {"train.model.": "train.core.model.", "train.data.": "train.core.data.",
+                 "train.callbacks.": "train.core.callbacks."}
+
+
+def _moved(target: Any) -> Any:
+    """A `_target_` saved before its module moved, under its module's new name (other values as they are)."""
+    for old, new in MOVED_MODULES.items():
+        if isinstance(target, str) and target.startswith(old):
+            return new + target[len(old):]
+    return target
+
+
 def _upgrade(saved: dict[str, Any]) -> dict[str, Any]:
     """Configs saved before the checkpoint schedule moved into `checkpoint` (from `schedule`),
-    `optim.schedule` became `optim.lr_schedule`, and the test-only and duplicate keys went."""
+    `optim.schedule` became `optim.lr_schedule`, the test-only and duplicate keys went, and the
+    components' modules moved into train/core/. Renames only: nothing is imported or built."""
     saved = dict(saved)
+    for section in ("model", "data"):
+        if isinstance(saved.get(section), dict) and "_target_" in saved[section]:
+            saved[section] = {**saved[section], "_target_": _moved(saved[section]["_target_"])}
+    if isinstance(saved.get("callbacks"), dict):
+        saved["callbacks"] = {name: ({**cb, "_target_": _moved(cb["_target_"])}
+                                     if isinstance(cb, dict) and "_target_" in cb else cb)
+                              for name, cb in saved["callbacks"].items()}
     if isinstance(saved.get("schedule"), dict):
         saved["checkpoint"] = {**saved.pop("schedule"), **(saved.get("checkpoint") or {})}
     if isinstance(saved.get("optim"), dict) and "schedule" in saved["optim"]:
@@ -400,10 +432,11 @@ def load_saved_config(saved: Any, where: str) -> DictConfig:
 
     if not isinstance(saved, dict) or "model" not in saved or "train" not in saved:
         raise ConfigError(f"{where} is not a training config")
+    saved = _upgrade(saved)
     refused = _refused_key(saved, known_components())
     if refused:
         raise ConfigError(f"{where}: refusing {refused}; a saved config is data and names no other code")
     try:  # the schema checks the saved values' types and keys
-        return OmegaConf.merge(OmegaConf.structured(Config), _upgrade(saved))
+        return OmegaConf.merge(OmegaConf.structured(Config), saved)
     except OmegaConfBaseException as e:
         raise ConfigError(f"{where} does not match the config schema: {str(e).splitlines()[0]}") from None

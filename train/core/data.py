@@ -15,7 +15,7 @@ Every sequence starts with BOS (token id 0). ``batch(step)`` is a pure function 
 
 Every probe set the metrics run on is built here too: the main probes (`build_probes`) and the
 robustness variants (`robustness_probes`). Constructor defaults are the config schema's
-(train/config.py: DataConfig, ProbeConfig).
+(train/core/config.py: DataConfig, ProbeConfig).
 """
 from __future__ import annotations
 
@@ -28,15 +28,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from train.config import DataConfig as _Data
-from train.config import RepeatConfig as _Repeat
-from train.config import ProbeConfig as _Probes
+from train.core.config import DataConfig as _Data
+from train.core.config import RepeatConfig as _Repeat
+from train.core.config import ProbeConfig as _Probes
 
 BOS = 0
 BATCH_BLOCK = 16  # RepeatsLanguage makes its training batches this many steps at a time
 
 
-def _generator(*seeds: int) -> torch.Generator:
+def generator(*seeds: int) -> torch.Generator:
+    """A torch generator seeded from a tuple of integers (numpy's SeedSequence): each tuple, e.g.
+    (data seed, 1, step) for a training batch, its own independent stream."""
     g = torch.Generator()
     g.manual_seed(int(np.random.SeedSequence(list(seeds)).generate_state(1, dtype=np.uint64)[0] >> 1))
     return g
@@ -68,7 +70,7 @@ class RepeatsLanguage:
         self.vocab_size, self.n_ctx, self.seed = vocab_size, n_ctx, seed
         self.p_repeat, self.p_uniform_segment = p_repeat, p_uniform_segment
         self.min_period, self.max_period = min_period, max_period
-        g = _generator(seed, 0xC4A1)
+        g = generator(seed, 0xC4A1)
         n = vocab_size - 1  # regular tokens are 1..vocab_size-1
         self.successors = torch.stack([torch.randperm(n, generator=g)[:branching] for _ in range(n)]) + 1
         w = -torch.log(torch.rand(n, branching, generator=g))  # Dirichlet(1) via normalised exponentials
@@ -122,7 +124,7 @@ class RepeatsLanguage:
         """`[batch(s, batch_size) for s in first_step .. first_step + n_steps - 1]`, equal
         element for element, with one chain walk over all their rows (the walk's cost is per
         position, nearly independent of the number of rows)."""
-        draws = [self._draw(batch_size, _generator(self.seed, 1, s)) for s in range(first_step, first_step + n_steps)]
+        draws = [self._draw(batch_size, generator(self.seed, 1, s)) for s in range(first_step, first_step + n_steps)]
         chains = self._chain(torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws])).split(batch_size)
         return [self._assemble(c, *d[2:]) for c, d in zip(chains, draws)]
 
@@ -136,10 +138,10 @@ class RepeatsLanguage:
         return self._block[step % BATCH_BLOCK].clone()  # the caller may change it; the block stays
 
     def heldout(self, n_seq: int, seed: int) -> torch.Tensor:
-        return self.sample(n_seq, _generator(self.seed, 2, seed))
+        return self.sample(n_seq, generator(self.seed, 2, seed))
 
     def token_frequencies(self, n_seq: int = 256) -> torch.Tensor:
-        sample = self.sample(n_seq, _generator(self.seed, 3))
+        sample = self.sample(n_seq, generator(self.seed, 3))
         return torch.bincount(sample.flatten(), minlength=self.vocab_size).float()
 
     # -- the same generator as Hugging Face `datasets` objects ---------------------------------
@@ -189,10 +191,10 @@ class TokenStream:
         return torch.cat([torch.full((n_seq, 1), BOS, dtype=torch.long), seqs], dim=1)
 
     def batch(self, step: int, batch_size: int) -> torch.Tensor:
-        return self._windows(self.train_streams, batch_size, _generator(self.seed, 1, step))
+        return self._windows(self.train_streams, batch_size, generator(self.seed, 1, step))
 
     def heldout(self, n_seq: int, seed: int) -> torch.Tensor:
-        return self._windows(self.heldout_streams, n_seq, _generator(self.seed, 2, seed))
+        return self._windows(self.heldout_streams, n_seq, generator(self.seed, 2, seed))
 
     def token_frequencies(self, max_tokens: int = 1 << 24) -> torch.Tensor:
         """Token counts over the training streams (at most `max_tokens`, spread over the streams)."""
@@ -229,11 +231,11 @@ class TokenRows:
         self.train_rows, self.heldout_rows = tensor[:-n_heldout], tensor[-n_heldout:]
 
     def batch(self, step: int, batch_size: int) -> torch.Tensor:
-        g = _generator(self.seed, 1, step)
+        g = generator(self.seed, 1, step)
         return self.train_rows[torch.randint(0, self.train_rows.shape[0], (batch_size,), generator=g)]
 
     def heldout(self, n_seq: int, seed: int) -> torch.Tensor:
-        g = _generator(self.seed, 2, seed)
+        g = generator(self.seed, 2, seed)
         return self.heldout_rows[torch.randint(0, self.heldout_rows.shape[0], (n_seq,), generator=g)]
 
     def token_frequencies(self) -> torch.Tensor:
@@ -292,12 +294,12 @@ def token_file(path: str, n_ctx: int, vocab_size: int, seed: int = 0, heldout_fr
 
 
 class TextCorpus(TokenStream):
-    """Natural text from the token shards of a cache entry (train/text.py): documents joined with
+    """Natural text from the token shards of a cache entry (train/core/text.py): documents joined with
     the end-of-document id, held-out documents in their own shards; `tokenizer_dir` holds the
     tokenizer that decodes the ids."""
 
     def __init__(self, entry, n_ctx: int, vocab_size: int, seed: int = 0):
-        from train import text
+        from train.core import text
 
         meta = text.read_meta(entry)
         if meta["vocab_size"] > vocab_size:
@@ -351,10 +353,10 @@ class Repetition:
         return out
 
     def batch(self, step: int, batch_size: int) -> torch.Tensor:
-        return self.apply(self.source.batch(step, batch_size), _generator(self.source.seed, 5, step))
+        return self.apply(self.source.batch(step, batch_size), generator(self.source.seed, 5, step))
 
     def mixture(self, n_seq: int, seed: int) -> torch.Tensor:
-        return self.apply(self.source.heldout(n_seq, seed), _generator(self.source.seed, 6, seed))
+        return self.apply(self.source.heldout(n_seq, seed), generator(self.source.seed, 6, seed))
 
 
 def build_data(vocab_size: int = _Data.vocab_size, n_ctx: int = _Data.n_ctx, seed: int = _Data.seed,
@@ -367,7 +369,7 @@ def build_data(vocab_size: int = _Data.vocab_size, n_ctx: int = _Data.n_ctx, see
     """Build the data source from config: natural text (`source`), a token file (`path`), or the
     embedded language; wrapped in the repetition knob when `repeat.p > 0`."""
     if source:
-        from train import text
+        from train.core import text
 
         entry = text.build_shards(source, cache_dir, source_config=source_config, split=split,
                                   text_column=text_column, streaming=streaming, max_documents=max_documents,
@@ -452,7 +454,7 @@ def build_probes(
         period = (n_ctx - 1) // repeats
         if period < 2:
             raise ValueError(f"context n_ctx={n_ctx} is too short for a probe with {repeats} repeats")
-    g = _generator(seed, 7)
+    g = generator(seed, 7)
     frequencies = data.token_frequencies()
     allowed = probe_tokens(frequencies)
     if allowed.numel() < period:

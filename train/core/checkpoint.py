@@ -1,6 +1,6 @@
 """Checkpoint contents: model weights (`model.safetensors`, loadable without pickle) and the
 training state (`train_state.pt`: optimizer, scheduler, RNG, loaded with `weights_only=True`).
-Where checkpoints live, their meta.json and which of them a run keeps: train/rundir.py.
+Where checkpoints live, their meta.json and which of them a run keeps: train/core/rundir.py.
 
 A checkpoint directory is written under a temporary name and renamed into place, so a directory
 named step_* is always complete."""
@@ -18,8 +18,8 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from train.model import AttnOnlyTransformer
-from train.rundir import (META_FILE, MODEL_FILE, STATE_FILE, TMP_SUFFIX, CheckpointError, checkpoint_dir,
+from train.core.model import AttnOnlyTransformer
+from train.core.rundir import (META_FILE, MODEL_FILE, STATE_FILE, TMP_SUFFIX, CheckpointError, checkpoint_dir,
                           fsync_dir, read_meta, write_json_atomic)
 
 MODEL_KEYS = ("d_vocab", "n_ctx", "n_layers", "n_heads", "d_model", "d_head", "positional",

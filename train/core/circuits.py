@@ -38,14 +38,14 @@ centering (TransformerLens's fold_ln + centering); the per-position 1/rms factor
 scalar and is dropped. Without LayerNorms nothing changes. Embedding-side quantities (OV
 eigen-score, QK trace) pass W_E through the reading layer's full LayerNorm direction
 (centering, 1/rms per token, gamma) exactly like the behavioral copying score in
-train/metrics.py (``layernorm_direction``), and the final LayerNorm likewise.
+train/core/metrics.py (``layernorm_direction``), and the final LayerNorm likewise.
 
 OV copying eigen-score (per head)
 ---------------------------------
 M = LN_f(LN_l(W_E) W_OV) W_U~ over the regular tokens (BOS, id 0, excluded: it is never a
 copy target), where W_U~ is W_U with its mean over those tokens subtracted (a per-row logit
 shift changes no prediction, but would add a spurious eigenvalue). This is the [V, V]
-direct-path token-to-logit map of train/metrics.py's copying score. Its nonzero eigenvalues
+direct-path token-to-logit map of train/core/metrics.py's copying score. Its nonzero eigenvalues
 equal those of the [d_model, d_model] matrix W_U~ X (X = the [V, d_model] rows of LN_f(...)),
 which is what is decomposed. Score = Re(sum lambda) / sum |lambda| in [-1, 1]: +1 for a pure
 copying head (M positive semi-definite-like), -1 for an anti-copying head, ~0 for random.
@@ -74,10 +74,10 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from train.metrics import head_token_outputs, layernorm_direction
-from train.model import AttnOnlyTransformer
-from train import names as N
-from train.names import head_name
+from train.core.metrics import head_token_outputs, layernorm_direction
+from train.core.model import AttnOnlyTransformer
+from train.core import names as N
+from train.core.names import head_name
 
 COMPOSITIONS = ("q", "k", "v")
 

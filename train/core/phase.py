@@ -66,7 +66,7 @@ from typing import Any
 
 import numpy as np
 
-from train import names as N
+from train.core import names as N
 
 
 @dataclass
@@ -106,13 +106,13 @@ class Window:
         d = {"start_tokens": self.start, "steepest_tokens": self.steepest, "end_tokens": self.end,
              "size": self.size, "detected": self.detected, "reason": self.reason}
         d.update(self.extra)
-        return {k: (_round(v) if isinstance(v, float) else v) for k, v in d.items()}
+        return {k: (rounded(v) if isinstance(v, float) else v) for k, v in d.items()}
 
     def interval(self) -> tuple[float, float]:
         return math.log(self.start), math.log(self.end)
 
 
-def _round(v: float) -> float | None:
+def rounded(v: float) -> float | None:
     return None if not math.isfinite(v) else float(f"{v:.6g}")
 
 
@@ -330,8 +330,8 @@ def detect_phase_change(tokens, loss, icl, heads: dict[str, Any] | None = None,
                                    (bump, pairs["icl_bump"] or pairs["bump_prefix_matching"])) if ok]
         members += [w for w in rising.values() if coincide(w, icl_win, tol) or coincide(w, bump, tol)]
         steepest = icl_win.steepest if icl_win.detected else (pm_main.steepest if pm_main else bump.steepest)
-        window = {"start_tokens": _round(min(w.start for w in members)), "steepest_tokens": _round(steepest),
-                  "end_tokens": _round(max(w.end for w in members))}
+        window = {"start_tokens": rounded(min(w.start for w in members)), "steepest_tokens": rounded(steepest),
+                  "end_tokens": rounded(max(w.end for w in members))}
     found_names = [n for n, w in (("ICL jump", icl_win), ("loss bump", bump)) if w.detected]
     if rising:
         found_names.append("prefix-matching rise (" + ", ".join(sorted(rising)) + ")")
@@ -348,7 +348,7 @@ def detect_phase_change(tokens, loss, icl, heads: dict[str, Any] | None = None,
         "phase_change": bool(found),
         "message": message,
         "window": window,
-        "burn_in_end_tokens": _round(float(np.exp(x0))) if x0 is not None else None,
+        "burn_in_end_tokens": rounded(float(np.exp(x0))) if x0 is not None else None,
         "icl_jump": icl_win.to_dict(),
         "loss_bump": bump.to_dict(),
         "prefix_matching": {k: w.to_dict() for k, w in head_wins.items()},
@@ -359,7 +359,7 @@ def detect_phase_change(tokens, loss, icl, heads: dict[str, Any] | None = None,
 
 
 def detect_run(run, params: PhaseParams = PhaseParams()) -> dict[str, Any]:
-    """`detect_phase_change` on a run's rows (an analysis.runs.Run): held-out loss, ICL score and
+    """`detect_phase_change` on a run's rows (an train.core.runs.Run): held-out loss, ICL score and
     every head's prefix-matching score against tokens. The analysis and live detection during
     training (train/live.py) both call this."""
     return detect_phase_change(run.tokens, run.series(N.LOSS_HELDOUT), run.series(N.ICL_SCORE),

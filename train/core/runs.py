@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from train import names as N
-from train.rundir import CONFIG_FILE, METRICS_FILE, RECOMPUTED_FILE, read_metrics, read_status
+from train.core import names as N
+from train.core.rundir import CONFIG_FILE, METRICS_FILE, RECOMPUTED_FILE, read_metrics, read_status
 
 
 class AnalysisError(Exception):

@@ -1,9 +1,9 @@
 """The run directory: its layout, and every read and write of the files in it that are not model
-weights or optimizer state (those are train/checkpoint.py's). No torch: the command line checks a
+weights or optimizer state (those are train/core/checkpoint.py's). No torch: the command line checks a
 run directory with this module before anything heavy is imported.
 
     config.yaml                   the resolved config the run used
-    metrics.jsonl                 one JSON row per checkpoint (keys: train/names.py, docs/METRICS.md)
+    metrics.jsonl                 one JSON row per checkpoint (keys: train/core/names.py, docs/METRICS.md)
     status.json                   {"state": running | finished | failed | interrupted, "step",
                                    "wandb_run_id", "wall_seconds", "resumed_from_steps", "error"}
     .lock                         held by the one process training in the directory
@@ -24,8 +24,8 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from train.config import ConfigError
-from train.names import STEP
+from train.core.config import ConfigError
+from train.core.names import STEP
 
 CONFIG_FILE, METRICS_FILE, STATUS_FILE, LOCK_FILE = "config.yaml", "metrics.jsonl", "status.json", ".lock"
 CHECKPOINTS = "checkpoints"

@@ -51,7 +51,7 @@ BEHAVIORAL, MECHANISTIC, BOTH, DISAGREE = "behavioral", "mechanistic", "both", "
 DISAGREEING, BOTH_HEADS = "disagreeing", "both_heads"
 PREVIOUS_TOKEN_HEADS = "previous_token_heads"  # a list of head names
 ABLATION, REPEAT_LOSS = "ablation", "repeat_loss"
-LLC = "llc"  # local learning coefficient: its named parts (train/llc.py)
+LLC = "llc"  # local learning coefficient: its named parts (train/core/llc.py)
 
 VECTOR_DECIMALS = 5
 

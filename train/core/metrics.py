@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from train.model import AttnOnlyTransformer
+from train.core.model import AttnOnlyTransformer, next_token_loss
 
 
 @torch.no_grad()
@@ -127,7 +127,7 @@ def sequence_losses(model: AttnOnlyTransformer, tokens: torch.Tensor, batch_size
     """[n, n_ctx - 1]: cross-entropy of every next-token prediction of every sequence in `tokens`
     (forward passes of `batch_size` sequences: on CPU, chunks whose activations stay in the
     allocator's reused memory are a third faster than one large batch, with identical results)."""
-    return torch.cat([token_losses(model(chunk).logits, chunk) for chunk in tokens.split(batch_size)])
+    return torch.cat([next_token_loss(model(chunk).logits, chunk, "none") for chunk in tokens.split(batch_size)])
 
 
 def mean_over_sequences(losses: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
@@ -142,11 +142,6 @@ def per_position_loss(model: AttnOnlyTransformer, tokens: torch.Tensor, batch_si
     """[n_ctx - 1]: mean cross-entropy of the prediction at each position over `tokens`
     (forward passes of `batch_size` sequences)."""
     return mean_over_sequences(sequence_losses(model, tokens, batch_size))
-
-
-def token_losses(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """[batch, pos - 1] cross-entropy of each next-token prediction."""
-    return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:], reduction="none")
 
 
 def icl_indices(n_ctx: int, early: int | None = None, late: int | None = None) -> tuple[int, int]:

@@ -74,11 +74,12 @@ def check_settings(lr: float, n_beta: float | None, localization: float, num_cha
                          "num_burnin_steps >= 0; num_chains, num_draws, batch_size >= 1)")
 
 
-def next_token_loss(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """[batch, seq - 1] cross-entropy of each next-token prediction of this project's model."""
-    from train.metrics import token_losses
+def prediction_losses(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """[batch, seq - 1]: the model's loss on each next-token prediction (train/core/model.py
+    next_token_loss, one per prediction)."""
+    from train.core.model import next_token_loss
 
-    return token_losses(model(tokens).logits, tokens)
+    return next_token_loss(model(tokens).logits, tokens, "none")
 
 
 def _rng_state(device: str) -> tuple:
@@ -100,7 +101,7 @@ def estimate_llc(model: torch.nn.Module, tokens: torch.Tensor, *, lr: float, n_b
                  batch_size: int, seed: int, loss_fn: LossFn | None = None) -> dict[str, Any]:
     """The LLC of `model` at its current parameters on the rows of `tokens` [n_rows, seq_len]
     (definition: module docstring). `loss_fn(model, rows)` gives the per-prediction loss
-    [batch, seq_len - 1] (default: next_token_loss). The model is not changed (SGLD runs on a deep
+    [batch, seq_len - 1] (default: prediction_losses). The model is not changed (SGLD runs on a deep
     copy) and the global random states are restored afterwards; the same seed gives the same
     result. Returns {"mean", "std", "per_chain", "diverged_chains", "n_beta", "init_loss",
     "loss_trace" ([chain][draw] mean batch loss)}; warns in one line when more than half the
@@ -128,7 +129,7 @@ def estimate_llc(model: torch.nn.Module, tokens: torch.Tensor, *, lr: float, n_b
                           num_chains=num_chains, num_draws=num_draws, num_burnin_steps=num_burnin_steps,
                           batch_size=batch_size, num_init_loss_batches=tokens.shape[0] // batch_size,
                           init_seed=seed, device=device, output_path=Path(tmp) / "samples.zarr",
-                          loss_fn=loss_fn or next_token_loss)
+                          loss_fn=loss_fn or prediction_losses)
             ds = tree.dataset
             draws = ds["sampling_loss"].values.astype(np.float64)  # [chain, draw, batch, pos]
             init_loss = float(ds["init_loss"].values.astype(np.float64).mean())

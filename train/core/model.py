@@ -11,7 +11,7 @@ The residual stream is x = W_E[tokens] (+ W_pos); each layer adds its attention 
 LN_final(x) @ W_U + b_U (LayerNorms are optional, pre-norm). Training uses fused
 scaled-dot-product attention; pass ``return_patterns=True`` to get explicit attention patterns
 (the probes do), and ``z_hook`` to read or replace per-head outputs (ablations do).
-Constructor defaults are the config schema's (train/config.py, ModelConfig).
+Constructor defaults are the config schema's (train/core/config.py, ModelConfig).
 """
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.config import POSITIONAL_SCHEMES
-from train.config import ModelConfig as _Defaults
+from train.core.config import POSITIONAL_SCHEMES
+from train.core.config import ModelConfig as _Defaults
 
 # z_hook(layer, z) -> z, with z [batch, n_heads, pos, d_head]: the per-head attention output
 # before W_O. Returning a modified tensor ablates or patches heads.
@@ -90,6 +90,16 @@ class Attention(nn.Module):
         b, h, n, e = z.shape
         out = torch.addmm(self.b_O, z.transpose(1, 2).reshape(b * n, h * e), self.W_O.reshape(h * e, -1))
         return out.view(b, n, -1)
+
+
+def next_token_loss(logits: torch.Tensor, tokens: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy (in fp32) of every next-token prediction: logits [batch, pos, d_vocab] at
+    positions 0..pos-2 against tokens [batch, pos] at 1..pos-1 (a target of -100 is left out).
+    reduction="mean": the mean over all predictions (the training loss); "none": [batch, pos - 1],
+    one loss per prediction (the held-out and per-position losses, the LLC's loss)."""
+    if reduction == "none":
+        return F.cross_entropy(logits[:, :-1].float().transpose(1, 2), tokens[:, 1:], reduction="none")
+    return F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1))
 
 
 def _project(x: torch.Tensor, weights, biases) -> tuple[torch.Tensor, ...]:

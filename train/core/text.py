@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from train.config import ConfigError
+from train.core.config import ConfigError
 
 FORMAT_VERSION = 1
 SHARD_TOKENS = 1 << 26  # tokens per shard file (128 MiB as uint16)

@@ -1,7 +1,7 @@
-"""Callbacks: what runs at a checkpoint. Each one schedules scores defined in train/metrics.py or
-train/circuits.py on probes built in train/data.py, and returns its results by metric name
+"""Callbacks: what runs at a checkpoint. Each one schedules scores defined in train/core/metrics.py or
+train/core/circuits.py on probes built in train/core/data.py, and returns its results by metric name
 (tensors, numbers, lists); `evaluate_checkpoint` publishes them in `RunContext.scores` for the
-callbacks after it and flattens them into the checkpoint's row once (train/names.py).
+callbacks after it and flattens them into the checkpoint's row once (train/core/names.py).
 
 A callback is built from config (`_target_`, conf/callbacks/default.yaml), gets `setup(ctx)` once
 (builds what depends only on the fixed probes, never per checkpoint) and `__call__(ctx)` at every
@@ -19,13 +19,13 @@ from typing import Any, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from train import circuits as C
-from train import data as D
-from train import metrics as M
-from train import names as N
-from train.config import ConfigError
-from train.data import Probes
-from train.model import AttnOnlyTransformer
+from train.core import circuits as C
+from train.core import data as D
+from train.core import metrics as M
+from train.core import names as N
+from train.core.config import ConfigError
+from train.core.data import Probes
+from train.core.model import AttnOnlyTransformer, next_token_loss
 
 
 @dataclass
@@ -204,7 +204,7 @@ class HeldoutLoss(Callback):
 
 # -- mechanistic scores, probe robustness, classification, ablations ---------------------------
 class CircuitScores(Callback):
-    """Weight-based circuit scores (train/circuits.py): Q-, K-, V-composition for every
+    """Weight-based circuit scores (train/core/circuits.py): Q-, K-, V-composition for every
     (later head, earlier head) pair with the random baseline subtracted, the baselines, the OV
     copying eigen-score and, for layers >= 1, the QK prefix-matching trace weighted by this
     checkpoint's previous-token scores."""
@@ -235,7 +235,7 @@ class CircuitScores(Callback):
 
 
 class ProbeRobustness(Callback):
-    """Prefix matching on the probe variants of `train.data.robustness_probes` (`variants`:
+    """Prefix matching on the probe variants of `train.core.data.robustness_probes` (`variants`:
     [period, repeats] of repeated random tokens; `heldout_segments`: of tiled held-out text), all
     in one batch, and the spread over them and the main probe (min, max, probe_fragile)."""
 
@@ -277,11 +277,11 @@ class ProbeRobustness(Callback):
 
 
 class InductionClassification(Callback):
-    """Behavioral vs mechanistic induction heads at every checkpoint (rules: train.circuits.classify_heads;
-    thresholds: keyword arguments named as the fields of train.circuits.Thresholds, whose
+    """Behavioral vs mechanistic induction heads at every checkpoint (rules: train.core.circuits.classify_heads;
+    thresholds: keyword arguments named as the fields of train.core.circuits.Thresholds, whose
     defaults they take, and written into each row). Results: the thresholds, the per-head labels,
     the best K-composition with an earlier previous-token head, the counts and lists of
-    `train.circuits.label_summary`, and the previous-token heads."""
+    `train.core.circuits.label_summary`, and the previous-token heads."""
 
     provides = (N.INDUCTION_THRESHOLDS, N.IS_BEHAVIORAL, N.IS_MECHANISTIC, N.K_COMPOSITION_PREV_TOKEN,
                 N.INDUCTION_HEADS, N.PREVIOUS_TOKEN_HEADS)
@@ -310,9 +310,9 @@ class InductionClassification(Callback):
 class HeadAblations(Callback):
     """Causal check: zero- and mean-ablate each head (through the model's z hook) and measure the
     ICL score on the first `n_heldout` held-out sequences (None: all) and the loss on the repeated
-    part of the main probes (train/metrics.py), both in one batch. Mean ablation replaces the
+    part of the main probes (train/core/metrics.py), both in one batch. Mean ablation replaces the
     head's z by its mean over the held-out part or the probe part at each position
-    (train.circuits.mean_ablation_values). When the induction classification runs, the heads it
+    (train.core.circuits.mean_ablation_values). When the induction classification runs, the heads it
     labels both are also ablated together. Default cadence: every 10th checkpoint.
 
     Per-head results come head by head (all of one head's keys together), so they are returned
@@ -339,7 +339,7 @@ class HeadAblations(Callback):
 
     def _losses(self, logits: torch.Tensor) -> tuple[float, float]:
         """(ICL score on the held-out part, loss on the probes' repeated part)."""
-        losses = M.token_losses(logits, self.tokens)
+        losses = next_token_loss(logits, self.tokens, "none")
         text = losses[: self.n_text].mean(0)
         probe = losses[self.n_text :, : self.probe_len - 1]
         return float(M.icl_score(text, self.early, self.late)), float(M.repeated_part_loss(probe, self.period))
@@ -372,7 +372,7 @@ class HeadAblations(Callback):
 
 # -- loss-landscape degeneracy -------------------------------------------------------------------
 class LLCEstimate(Callback):
-    """Local learning coefficient (train/llc.py: definition, default n_beta rule) by SGLD on a deep
+    """Local learning coefficient (train/core/llc.py: definition, default n_beta rule) by SGLD on a deep
     copy of the model, on the first `n_sequences` held-out sequences. Results under `llc`: mean and
     std over the chains that stayed finite, every chain's value (NaN where it diverged), how many
     diverged, and the settings used (`n_beta`: the value used, the default rule's when null).
@@ -385,7 +385,7 @@ class LLCEstimate(Callback):
     def __init__(self, every: int = 10, lr: float = 1e-3, n_beta: float | None = None,
                  localization: float = 30.0, num_chains: int = 4, num_draws: int = 160,
                  num_burnin_steps: int = 100, batch_size: int = 16, seed: int = 0, n_sequences: int = 64):
-        from train.llc import check_settings
+        from train.core.llc import check_settings
 
         super().__init__(every)
         self.settings = dict(lr=lr, n_beta=n_beta, localization=localization, num_chains=num_chains,
@@ -401,7 +401,7 @@ class LLCEstimate(Callback):
                               f"held-out sequences, have {self.tokens.shape[0]} (n_sequences={self.n_sequences})")
 
     def __call__(self, ctx: RunContext) -> dict[str, Any]:
-        from train.llc import estimate_llc
+        from train.core.llc import estimate_llc
 
         r = estimate_llc(ctx.model, self.tokens, **self.settings)
         settings = self.settings | {"n_beta": r["n_beta"], "n_sequences": int(self.tokens.shape[0])}

@@ -1,24 +1,23 @@
 """The project's model as a Hugging Face `transformers` model type ("induction_tracker").
 
-`AttnOnlyConfig` holds the keyword arguments of `train.model.AttnOnlyTransformer`;
+`AttnOnlyConfig` holds the keyword arguments of `train.core.model.AttnOnlyTransformer`;
 `AttnOnlyForCausalLM` wraps that model unchanged (its parameters under `model.`), so the logits
 are the project's exactly, for every variant (learned / shortformer / rotary positions,
 LayerNorm or none, smeared keys, output bias b_U). `output_attentions=True` returns the explicit
 attention patterns [batch, n_heads, query, key] per layer.
 
-This file imports only torch, transformers and `.model`: `python -m train.export` copies it
-into an export next to a copy of train/model.py, so that
+This file imports only torch, transformers and `.model`: `python -m analysis.export` copies it
+into an export next to a copy of train/core/model.py, so that
 `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)` loads the export without
 this project installed.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from transformers import PreTrainedModel, PretrainedConfig
 from transformers.modeling_outputs import CausalLMOutput
 
-from .model import AttnOnlyTransformer
+from .model import AttnOnlyTransformer, next_token_loss
 
 MODEL_TYPE = "induction_tracker"
 MODEL_ARGS = ("d_vocab", "n_ctx", "n_layers", "n_heads", "d_model", "d_head", "positional", "layernorm",
@@ -71,6 +70,6 @@ class AttnOnlyForCausalLM(PreTrainedModel):
         out = self.model(input_ids, return_patterns=bool(output_attentions))
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(out.logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+            loss = next_token_loss(out.logits, labels)
         return CausalLMOutput(loss=loss, logits=out.logits,
                               attentions=tuple(out.patterns) if output_attentions else None)

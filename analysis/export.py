@@ -1,16 +1,16 @@
 """Export a run's checkpoints to Hugging Face `transformers` and to TransformerLens.
 
-    uv run python -m train.export RUN_DIR --to hf --out DIR [--step N | --all] [--layout native|gpt2|neox]
-    uv run python -m train.export RUN_DIR --to transformer_lens --out DIR [--step N | --all]
+    uv run python -m analysis.export RUN_DIR --to hf --out DIR [--step N | --all] [--layout native|gpt2|neox]
+    uv run python -m analysis.export RUN_DIR --to transformer_lens --out DIR [--step N | --all]
 
 Without --step or --all the newest checkpoint with weights is exported into DIR; with --all every
 checkpoint goes into DIR/step_NNNNNNN/, so that a run becomes a checkpoint series that
 `python -m analysis.series DIR` reads.
 
-Formats (each exact: same logits as `train.model.AttnOnlyTransformer`, up to float rounding):
+Formats (each exact: same logits as `train.core.model.AttnOnlyTransformer`, up to float rounding):
 
 * `--to hf --layout native` (default): the project's own `transformers` model type
-  (train/hf_model.py), with its code written into the export: `AutoModelForCausalLM.
+  (train/core/hf_model.py), with its code written into the export: `AutoModelForCausalLM.
   from_pretrained(DIR, trust_remote_code=True)` loads it without this project installed. Every
   model variant can be exported this way.
 * `--to hf --layout gpt2`: `GPT2LMHeadModel` with zeroed MLPs, for learned positions with
@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import re
 import shutil
 import sys
@@ -43,16 +42,16 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from train import rundir
-from train.checkpoint import load_model, model_kwargs
-from train.config import POSITIONAL_SCHEMES, ConfigError, ModelConfig, load_saved_config
-from train.model import AttnOnlyTransformer
+from train.core import rundir
+from train.core.checkpoint import load_model, model_kwargs
+from train.core.config import POSITIONAL_SCHEMES, ConfigError, ModelConfig, load_saved_config
+from train.core.model import AttnOnlyTransformer
 
 TARGETS = ("hf", "transformer_lens")
 LAYOUTS = ("native", "gpt2", "neox")
 INFO_FILE, PROBES_FILE = "induction_tracker.json", "probes.safetensors"
 TL_CONFIG_FILE = "hooked_transformer_config.json"
-MODELING_FILE = "modeling_induction_tracker.py"  # train/hf_model.py, as copied into an export
+MODELING_FILE = "modeling_induction_tracker.py"  # train/core/hf_model.py, as copied into an export
 FOLD_TOLERANCE = 1e-5  # largest |c W_U - b_U| accepted when folding b_U into the final LayerNorm
 
 
@@ -67,8 +66,8 @@ def run_probes(meta: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str,
     n_previous_token)."""
     from hydra.utils import instantiate
 
-    from train.data import probes_from_config
-    from train.metrics import icl_indices
+    from train.core.data import probes_from_config
+    from train.core.metrics import icl_indices
 
     cfg = load_saved_config(meta["config"], "checkpoint meta.json")
     probes = probes_from_config(instantiate(cfg.data), cfg.data.n_ctx, cfg.probes)
@@ -108,24 +107,24 @@ def read_probe_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str
 
 # -- the project's own transformers model type ---------------------------------------------------
 def model_source() -> str:
-    """train/model.py with its imports from train.config replaced by their values, so that the
+    """train/core/model.py with its imports from train.core.config replaced by their values, so that the
     export's copy needs only torch."""
     src = (Path(__file__).parent / "model.py").read_text(encoding="utf-8")
     defaults = "".join(f"    {f.name} = {f.default!r}\n" for f in dataclasses.fields(ModelConfig)
                        if not f.name.startswith("_") and isinstance(f.default, (int, float, str, bool)))
     replacements = {
-        "from train.config import POSITIONAL_SCHEMES\n": f"POSITIONAL_SCHEMES = {POSITIONAL_SCHEMES!r}\n",
-        "from train.config import ModelConfig as _Defaults\n": f"\n\nclass _Defaults:  # train/config.py ModelConfig\n{defaults}",
+        "from train.core.config import POSITIONAL_SCHEMES\n": f"POSITIONAL_SCHEMES = {POSITIONAL_SCHEMES!r}\n",
+        "from train.core.config import ModelConfig as _Defaults\n": f"\n\nclass _Defaults:  # train/core/config.py ModelConfig\n{defaults}",
     }
     for old, new in replacements.items():
         if old not in src:
-            raise RuntimeError(f"train/model.py no longer has the line {old.strip()!r}; update train/export.py")
+            raise RuntimeError(f"train/core/model.py no longer has the line {old.strip()!r}; update analysis/export.py")
         src = src.replace(old, new)
     return src
 
 
 def native_model(model: AttnOnlyTransformer, kwargs: dict[str, Any]):
-    from train.hf_model import AttnOnlyConfig, AttnOnlyForCausalLM
+    from train.core.hf_model import AttnOnlyConfig, AttnOnlyForCausalLM
 
     config = AttnOnlyConfig(**kwargs, bos_token_id=0)
     config.auto_map = {"AutoConfig": f"{MODELING_FILE[:-3]}.AttnOnlyConfig",
@@ -326,7 +325,7 @@ def export_run(run_dir: Path, out: Path, to: str = "hf", layout: str = "native",
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.export", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m analysis.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--to", default="hf", help=f"format: {' | '.join(TARGETS)} (default hf)")
     parser.add_argument("--out", type=Path, required=True, help="output directory")
