@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import re
 import shutil
 import sys
@@ -40,16 +41,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from train.core import rundir
-from train.core.checkpoint import load_model, model_kwargs
+from train.core import hf_model, rundir
+from train.core import model as model_module
+from train.core.checkpoint import load_model
 from train.core.config import POSITIONAL_SCHEMES, ConfigError, ModelConfig, load_saved_config
-from train.core.model import AttnOnlyTransformer
+from train.core.model import AttnOnlyTransformer, model_kwargs
+from train.core.probes import PROBES_FILE, write_probe_file
 
 TARGETS = ("hf", "transformer_lens")
 LAYOUTS = ("native", "gpt2", "neox")
-INFO_FILE, PROBES_FILE = "induction_tracker.json", "probes.safetensors"
+INFO_FILE = "induction_tracker.json"
 TL_CONFIG_FILE = "hooked_transformer_config.json"
 MODELING_FILE = "modeling_induction_tracker.py"  # train/core/hf_model.py, as copied into an export
 FOLD_TOLERANCE = 1e-5  # largest |c W_U - b_U| accepted when folding b_U into the final LayerNorm
@@ -66,7 +69,7 @@ def run_probes(meta: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str,
     n_previous_token)."""
     from hydra.utils import instantiate
 
-    from train.core.data import probes_from_config
+    from train.core.probes import probes_from_config
     from train.core.metrics import icl_indices
 
     cfg = load_saved_config(meta["config"], "checkpoint meta.json")
@@ -81,35 +84,11 @@ def run_probes(meta: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str,
     return tensors, settings
 
 
-def write_probe_file(path: Path, tensors: dict[str, torch.Tensor], settings: dict[str, int]) -> None:
-    save_file({k: v.contiguous().cpu() for k, v in tensors.items()}, str(path),
-              metadata={k: str(v) for k, v in settings.items()})
-
-
-def read_probe_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """(tensors, settings) of a probes.safetensors (or of the directory holding one)."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / PROBES_FILE
-    try:
-        from safetensors import safe_open
-
-        with safe_open(str(path), "pt") as f:
-            settings = {k: int(v) for k, v in (f.metadata() or {}).items()}
-        tensors = load_file(str(path))
-    except Exception as e:  # noqa: BLE001 - missing or unreadable: the same user-facing problem
-        raise ExportError(f"cannot read probe token ids from {path}: {str(e).splitlines()[0] if str(e) else e}") from None
-    missing = [k for k in ("repeated", "copy_tokens", "heldout") if k not in tensors]
-    if missing:
-        raise ExportError(f"{path} lacks {', '.join(missing)}")
-    return tensors, settings
-
-
 # -- the project's own transformers model type ---------------------------------------------------
 def model_source() -> str:
     """train/core/model.py with its imports from train.core.config replaced by their values, so that the
     export's copy needs only torch."""
-    src = (Path(__file__).parent / "model.py").read_text(encoding="utf-8")
+    src = Path(inspect.getfile(model_module)).read_text(encoding="utf-8")
     defaults = "".join(f"    {f.name} = {f.default!r}\n" for f in dataclasses.fields(ModelConfig)
                        if not f.name.startswith("_") and isinstance(f.default, (int, float, str, bool)))
     replacements = {
@@ -135,7 +114,7 @@ def native_model(model: AttnOnlyTransformer, kwargs: dict[str, Any]):
 
 
 def write_modeling_code(out: Path) -> None:
-    shutil.copyfile(Path(__file__).parent / "hf_model.py", out / MODELING_FILE)
+    shutil.copyfile(inspect.getfile(hf_model), out / MODELING_FILE)
     (out / "model.py").write_text(model_source(), encoding="utf-8")
 
 

@@ -71,7 +71,7 @@ def probe_inputs(config: dict[str, Any]):
     from hydra.utils import instantiate
 
     from train.core.config import load_saved_config
-    from train.core.data import probes_from_config
+    from train.core.probes import probes_from_config
 
     cfg = load_saved_config(config, "the run's config.yaml")
     probes = probes_from_config(instantiate(cfg.data), cfg.data.n_ctx, cfg.probes)

@@ -51,11 +51,13 @@ import torch
 from torch import nn
 
 from train.core import data as D
+from train.core import probes as P
 from train.core import metrics as M
 from train.core import names as N
 from train.core import rundir
 from train.core.circuits import ov_eigen_score
 from train.core.device import select_device
+from train.core.probes import ProbeFileError
 
 PYTHIA_STEPS = [0, *(2 ** i for i in range(10)), *range(1000, 143001, 1000)]
 PYTHIA_TOKENS_PER_STEP = 2_097_152
@@ -326,7 +328,7 @@ def mid_frequency_tokens(d_vocab: int, exclude: set[int], text: torch.Tensor | N
         counts[list(exclude)] = 0
     seen = counts.nonzero().flatten()
     # train.core.data.probe_tokens leaves out index 0 (BOS) and the most/least common tenths.
-    return seen[D.probe_tokens(torch.cat([counts.new_zeros(1), counts[seen]])) - 1]
+    return seen[P.probe_tokens(torch.cat([counts.new_zeros(1), counts[seen]])) - 1]
 
 
 def build_series_probes(tokenizer, d_vocab: int, text: torch.Tensor | None, n_probes: int, period: int,
@@ -334,7 +336,7 @@ def build_series_probes(tokenizer, d_vocab: int, text: torch.Tensor | None, n_pr
     special = set(getattr(tokenizer, "all_special_ids", []) or [])
     allowed = mid_frequency_tokens(d_vocab, special, text)
     g = D.generator(seed, 7)
-    repeated = D.repeated_random_tokens(n_probes, period, repeats, allowed, g)
+    repeated = P.repeated_random_tokens(n_probes, period, repeats, allowed, g)
     repeated[:, 0] = bos_id(tokenizer)
     copy_tokens = allowed[torch.randperm(allowed.numel(), generator=g)[:n_copy]]
     icl = M.icl_indices(text.shape[1]) if text is not None else None
@@ -349,7 +351,7 @@ def bos_id(tokenizer) -> int:
 
 
 def given_probes(path: Path) -> SeriesProbes:
-    from analysis.export import read_probe_file
+    from train.core.probes import read_probe_file
 
     tensors, settings = read_probe_file(path)
     text = tensors["heldout"]
@@ -554,7 +556,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         rows = run_series(args.source, args.out, opts, log=lambda m: print(m, file=sys.stderr if m.startswith(
             ("error:", "note:")) else sys.stdout))
-    except (SeriesError, rundir.CheckpointError, OSError) as e:
+    except (SeriesError, ProbeFileError, rundir.CheckpointError, OSError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - t0

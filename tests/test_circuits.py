@@ -17,7 +17,7 @@ from train.core.callbacks import (AttentionScores, CircuitScores, CopyingScores,
                              prepare_callbacks)
 from train.core.checkpoint import load_model
 from train.core.config import ConfigError
-from train.core.data import Probes, probes_from_config, repeated_random_tokens
+from train.core.probes import Probes, probes_from_config, repeated_random_tokens
 from train.core.model import AttnOnlyTransformer
 from train.core.rundir import list_checkpoints, read_metrics
 

@@ -16,7 +16,8 @@ from omegaconf.errors import ValidationError
 from tests.helpers import CONF_DIR, compose_config
 from train.core.callbacks import Callback, InductionClassification
 from train.core.config import TEXT_DATA, Config
-from train.core.data import RepeatsLanguage, build_data, build_probes
+from train.core.data import RepeatsLanguage, build_data
+from train.core.probes import build_probes
 from train.loggers import WandbLogger
 from train.core.model import AttnOnlyTransformer
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from train.core.data import BOS, RepeatsLanguage, build_data, build_probes, probe_tokens, token_file
+from train.core.data import BOS, RepeatsLanguage, build_data, token_file
+from train.core.probes import build_probes, probe_tokens
 
 
 def _lang(**kw):

@@ -3,7 +3,8 @@ import torch
 
 from tests.handbuilt import blank_model, induction_circuit, set_previous_offset_head, set_previous_token_head
 from train.core import metrics as M
-from train.core.data import BOS, repeated_random_tokens
+from train.core.data import BOS
+from train.core.probes import repeated_random_tokens
 
 
 def _probes(d_vocab=24, period=10, repeats=4, n=8, seed=0):

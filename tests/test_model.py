@@ -140,3 +140,23 @@ def test_training_steps_are_bit_identical_on_cpu():
         return torch.cat([p.detach().flatten() for p in m.parameters()])
 
     assert torch.equal(train_a_few_steps(), train_a_few_steps())
+
+
+def test_the_models_fields_have_one_home():
+    """The config schema, checkpoints and the transformers config all hold the constructor's
+    arguments (MODEL_FIELDS), with the schema's defaults."""
+    import dataclasses
+    import inspect
+
+    from train.core.config import ModelConfig
+    from train.core.hf_model import AttnOnlyConfig
+    from train.core.model import MODEL_FIELDS, model_kwargs
+
+    schema = {f.name: f.default for f in dataclasses.fields(ModelConfig) if f.name != "_target_"}
+    assert set(schema) == set(MODEL_FIELDS)
+    for name, p in inspect.signature(AttnOnlyTransformer).parameters.items():
+        if p.default is not inspect.Parameter.empty:
+            assert schema[name] == p.default, name
+    hf = AttnOnlyConfig(n_layers=3, d_vocab=40)
+    assert tuple(hf.model_kwargs()) == MODEL_FIELDS and hf.n_layers == 3 and hf.vocab_size == 40
+    assert model_kwargs({"n_layers": 1, "lr": 0.1, "_target_": "x"}) == {"n_layers": 1}

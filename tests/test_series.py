@@ -21,6 +21,7 @@ from train.core.runs import load_run
 from analysis import series as S
 from analysis import export as E
 from train.core import names as N
+from train.core import probes as P
 from train.core import rundir
 from train.core.checkpoint import save_checkpoint
 from analysis.export import export_run
@@ -61,7 +62,7 @@ def tokens(vocab: int = 64, n: int = 3, length: int = 40) -> torch.Tensor:
 # -- the cross-implementation test -------------------------------------------------------------
 def test_exported_series_reproduces_the_runs_scores_and_window(tiny_run, tmp_path):
     export_run(tiny_run, tmp_path / "export", "hf", "gpt2", all_steps=True)
-    assert (tmp_path / "export" / "step_0000000" / E.PROBES_FILE).is_file()
+    assert (tmp_path / "export" / "step_0000000" / P.PROBES_FILE).is_file()
     out = tmp_path / "series"
     rows = S.run_series(str(tmp_path / "export"), out, S.Options(probes=tmp_path / "export" / "step_0000000"),
                         log=lambda m: None)
@@ -225,7 +226,7 @@ def test_series_of_other_families(tmp_path):
     probe_tensors = {"repeated": torch.cat([torch.zeros(4, 1, dtype=torch.long),
                                             torch.randperm(60)[:10].repeat(4, 3) + 2], 1),
                      "copy_tokens": torch.arange(2, 12), "heldout": tokens(64, 8, 32)}
-    E.write_probe_file(tmp_path / E.PROBES_FILE, probe_tensors, {"icl_early": 3, "icl_late": 30, "n_previous_token": 4})
+    P.write_probe_file(tmp_path / P.PROBES_FILE, probe_tensors, {"icl_early": 3, "icl_late": 30, "n_previous_token": 4})
     for kind in ("gpt2", "gpt_neox", "llama", "opt"):
         for i, step in enumerate((0, 1000)):
             tiny_family(kind, i).save_pretrained(tmp_path / kind / f"step{step}")
@@ -260,7 +261,7 @@ def test_series_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert "holds a training run" in one_line_error(capsys.readouterr().err)
     # A probe token outside the model's vocabulary: the checkpoint is recorded as failed.
     tiny_family("gpt2", 0).save_pretrained(tmp_path / "m" / "step5")
-    E.write_probe_file(tmp_path / E.PROBES_FILE, {"repeated": torch.full((2, 9), 70), "copy_tokens": torch.arange(3),
+    P.write_probe_file(tmp_path / P.PROBES_FILE, {"repeated": torch.full((2, 9), 70), "copy_tokens": torch.arange(3),
                                                   "heldout": tokens(64, 2, 16)}, {})
     assert S.main([str(tmp_path / "m"), "--probes", str(tmp_path), "--out", str(tmp_path / "o2")]) == 0
     assert "outside the model's vocabulary" in capsys.readouterr().err

@@ -275,7 +275,7 @@ def test_mixture_set_has_its_own_size(corpus, cache):
     (null: as many as the plain held-out set); the plain set keeps probes.n_heldout."""
     from hydra.utils import instantiate
 
-    from train.core.data import probes_from_config
+    from train.core.probes import probes_from_config
 
     for extra, n_mixture in ((["probes.n_heldout_mixture=5"], 5), ([], 12)):
         cfg = compose_config(_text(corpus, cache, "data.repeat.p=0.5", "data.n_ctx=64", "probes.n_heldout=12", *extra))

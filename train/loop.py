@@ -31,7 +31,7 @@ from train.core.callbacks import RunContext, evaluate_checkpoint, instantiate_ca
 from train.core.config import validate
 from train.core.device import autocast, select_device
 from train.core.model import next_token_loss
-from train.core.data import probes_from_config
+from train.core.probes import probes_from_config
 from train.live import LiveDetection
 from train.loggers import NullLogger
 from train.core.schedules import lr_multiplier, run_steps

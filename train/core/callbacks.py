@@ -1,5 +1,5 @@
 """Callbacks: what runs at a checkpoint. Each one schedules scores defined in train/core/metrics.py or
-train/core/circuits.py on probes built in train/core/data.py, and returns its results by metric name
+train/core/circuits.py on probes built in train/core/probes.py, and returns its results by metric name
 (tensors, numbers, lists); `evaluate_checkpoint` publishes them in `RunContext.scores` for the
 callbacks after it and flattens them into the checkpoint's row once (train/core/names.py).
 
@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 
 from train.core import circuits as C
-from train.core import data as D
+from train.core import probes as P
 from train.core import metrics as M
 from train.core import names as N
 from train.core.config import ConfigError
-from train.core.data import Probes
+from train.core.probes import Probes
 from train.core.model import AttnOnlyTransformer, next_token_loss
 
 
@@ -252,13 +252,13 @@ class ProbeRobustness(Callback):
         self.fragile_ratio, self.min_main = fragile_ratio, min_main
 
     def setup(self, ctx: RunContext) -> None:
-        sets = D.robustness_probes(ctx.probes, ctx.model.n_ctx, self.variants, self.heldout_segments,
+        sets = P.robustness_probes(ctx.probes, ctx.model.n_ctx, self.variants, self.heldout_segments,
                                    self.n_probes, self.seed)
         self.names = [name for name, _ in sets]
         self.tokens = self.masks = None
         if sets:
             # Padded queries are left out of the masks (they have no True key).
-            tokens, self.rows = D.concat_padded([t for _, t in sets])
+            tokens, self.rows = P.concat_padded([t for _, t in sets])
             length = tokens.shape[1]
             masks = [F.pad(M.prefix_matching_mask(t), (0, length - t.shape[1], 0, length - t.shape[1])) for _, t in sets]
             device = ctx.probes.repeated.device
@@ -335,7 +335,7 @@ class HeadAblations(Callback):
         self.early, self.late = M.icl_indices(heldout.shape[1], self.icl_early, self.icl_late)
         probe = ctx.probes.repeated
         self.n_text, self.probe_len, self.period = heldout.shape[0], probe.shape[1], ctx.probes.period
-        self.tokens, _ = D.concat_padded([heldout, probe])
+        self.tokens, _ = P.concat_padded([heldout, probe])
 
     def _losses(self, logits: torch.Tensor) -> tuple[float, float]:
         """(ICL score on the held-out part, loss on the probes' repeated part)."""

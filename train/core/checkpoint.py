@@ -18,17 +18,9 @@ from typing import Any, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from train.core.model import AttnOnlyTransformer
+from train.core.model import MODEL_FIELDS, AttnOnlyTransformer, model_kwargs
 from train.core.rundir import (META_FILE, MODEL_FILE, STATE_FILE, TMP_SUFFIX, CheckpointError, checkpoint_dir,
                           fsync_dir, read_meta, write_json_atomic)
-
-MODEL_KEYS = ("d_vocab", "n_ctx", "n_layers", "n_heads", "d_model", "d_head", "positional",
-              "layernorm", "smeared_keys", "init_std", "rotary_base")
-
-
-def model_kwargs(model_cfg: dict[str, Any]) -> dict[str, Any]:
-    return {k: model_cfg[k] for k in MODEL_KEYS if k in model_cfg}
-
 
 def snapshot(obj: Any) -> Any:
     """A copy of `obj` (nested dicts, lists, tuples) with every tensor copied to the CPU: what a
@@ -145,7 +137,7 @@ def _written(path: Path, write) -> None:
 def check_same_model(meta: dict[str, Any], model_cfg: dict[str, Any], ckpt: Path) -> None:
     """A checkpoint written by a model of another shape cannot be loaded into this one."""
     saved, wanted = model_kwargs(meta["model"]), model_kwargs(model_cfg)
-    diff = [f"{k}={saved.get(k)!r} (config: {wanted.get(k)!r})" for k in MODEL_KEYS
+    diff = [f"{k}={saved.get(k)!r} (config: {wanted.get(k)!r})" for k in MODEL_FIELDS
             if k in saved and k in wanted and saved[k] != wanted[k] and k != "init_std"]
     if diff:
         raise CheckpointError(f"checkpoint {ckpt} was written by a different model: {', '.join(diff)}")

@@ -313,7 +313,7 @@ def _validate_probes(cfg: Any) -> None:
 
 
 # -- configs saved by earlier runs: data, never code -----------------------------------------------
-CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # Hydra's instantiation keys other than `_target_`: never accepted from a saved config.
 HYDRA_SPECIAL_KEYS = ("_args_", "_partial_", "_recursive_", "_convert_")
 

@@ -13,24 +13,21 @@ The embedded language ("repeats") mixes two kinds of structure:
 Every sequence starts with BOS (token id 0). ``batch(step)`` is a pure function of
 (seed, step), so a resumed run sees exactly the data an uninterrupted one would.
 
-Every probe set the metrics run on is built here too: the main probes (`build_probes`) and the
-robustness variants (`robustness_probes`). Constructor defaults are the config schema's
-(train/core/config.py: DataConfig, ProbeConfig).
+The probes the metrics run on are built from a data source in train/core/probes.py. Constructor
+defaults are the config schema's (train/core/config.py: DataConfig).
 """
 from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from types import MappingProxyType
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from train.core.config import DataConfig as _Data
 from train.core.config import RepeatConfig as _Repeat
-from train.core.config import ProbeConfig as _Probes
 
 BOS = 0
 BATCH_BLOCK = 16  # RepeatsLanguage makes its training batches this many steps at a time
@@ -390,124 +387,3 @@ def build_text_data(source: str | None = None, **kwargs):
     if not source:
         raise ValueError("data=text needs data.source")
     return build_data(source=source, **kwargs)
-
-
-@dataclass
-class Probes:
-    """Fixed probe inputs, built once per run (same probes at every checkpoint)."""
-
-    repeated: torch.Tensor  # [n, 1 + period * repeats]: BOS + random segment tiled
-    period: int
-    repeats: int
-    copy_tokens: torch.Tensor  # [k] random tokens for the copying score
-    heldout: torch.Tensor  # [n_heldout, n_ctx] training-distribution sequences
-    allowed: torch.Tensor  # the tokens random probes draw from (see probe_tokens); kept on the CPU
-    heldout_mixture: torch.Tensor | None = None  # held-out sequences with the training repetition
-
-    def to(self, device) -> "Probes":
-        """Move the probe tensors to `device` (in place); returns self."""
-        self.repeated, self.copy_tokens, self.heldout = (
-            self.repeated.to(device), self.copy_tokens.to(device), self.heldout.to(device))
-        if self.heldout_mixture is not None:
-            self.heldout_mixture = self.heldout_mixture.to(device)
-        return self
-
-
-def repeated_random_tokens(
-    n: int, period: int, repeats: int, allowed: torch.Tensor, g: torch.Generator
-) -> torch.Tensor:
-    """BOS followed by `period` distinct random tokens (drawn from `allowed`) repeated `repeats` times."""
-    if allowed.numel() < period:
-        raise ValueError(f"probe period {period} needs at least {period} distinct allowed tokens, have {allowed.numel()}")
-    segs = torch.stack([allowed[torch.randperm(allowed.numel(), generator=g)[:period]] for _ in range(n)])
-    body = segs.repeat(1, repeats)
-    return torch.cat([torch.full((n, 1), BOS, dtype=torch.long), body], dim=1)
-
-
-def probe_tokens(frequencies: torch.Tensor, exclude_fraction: float = 0.1) -> torch.Tensor:
-    """The regular tokens that occur in the data, minus the most and least common
-    `exclude_fraction` of them each (Olsson et al.). Tokens that never occur (a byte or BPE
-    vocabulary larger than the corpus uses) are never probe tokens: their embeddings are untrained."""
-    regular = torch.arange(1, frequencies.numel())
-    order = regular[frequencies[1:].argsort(descending=True, stable=True)]
-    order = order[frequencies[order] > 0]
-    k = int(len(order) * exclude_fraction)
-    return order[k : len(order) - k].sort().values
-
-
-def build_probes(
-    data,
-    n_ctx: int,
-    n_probes: int = _Probes.n_probes,
-    period: int = _Probes.period,
-    repeats: int = _Probes.repeats,
-    n_copy_tokens: int = _Probes.n_copy_tokens,
-    n_heldout: int = _Probes.n_heldout,
-    seed: int = _Probes.seed,
-    n_heldout_mixture: int | None = _Probes.n_heldout_mixture,
-) -> Probes:
-    """Olsson's prefix-matching probe (BOS + 25 random tokens x 4) when it fits the context;
-    otherwise the period is scaled down so that `repeats` copies fit."""
-    if repeats < 2:
-        raise ValueError(f"probes need at least 2 repeats, got {repeats}")
-    if 1 + period * repeats > n_ctx:
-        period = (n_ctx - 1) // repeats
-        if period < 2:
-            raise ValueError(f"context n_ctx={n_ctx} is too short for a probe with {repeats} repeats")
-    g = generator(seed, 7)
-    frequencies = data.token_frequencies()
-    allowed = probe_tokens(frequencies)
-    if allowed.numel() < period:
-        raise ValueError(f"probes.period: the prefix-matching probe repeats {period} distinct tokens (its period, "
-                         f"scaled to data.n_ctx={n_ctx}), but data.vocab_size={frequencies.numel()} leaves "
-                         f"{allowed.numel()} probe tokens (regular tokens minus the 10% most and least common); "
-                         f"raise data.vocab_size or lower probes.period")
-    repeated = repeated_random_tokens(n_probes, period, repeats, allowed, g)
-    copy_tokens = allowed[torch.randperm(allowed.numel(), generator=g)[:n_copy_tokens]]
-    n_mixture = n_heldout if n_heldout_mixture is None else n_heldout_mixture
-    mixture = data.mixture(n_mixture, seed) if isinstance(data, Repetition) else None
-    return Probes(repeated, period, repeats, copy_tokens, data.heldout(n_heldout, seed), allowed, mixture)
-
-
-def probes_from_config(data, n_ctx: int, probes_cfg) -> Probes:
-    """The run's probes from its `probes` config section (training and re-analysis alike)."""
-    p = probes_cfg
-    return build_probes(data, n_ctx, p.n_probes, p.period, p.repeats, p.n_copy_tokens, p.n_heldout, p.seed,
-                        p.get("n_heldout_mixture"))
-
-
-def robustness_probes(probes: Probes, n_ctx: int, variants: list[tuple[int, int]],
-                      heldout_segments: list[tuple[int, int]], n_probes: int, seed: int) -> list[tuple[str, torch.Tensor]]:
-    """Prefix-matching probe variants, as (name, tokens [n_probes, 1 + period * repeats]):
-
-    * `p{period}x{repeats}` for each (period, repeats) in `variants`: repeated random tokens from
-      the main probes' token set (`probes.allowed`), seeded by `seed`;
-    * `text_p{period}x{repeats}` for each pair in `heldout_segments`: BOS + the first `period`
-      tokens of each of the last `n_probes` held-out sequences, tiled `repeats` times.
-
-    Variants that do not fit the context (or need more distinct tokens than the main probes'
-    token set has, or fewer than 2 repeats) are left out."""
-    heldout = probes.heldout.cpu()
-    n_ctx = min(heldout.shape[1], n_ctx)
-    allowed = probes.allowed
-    g = torch.Generator().manual_seed(seed)
-    sets: list[tuple[str, torch.Tensor]] = []
-    for period, repeats in variants:
-        if 1 + period * repeats <= n_ctx and period <= allowed.numel() and repeats >= 2:
-            sets.append((f"p{period}x{repeats}", repeated_random_tokens(n_probes, period, repeats, allowed, g)))
-    for period, repeats in heldout_segments:
-        if 1 + period * repeats <= n_ctx and repeats >= 2:
-            segment = heldout[-n_probes:, 1 : 1 + period]
-            sets.append((f"text_p{period}x{repeats}", torch.cat([heldout[-n_probes:, :1], segment.repeat(1, repeats)], 1)))
-    return sets
-
-
-def concat_padded(batches: list[torch.Tensor]) -> tuple[torch.Tensor, list[slice]]:
-    """Token batches [n_i, len_i] as one batch [sum n_i, max len_i], each padded at the end with
-    BOS (causal attention: padding changes nothing before it), and the rows of each batch."""
-    length = max(t.shape[1] for t in batches)
-    rows, start = [], 0
-    for t in batches:
-        rows.append(slice(start, start + t.shape[0]))
-        start += t.shape[0]
-    return torch.cat([F.pad(t, (0, length - t.shape[1]), value=BOS) for t in batches]), rows

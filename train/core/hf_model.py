@@ -13,37 +13,38 @@ this project installed.
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import PreTrainedModel, PretrainedConfig
 from transformers.modeling_outputs import CausalLMOutput
 
-from .model import AttnOnlyTransformer, next_token_loss
+from .model import MODEL_FIELDS, AttnOnlyTransformer, next_token_loss
 
 MODEL_TYPE = "induction_tracker"
-MODEL_ARGS = ("d_vocab", "n_ctx", "n_layers", "n_heads", "d_model", "d_head", "positional", "layernorm",
-              "smeared_keys", "init_std", "rotary_base")
+# The model's fields with their defaults (the constructor's; a context and vocabulary of 64 where
+# it has none), so that `AttnOnlyConfig()` stands alone as transformers expects.
+DEFAULTS = {name: (64 if p.default is inspect.Parameter.empty else p.default)
+            for name, p in inspect.signature(AttnOnlyTransformer).parameters.items()}
 
 
 class AttnOnlyConfig(PretrainedConfig):
     model_type = MODEL_TYPE
 
-    def __init__(self, d_vocab: int = 64, n_ctx: int = 64, n_layers: int = 2, n_heads: int = 4, d_model: int = 64,
-                 d_head: int = 16, positional: str = "learned", layernorm: bool = True, smeared_keys: bool = False,
-                 init_std: float = 0.1, rotary_base: float = 10000.0, **kwargs):
-        self.d_vocab, self.n_ctx, self.n_layers, self.n_heads = d_vocab, n_ctx, n_layers, n_heads
-        self.d_model, self.d_head, self.positional, self.layernorm = d_model, d_head, positional, layernorm
-        self.smeared_keys, self.init_std, self.rotary_base = smeared_keys, init_std, rotary_base
+    def __init__(self, **kwargs):
+        for name, default in DEFAULTS.items():  # the model's fields (MODEL_FIELDS)
+            setattr(self, name, kwargs.pop(name, default))
         # The names other tools look for.
-        kwargs.setdefault("vocab_size", d_vocab)
-        kwargs.setdefault("max_position_embeddings", n_ctx)
-        kwargs.setdefault("num_hidden_layers", n_layers)
-        kwargs.setdefault("num_attention_heads", n_heads)
-        kwargs.setdefault("hidden_size", d_model)
+        kwargs.setdefault("vocab_size", self.d_vocab)
+        kwargs.setdefault("max_position_embeddings", self.n_ctx)
+        kwargs.setdefault("num_hidden_layers", self.n_layers)
+        kwargs.setdefault("num_attention_heads", self.n_heads)
+        kwargs.setdefault("hidden_size", self.d_model)
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(**kwargs)
 
     def model_kwargs(self) -> dict:
-        return {k: getattr(self, k) for k in MODEL_ARGS}
+        return {k: getattr(self, k) for k in MODEL_FIELDS}
 
 
 class AttnOnlyForCausalLM(PreTrainedModel):

@@ -15,6 +15,7 @@ Constructor defaults are the config schema's (train/core/config.py, ModelConfig)
 """
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -219,3 +220,14 @@ class AttnOnlyTransformer(nn.Module):
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.ln_final(x)
         return torch.addmm(self.b_U, x.reshape(-1, x.shape[-1]), self.W_U).view(*x.shape[:-1], -1)
+
+
+# The model's fields: the constructor's arguments, in order. The config schema's `model` section
+# (train/core/config.py ModelConfig, a test keeps the two equal), a checkpoint's meta.json and the
+# transformers config (train/core/hf_model.py) hold exactly these.
+MODEL_FIELDS = tuple(inspect.signature(AttnOnlyTransformer).parameters)
+
+
+def model_kwargs(fields: dict) -> dict:
+    """The constructor's arguments among `fields` (a saved `model` section or meta.json's)."""
+    return {k: fields[k] for k in MODEL_FIELDS if k in fields}
