@@ -23,14 +23,15 @@ measurements live in scripts/bench_*.py (timing, machine, steps, trainer, report
    timed (median of several after a warm-up) at one checkpoint of each distinct set of due
    callbacks in the default schedule (all callbacks; all but those with `every` > 1), divided by
    the median `Trainer.train_step` time on data batches; also the mean over the whole default
-   schedule, and a per-callback breakdown (one extra evaluation each).
+   schedule, and a per-callback breakdown (one extra evaluation each, each callback's call timed).
 4. loop/step ratio: `Trainer.run()` without callbacks (callbacks.X=null for every entry), the
    default checkpoint schedule with its checkpoint writes, nothing subtracted, timed from start
    to end, against the bare step (same model config, one fixed batch, AdamW, clip) timed in the
    same process before and after the run. The full run trains the default total_tokens; --quick
    a short run, whose default schedule is much denser in checkpoints (the ratio is lower). The
-   seconds spent inside run() in train_step, evaluate, save, _status and data.batch are
-   reported too (the methods wrapped for the run; their overhead is negligible).
+   seconds spent inside run() in train_step, evaluate, save, the status.json writes
+   (train/core/rundir.py write_status, under the key `_status`) and data.batch are reported too
+   (the functions wrapped for the run; their overhead is negligible).
 5. compile gain: training-step tokens/s of `torch.compile(model)` vs the eager model at the
    default size (first-call compile time reported apart); also `Trainer.train_step` with
    `train.compile=true` vs false when train/core/config.py TrainConfig has that flag (the training

@@ -3,6 +3,7 @@ sections 3 to 5): what the callbacks cost per checkpoint, the training loop agai
 step, and the torch.compile gain of the model and of `train.compile`."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import statistics
 import tempfile
@@ -14,6 +15,7 @@ import torch
 
 from scripts.bench_steps import make_model, model_step, random_batch
 from scripts.bench_timing import DEFAULT_SIZE, Settings, sync, time_interleaved, timed
+from train.core import rundir
 from train.core.config import TrainConfig, compose
 
 
@@ -26,10 +28,12 @@ def default_trainer(run_dir: Path, device: torch.device, overrides: list[str] = 
 
 
 def checkpoint_kinds(trainer) -> dict[tuple[str, ...], list[int]]:
-    """Checkpoint indices of the schedule grouped by the set of callbacks due there."""
+    """Checkpoint indices of the schedule grouped by the set of callbacks due there
+    (`Callback.due` at each index)."""
     kinds: dict[tuple[str, ...], list[int]] = {}
     for i in range(len(trainer.checkpoint_steps)):
-        due = tuple(cb.name for cb in trainer.callbacks if i % cb.every == 0)
+        at = dataclasses.replace(trainer.ctx, checkpoint_index=i)
+        due = tuple(cb.name for cb in trainer.callbacks if cb.due(at))
         kinds.setdefault(due, []).append(i)
     return kinds
 
@@ -47,26 +51,37 @@ def time_train_steps(trainer, device: torch.device, n: int, warmup: int) -> list
     return times
 
 
+class TimedCallback:
+    """`callback`, with the seconds of its last call (synchronized on CUDA) in
+    `spent[callback.name]`; everything else is the callback's own."""
+
+    def __init__(self, callback, device: torch.device, spent: dict[str, float]):
+        self.callback, self.device, self.spent = callback, device, spent
+
+    def __getattr__(self, name: str):
+        return getattr(self.callback, name)
+
+    def __call__(self, ctx):
+        sync(self.device)
+        t0 = time.perf_counter()
+        results = self.callback(ctx)
+        sync(self.device)
+        self.spent[self.callback.name] = time.perf_counter() - t0
+        return results
+
+
 def callback_breakdown(trainer, device: torch.device) -> dict[str, float]:
-    """Seconds per due callback at the trainer's current checkpoint, run as
-    train/core/callbacks.py evaluate_checkpoint runs them (in order, no_grad, scores published)."""
-    ctx = trainer.ctx
-    ctx.step, ctx.tokens = trainer.step, trainer.step * trainer.tokens_per_step
-    ctx.checkpoint_index = trainer.checkpoint_steps.index(trainer.step)
-    ctx.scores = {}
-    out = {}
-    trainer.model.eval()
-    with torch.no_grad():
-        for cb in trainer.callbacks:
-            if cb.due(ctx):
-                sync(device)
-                t0 = time.perf_counter()
-                results = cb(ctx)
-                sync(device)
-                out[cb.name] = time.perf_counter() - t0
-                ctx.scores |= results
-    trainer.model.train()
-    return out
+    """Seconds per due callback at the trainer's current checkpoint: one `Trainer.evaluate()`
+    (train/core/callbacks.py evaluate_checkpoint: in order, no_grad, scores published) with
+    each callback's call timed."""
+    spent: dict[str, float] = {}
+    callbacks = trainer.callbacks
+    trainer.callbacks = [TimedCallback(cb, device, spent) for cb in callbacks]
+    try:
+        trainer.evaluate()
+    finally:
+        trainer.callbacks = callbacks
+    return spent
 
 
 def bench_probes(device: torch.device, s: Settings) -> dict[str, Any]:
@@ -98,13 +113,17 @@ def bench_probes(device: torch.device, s: Settings) -> dict[str, Any]:
 
 
 # -- 4. loop vs bare step --------------------------------------------------------------------------------
-LOOP_PARTS = ("train_step", "evaluate", "save", "_status")  # Trainer methods timed inside run()
+LOOP_METHODS = ("train_step", "evaluate", "save")  # Trainer methods timed inside run()
+STATUS_KEY = "_status"  # the status.json writes (rundir.write_status), under the key of their old Trainer method
 
 
-def time_inside(trainer, device: torch.device) -> dict[str, float]:
-    """Seconds spent in the Trainer's methods LOOP_PARTS and in the data's `batch` during
-    `trainer.run()` (instance attributes wrapping the methods; filled in as the run goes)."""
-    spent = {name: 0.0 for name in (*LOOP_PARTS, "data.batch")}
+@contextlib.contextmanager
+def time_inside(trainer, device: torch.device):
+    """Yields the seconds spent in the Trainer's methods LOOP_METHODS, in the status writes
+    (train/core/rundir.py write_status) and in the data's `batch` while the block runs, filled
+    in as it goes (wrappers: instance attributes on the trainer and its data, the module's
+    function replaced until the block ends)."""
+    spent = {name: 0.0 for name in (*LOOP_METHODS, STATUS_KEY, "data.batch")}
 
     def wrap(obj, attr: str, key: str) -> None:
         method = getattr(obj, attr)
@@ -120,11 +139,15 @@ def time_inside(trainer, device: torch.device) -> dict[str, float]:
 
         setattr(obj, attr, wrapper)
 
-    for name in LOOP_PARTS:
-        if hasattr(trainer, name):
-            wrap(trainer, name, name)
+    for name in LOOP_METHODS:
+        wrap(trainer, name, name)
     wrap(trainer.data, "batch", "data.batch")
-    return spent
+    write_status = rundir.write_status
+    wrap(rundir, "write_status", STATUS_KEY)
+    try:
+        yield spent
+    finally:
+        rundir.write_status = write_status
 
 
 def bench_loop(device: torch.device, s: Settings) -> dict[str, Any]:
@@ -142,8 +165,8 @@ def bench_loop(device: torch.device, s: Settings) -> dict[str, Any]:
         bare = model_step(bare_model, device, trainer.data.batch(0, cfg.train.batch_size).to(device))
         half = max(1, s.blocks // 2 + 1)
         before = time_interleaved({"bare": bare}, device, s.warmup_steps, half, s.block_seconds)
-        inside = time_inside(trainer, device)
-        seconds = timed(trainer.run, device)
+        with time_inside(trainer, device) as inside:
+            seconds = timed(trainer.run, device)
         if trainer.exit_code != 0:
             raise RuntimeError(f"the loop run ended with exit code {trainer.exit_code}")
         after = time_interleaved({"bare": bare}, device, 1, half, s.block_seconds)
