@@ -3,39 +3,34 @@
     uv run python -m analysis.series EleutherAI/pythia-70m --revisions pythia --text FILE --out RUN_DIR
     uv run python -m analysis.series EleutherAI/pythia-70m --revisions step1000 step2000 --out RUN_DIR
     uv run python -m analysis.series EleutherAI/pythia-70m --revisions 1000:143000:1000 --out RUN_DIR
-    uv run python -m analysis.series EXPORT_DIR --probes EXPORT_DIR/step_0000000 --out RUN_DIR
+    uv run python -m analysis.series EXPORT_DIR --out RUN_DIR [--callbacks attention heldout]
 
-SOURCE is a hub model name (its revisions: names, a range START:STOP:STEP of steps written
-`step{N}`, or `pythia`, Pythia's 154 checkpoints: steps 0, 1, 2, 4, ..., 512, then every 1000 to
-143000) or a local directory of checkpoint directories (each loadable by
-`AutoModelForCausalLM.from_pretrained`, e.g. `python -m analysis.export RUN --all`). Steps come from
-an export's induction_tracker.json, else from the digits ending a revision or directory name;
-tokens = step x --tokens-per-step (Pythia: 2,097,152) unless the export records them.
+SOURCE is a hub model name (revisions: names, START:STOP:STEP ranges of steps written `step{N}`, or
+`pythia`: steps 0, 1, 2, 4, ..., 512, then every 1000 to 143000) or a local directory of
+checkpoint directories loadable by `AutoModelForCausalLM.from_pretrained` (`python -m
+analysis.export RUN --all`). Steps: an export's induction_tracker.json, else the digits ending a
+revision or directory name; tokens = step x --tokens-per-step (Pythia's for Pythia) unless recorded.
 
-At each checkpoint, with the model loaded by `transformers` (eager attention; --dtype fp32 or
-bf16; --device auto: cuda, mps, cpu), the scores of a training run (train/core/metrics.py, same
-definitions and row keys, train/core/names.py) are computed:
+Each checkpoint is loaded by `transformers` (eager attention; --dtype fp32 or bf16; --device auto:
+cuda, mps, cpu) and scored by the training run's `train.core.callbacks.evaluate_checkpoint`, with
+the callbacks of conf/callbacks/default.yaml or those --callbacks names (and those whose results
+they read): same definitions and row keys (train/core/names.py), each at its `every` over the
+series. Through the model's adapter (train/core/adapter.py): the project's exports are the
+project's model; GPT-2, GPT-NeoX and Llama / Mistral / Qwen2 get every score; other families the
+behavioural scores, and a note names the callbacks left out.
 
-* prefix-matching and duplicate-token scores per head on BOS + `period` random tokens x
-  `repeats`, the tokens drawn from the mid-frequency tokens of the text set (the most and least
-  common 10% of the tokens it contains left out, train.core.data.probe_tokens; without a text set,
-  token ids 10%..50% of the vocabulary, the frequent half of a BPE vocabulary), or the token ids
-  given by --probes (a probes.safetensors as analysis.export writes: the run's own probes);
-* the previous-token score on the first `n_previous_token` text sequences (the probes without
-  a text set);
-* per-position loss, held-out loss and the ICL score on the text set (--text: a .txt file, a
-  `datasets` directory saved with save_to_disk, or a hub data set name, with a `text` column;
-  tokenized with the model's tokenizer into BOS + n_ctx - 1 token windows);
-* the copying score and the OV eigen-score per head, where the weights map onto W_E / W_V /
-  W_O / W_U (this project's model type, GPT-2, GPT-NeoX and Llama families: `weight_view`).
-  Their MLPs are left out (the direct path through one head); other architectures get the
-  behavioral scores and a note.
+Probes (train/core/probes.py): --probes (a probes.safetensors as `analysis.export` writes, or its
+directory), else the checkpoint's own probe file (an export: the run's exact probes), else
+`build_probes` over the text set (--text: a .txt file, a `datasets` directory or a hub data set
+with a `text` column, read with the model's tokenizer into BOS + n_ctx - 1 token windows, the
+held-out sequences): probe tokens from its mid-frequency tokens, special ids left out (no text
+set: ids 10%..50% of the vocabulary, and no held-out scores).
 
 Rows go to RUN_DIR/metrics.jsonl in a training run's format (train/core/rundir.py), so `python -m
-analysis RUN_DIR` reads them unchanged. Steps already in the file are skipped (resume). A
-checkpoint that fails (a missing revision, a model without attention weights, a vocabulary
-mismatch) is recorded as a row {"event": "checkpoint_failed", "step", "revision", "message"} and
-the series goes on. Hub revisions are removed from the download cache after use unless --keep-cache.
+analysis RUN_DIR` reads them unchanged; steps already there are skipped (resume). A checkpoint that
+fails (a missing revision, no attention weights, a vocabulary mismatch) is recorded as a row
+{"event": "checkpoint_failed", "step", "revision", "message"} and the series goes on. Hub
+revisions are removed from the download cache after use unless --keep-cache.
 """
 from __future__ import annotations
 
@@ -48,14 +43,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
-from train.core import data as D
-from train.core import probes as P
-from train.core import metrics as M
 from train.core import names as N
+from train.core import probes as P
 from train.core import rundir
-from train.core.circuits import ov_eigen_score
+from train.core.adapter import adapt
+from train.core.callbacks import RunContext, evaluate_checkpoint, instantiate_callbacks, prepare_callbacks
+from train.core.config import ConfigError
+from train.core.config import ProbeConfig as _Probes
 from train.core.device import select_device
 from train.core.probes import ProbeFileError
 
@@ -120,19 +115,6 @@ def local_series(root: Path) -> list[Checkpoint]:
 
 
 # -- loading -------------------------------------------------------------------------------------
-def register_project_model() -> None:
-    """This project's exports load with its own classes (no remote code needed)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from train.core.hf_model import MODEL_TYPE, AttnOnlyConfig, AttnOnlyForCausalLM
-
-    try:
-        AutoConfig.register(MODEL_TYPE, AttnOnlyConfig)
-        AutoModelForCausalLM.register(AttnOnlyConfig, AttnOnlyForCausalLM)
-    except ValueError:  # already registered
-        pass
-
-
 def fetch(repo: str, revision: str) -> Path:
     """Download one hub revision's model and tokenizer files; the local snapshot directory."""
     from huggingface_hub import snapshot_download
@@ -168,7 +150,12 @@ def free_revision(snapshot: Path) -> None:
 
 def load_model(path: Path, dtype: str, device: str, trust_remote_code: bool):
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    from train.core.hf_model import register_project_model
+
+    register_project_model()  # the project's exports load with its own classes
+    hf_logging.disable_progress_bar()
     torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="eager",
@@ -193,96 +180,7 @@ def load_tokenizer(path: Path):
         return None
 
 
-# -- weights as W_E / W_V / W_O / W_U ------------------------------------------------------------
-class _Attn(nn.Module):
-    def __init__(self, W_V: torch.Tensor, W_O: torch.Tensor):
-        super().__init__()
-        self.W_V, self.W_O = nn.Parameter(W_V, requires_grad=False), nn.Parameter(W_O, requires_grad=False)
-
-
-class _Block(nn.Module):
-    def __init__(self, ln1: nn.Module, attn: _Attn):
-        super().__init__()
-        self.ln1, self.attn = ln1, attn
-
-
-class WeightView(nn.Module):
-    """The weights the copying and OV eigen-scores read, with this project's names and shapes:
-    W_E [d_vocab, d_model], blocks[l].ln1, blocks[l].attn.W_V [n_heads, d_model, d_head],
-    blocks[l].attn.W_O [n_heads, d_head, d_model], ln_final, W_U [d_model, d_vocab] (fp32)."""
-
-    def __init__(self, W_E, blocks: list[_Block], ln_final: nn.Module, W_U, d_vocab: int | None = None):
-        super().__init__()
-        d_vocab = d_vocab or W_E.shape[0]
-        self.W_E = nn.Parameter(W_E[:d_vocab].float(), requires_grad=False)
-        self.W_U = nn.Parameter(W_U[:, :d_vocab].float(), requires_grad=False)
-        self.blocks, self.ln_final = nn.ModuleList(blocks), ln_final.float()
-        self.n_layers, self.n_heads = len(blocks), blocks[0].attn.W_V.shape[0] if blocks else 0
-        self.d_model = self.W_E.shape[1]
-
-
-def _norm(module: nn.Module, d_model: int) -> nn.Module:
-    """A copy of a family's LayerNorm / RMSNorm as torch's own (fp32)."""
-    weight = module.weight.detach().float()
-    if isinstance(module, nn.LayerNorm):
-        ln = nn.LayerNorm(d_model, eps=module.eps)
-        ln.weight.data, ln.bias.data = weight.clone(), module.bias.detach().float().clone()
-        return ln
-    eps = getattr(module, "variance_epsilon", getattr(module, "eps", None))
-    ln = nn.RMSNorm(d_model, eps=eps)
-    ln.weight.data = weight.clone()
-    return ln
-
-
-def _heads(w: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """[d_model, n_heads * d_head] (input-major) -> [n_heads, d_model, d_head]."""
-    d = w.shape[0]
-    return w.reshape(d, n_heads, -1).permute(1, 0, 2)
-
-
-def weight_view(model, d_vocab: int | None = None) -> WeightView | None:
-    """The model's weights as a WeightView for the families this knows (None for others)."""
-    kind = model.config.model_type
-    f = lambda t: t.detach().float()  # noqa: E731
-    if kind == "induction_tracker":
-        return model.model
-    if kind == "gpt2":
-        t, h = model.transformer, model.config.n_head
-        d = model.config.n_embd
-        blocks = [_Block(_norm(b.ln_1, d), _Attn(_heads(f(b.attn.c_attn.weight)[:, 2 * d:], h),
-                                                 f(b.attn.c_proj.weight).reshape(h, -1, d))) for b in t.h]
-        return WeightView(f(t.wte.weight), blocks, _norm(t.ln_f, d), f(model.get_output_embeddings().weight).T, d_vocab)
-    if kind == "gpt_neox":
-        t, h, d = model.gpt_neox, model.config.num_attention_heads, model.config.hidden_size
-        blocks = []
-        for b in t.layers:
-            qkv = f(b.attention.query_key_value.weight).reshape(h, 3, -1, d)  # [h, q/k/v, e, d]
-            blocks.append(_Block(_norm(b.input_layernorm, d),
-                                 _Attn(qkv[:, 2].transpose(1, 2), f(b.attention.dense.weight).T.reshape(h, -1, d))))
-        return WeightView(f(t.embed_in.weight), blocks, _norm(t.final_layer_norm, d), f(model.get_output_embeddings().weight).T, d_vocab)
-    if kind in ("llama", "mistral", "qwen2"):
-        t, c = model.model, model.config
-        h, d = c.num_attention_heads, c.hidden_size
-        groups = h // (getattr(c, "num_key_value_heads", None) or h)
-        blocks = []
-        for b in t.layers:
-            w_v = _heads(f(b.self_attn.v_proj.weight).T, h // groups).repeat_interleave(groups, dim=0)
-            blocks.append(_Block(_norm(b.input_layernorm, d),
-                                 _Attn(w_v, f(b.self_attn.o_proj.weight).T.reshape(h, -1, d))))
-        return WeightView(f(t.embed_tokens.weight), blocks, _norm(t.norm, d), f(model.get_output_embeddings().weight).T, d_vocab)
-    return None
-
-
-# -- probes and text -----------------------------------------------------------------------------
-@dataclass
-class SeriesProbes:
-    repeated: torch.Tensor | None  # [n, 1 + period * repeats]
-    copy_tokens: torch.Tensor | None  # [k]
-    text: torch.Tensor | None  # [n_text, n_ctx] BOS + tokens
-    n_previous_token: int = 64
-    icl: tuple[int, int] | None = None  # (early, late) indices of the per-position loss
-
-
+# -- text ----------------------------------------------------------------------------------------
 def read_text(source: str, split: str) -> list[str]:
     """Documents of a .txt file (one), a `datasets` directory or a hub data set (`text` column)."""
     path = Path(source).expanduser()
@@ -301,109 +199,7 @@ def read_text(source: str, split: str) -> list[str]:
     return list(ds["text"])
 
 
-def text_windows(documents: list[str], tokenizer, n_ctx: int, n_seq: int, bos: int) -> torch.Tensor:
-    """[n_seq, n_ctx]: BOS followed by consecutive n_ctx - 1 token windows of the documents, joined
-    with the end-of-text token."""
-    eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    for doc in documents:
-        stream += tokenizer(doc, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
-        if len(stream) >= n_seq * (n_ctx - 1):
-            break
-    n = min(n_seq, len(stream) // (n_ctx - 1))
-    if n < 1:
-        raise SeriesError(f"the text set holds {len(stream)} tokens, fewer than one window of {n_ctx - 1}")
-    body = torch.tensor(stream[: n * (n_ctx - 1)]).view(n, n_ctx - 1)
-    return torch.cat([torch.full((n, 1), bos, dtype=torch.long), body], dim=1)
-
-
-def mid_frequency_tokens(d_vocab: int, exclude: set[int], text: torch.Tensor | None) -> torch.Tensor:
-    """Token ids the probes draw from (see the module docstring)."""
-    if text is not None:
-        counts = torch.bincount(text[:, 1:].flatten(), minlength=d_vocab).float()
-    else:  # BPE ids grow as tokens get rarer: a falling "frequency" over the ids 10%..50%
-        ids = torch.arange(d_vocab)
-        counts = torch.where((ids >= d_vocab // 10) & (ids < d_vocab // 2), (d_vocab - ids).float(), 0.0)
-    if exclude:
-        counts[list(exclude)] = 0
-    seen = counts.nonzero().flatten()
-    # train.core.data.probe_tokens leaves out index 0 (BOS) and the most/least common tenths.
-    return seen[P.probe_tokens(torch.cat([counts.new_zeros(1), counts[seen]])) - 1]
-
-
-def build_series_probes(tokenizer, d_vocab: int, text: torch.Tensor | None, n_probes: int, period: int,
-                        repeats: int, n_copy: int, seed: int) -> SeriesProbes:
-    special = set(getattr(tokenizer, "all_special_ids", []) or [])
-    allowed = mid_frequency_tokens(d_vocab, special, text)
-    g = D.generator(seed, 7)
-    repeated = P.repeated_random_tokens(n_probes, period, repeats, allowed, g)
-    repeated[:, 0] = bos_id(tokenizer)
-    copy_tokens = allowed[torch.randperm(allowed.numel(), generator=g)[:n_copy]]
-    icl = M.icl_indices(text.shape[1]) if text is not None else None
-    return SeriesProbes(repeated, copy_tokens, text, icl=icl)
-
-
-def bos_id(tokenizer) -> int:
-    for t in (tokenizer.bos_token_id, tokenizer.eos_token_id):
-        if t is not None:
-            return int(t)
-    return 0
-
-
-def given_probes(path: Path) -> SeriesProbes:
-    from train.core.probes import read_probe_file
-
-    tensors, settings = read_probe_file(path)
-    text = tensors["heldout"]
-    icl = (settings["icl_early"], settings["icl_late"]) if "icl_early" in settings else M.icl_indices(text.shape[1])
-    return SeriesProbes(tensors["repeated"], tensors["copy_tokens"], text,
-                        settings.get("n_previous_token", 64), icl)
-
-
-# -- one checkpoint --------------------------------------------------------------------------------
-@torch.no_grad()
-def hf_attention_patterns(model, tokens: torch.Tensor) -> torch.Tensor:
-    """[n_layers, batch, n_heads, query, key] attention patterns (fp32) of a transformers model."""
-    out = model(tokens, output_attentions=True)
-    if not out.attentions or any(a is None for a in out.attentions):
-        raise SeriesError(f"{type(model).__name__} returns no attention weights (no eager attention path)")
-    return torch.stack([a.float() for a in out.attentions])
-
-
-@torch.no_grad()
-def checkpoint_scores(model, probes: SeriesProbes, d_vocab: int | None = None) -> tuple[dict[str, Any], str | None]:
-    """The results of one checkpoint by metric name (train/core/names.py), and a note on what was
-    left out (None when nothing was)."""
-    device = next(model.parameters()).device
-    vocab = model.config.vocab_size
-    for name, t in (("probe", probes.repeated), ("text", probes.text), ("copy", probes.copy_tokens)):
-        if t is not None and int(t.max()) >= vocab:
-            raise SeriesError(f"{name} token id {int(t.max())} is outside the model's vocabulary of {vocab}")
-    results: dict[str, Any] = {}
-    repeated = probes.repeated.to(device)
-    patterns = hf_attention_patterns(model, repeated)
-    results[N.PREFIX_MATCHING] = M.prefix_matching_score(patterns, repeated).cpu()
-    results[N.DUPLICATE_TOKEN] = M.duplicate_token_score(patterns, repeated).cpu()
-    text = probes.text.to(device) if probes.text is not None else None
-    prev_tokens = text[: probes.n_previous_token] if text is not None else repeated
-    results[N.PREVIOUS_TOKEN] = M.previous_token_score(hf_attention_patterns(model, prev_tokens)).cpu()
-    weights = weight_view(model, d_vocab)
-    note = None
-    if weights is not None:
-        results[N.COPYING] = M.copying_score(weights, probes.copy_tokens.to(weights.W_E.device)).cpu()
-    else:
-        note = f"{model.config.model_type}: weights do not map onto W_E/W_V/W_O/W_U; copying and OV scores left out"
-    if text is not None:
-        losses = M.per_position_loss(model, text, batch_size=32).float().cpu()
-        early, late = probes.icl
-        results |= {N.LOSS_HELDOUT: float(losses.mean()), N.ICL_SCORE: float(M.icl_score(losses, early, late)),
-                    N.ICL_EARLY: early, N.ICL_LATE: late, N.PER_POSITION_LOSS: losses}
-    if weights is not None:
-        results[N.OV_COPYING] = ov_eigen_score(weights).cpu()
-    return results, note
-
-
-# -- the series ----------------------------------------------------------------------------------
+# -- probes and callbacks ----------------------------------------------------------------------
 @dataclass
 class Options:
     revisions: list[str] | None = None
@@ -411,122 +207,156 @@ class Options:
     probes: Path | None = None
     text: str | None = None
     text_split: str = "train"
-    n_text: int = 256
-    n_ctx: int = 512
-    n_probes: int = 16
-    period: int = 25
-    repeats: int = 4
-    n_copy_tokens: int = 48
-    seed: int = 1234
+    n_ctx: int = 512  # text windows, BOS included (at most the model's context)
+    n_text: int = _Probes.n_heldout  # text windows (the held-out sequences)
+    n_probes: int = _Probes.n_probes
+    period: int = _Probes.period
+    repeats: int = _Probes.repeats
+    n_copy_tokens: int = _Probes.n_copy_tokens
+    seed: int = _Probes.seed
+    callbacks: list[str] | None = None  # names in conf/callbacks/ (None: default.yaml's)
     dtype: str = "fp32"
     device: str = "auto"
     keep_cache: bool = False
     trust_remote_code: bool = False
 
 
-def run_series(source: str, out: Path, opts: Options, log=print) -> list[dict[str, Any]]:
-    """Score every checkpoint of `source` not yet in out/metrics.jsonl; returns the new rows."""
-    if (out / rundir.CONFIG_FILE).exists() or (out / rundir.CHECKPOINTS).exists():
-        raise SeriesError(f"{out} holds a training run; write the series to a directory of its own")
-    register_project_model()
-    from transformers.utils import logging as hf_logging
+def series_probes(path: Path, tokenizer, model, opts: Options) -> tuple[P.Probes, dict[str, int]]:
+    """The probes and the probe file's settings (see the module docstring for which probes)."""
+    given = opts.probes or (path if (path / P.PROBES_FILE).is_file() else None)
+    if given is not None:
+        return P.probes_from_file(given)
+    if tokenizer is None:
+        raise SeriesError("the checkpoint has no tokenizer; give probe token ids with --probes")
+    n_ctx = min(opts.n_ctx, model.n_ctx)
+    data = P.TokenWindows.from_text(read_text(opts.text, opts.text_split) if opts.text else None, tokenizer, n_ctx,
+                                    opts.n_text)
+    return P.build_probes(data, n_ctx, opts.n_probes, opts.period, opts.repeats, opts.n_copy_tokens, opts.n_text,
+                          opts.seed), {}
 
-    hf_logging.disable_progress_bar()
+
+def series_callbacks(names: list[str] | None, settings: dict[str, int]) -> dict[str, Any]:
+    """{name: config} of the callbacks to run (conf/callbacks/, as analysis.recompute picks them),
+    with a probe file's ICL indices and previous-token sequences."""
+    from omegaconf import OmegaConf
+
+    from analysis.recompute import RecomputeError, callback_configs
+
+    probes = {"icl_early": settings.get("icl_early"), "icl_late": settings.get("icl_late"),
+              "icl_window": _Probes.icl_window}
+    saved = {"attention": {"n_heldout": settings["n_previous_token"]}} if "n_previous_token" in settings else {}
+    try:
+        return callback_configs(OmegaConf.create({"probes": probes, "callbacks": saved}), names)
+    except RecomputeError as e:
+        raise SeriesError(str(e)) from None
+
+
+def check_ids(probes: P.Probes, vocab: int) -> None:
+    for name, t in (("probe", probes.repeated), ("text", probes.heldout), ("copy", probes.copy_tokens)):
+        if t is not None and int(t.max()) >= vocab:
+            raise SeriesError(f"{name} token id {int(t.max())} is outside the model's vocabulary of {vocab}")
+
+
+# -- the series ----------------------------------------------------------------------------------
+class Scorer:
+    """Scores the checkpoints of one series on the same probes with the same callbacks (set up at
+    the first checkpoint), writing each one's row, or a failure row, to `metrics`."""
+
+    def __init__(self, source: str, opts: Options, metrics: rundir.MetricsFile, log):
+        self.source, self.opts, self.metrics, self.log = source, opts, metrics, log
+        self.device = select_device(opts.device)
+        self.ctx, self.callbacks, self.d_vocab = None, None, None
+
+    def score(self, path: Path, step: int, tokens: int, index: int) -> dict[str, Any]:
+        """The row of the checkpoint at `path`, the `index`-th of the series."""
+        hf = load_model(path, self.opts.dtype, self.device, self.opts.trust_remote_code)
+        if self.ctx is None or self.d_vocab is None:
+            tokenizer = load_tokenizer(path)
+            if tokenizer is not None:  # the token ids scored: the tokenizer's
+                if len(tokenizer) > hf.config.vocab_size:
+                    raise SeriesError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary "
+                                      f"only {hf.config.vocab_size}")
+                self.d_vocab = len(tokenizer)
+            if self.ctx is None:
+                probes, settings = series_probes(path, tokenizer, adapt(hf), self.opts)
+                self.configs = series_callbacks(self.opts.callbacks, settings)
+                self.ctx = RunContext(None, probes.to(self.device))
+        check_ids(self.ctx.probes, hf.config.vocab_size)
+        self.ctx.model = adapt(hf, self.d_vocab)
+        if self.callbacks is None:
+            self.callbacks = prepare_callbacks(instantiate_callbacks(self.configs), self.ctx)
+        self.ctx.step, self.ctx.tokens, self.ctx.checkpoint_index = step, tokens, index
+        return {N.STEP: step, N.TOKENS: tokens} | evaluate_checkpoint(self.callbacks, self.ctx)
+
+    def __call__(self, ck: Checkpoint, index: int, tokens: int) -> dict[str, Any] | None:
+        """Score and record one checkpoint; its row, or None when it failed."""
+        t0, snapshot = time.perf_counter(), None
+        try:
+            path = ck.path or (snapshot := fetch(self.source, ck.revision))
+            row = self.score(path, ck.step, tokens, index)
+        except (HubUnreachable, ConfigError):
+            raise
+        except Exception as e:  # noqa: BLE001 - any bad checkpoint is recorded and passed
+            message = " ".join(str(e).split()) or type(e).__name__
+            self.log(f"error: {ck.name}: {message} (recorded; going on)")
+            self.metrics.write({N.EVENT: FAILED, N.STEP: ck.step, "revision": ck.name, "message": message})
+            return None
+        finally:
+            if snapshot is not None and not self.opts.keep_cache:
+                free_revision(snapshot)
+        while self.ctx.notes:  # what prepare_callbacks left out
+            self.log(f"note: {self.ctx.notes.pop(0)}")
+        self.metrics.write(row)
+        pm = self.ctx.scores.get(N.PREFIX_MATCHING)
+        self.log(f"{ck.name}: step {ck.step}" + (f", max prefix matching {float(pm.max()):.3f}" if pm is not None else "")
+                 + (f", ICL score {row[N.ICL_SCORE]:.3f}" if N.ICL_SCORE in row else "")
+                 + f" ({time.perf_counter() - t0:.1f} s)")
+        return row
+
+
+def series_checkpoints(source: str, opts: Options) -> list[Checkpoint]:
     local = Path(source).expanduser()
     if local.exists():
         if not local.is_dir():
             raise SeriesError(f"{source} is not a directory of checkpoints")
-        checkpoints = local_series(local)
-    else:
-        if not opts.revisions:
-            raise SeriesError(f"{source} is not a local directory; give the hub revisions with --revisions")
-        checkpoints = []
-        for rev in hub_revisions(opts.revisions):
-            step = step_of(rev)
-            if step is None:
-                raise SeriesError(f"cannot tell the step of revision {rev!r} (no digits at its end)")
-            checkpoints.append(Checkpoint(rev, step, revision=rev))
+        return local_series(local)
+    if not opts.revisions:
+        raise SeriesError(f"{source} is not a local directory; give the hub revisions with --revisions")
+    revisions = hub_revisions(opts.revisions)
+    for rev in revisions:
+        if step_of(rev) is None:
+            raise SeriesError(f"cannot tell the step of revision {rev!r} (no digits at its end)")
+    return [Checkpoint(rev, step_of(rev), revision=rev) for rev in revisions]
+
+
+def run_series(source: str, out: Path, opts: Options, log=print) -> list[dict[str, Any]]:
+    """Score every checkpoint of `source` not yet in out/metrics.jsonl; returns the new rows."""
+    if (out / rundir.CONFIG_FILE).exists() or (out / rundir.CHECKPOINTS).exists():
+        raise SeriesError(f"{out} holds a training run; write the series to a directory of its own")
+    checkpoints = series_checkpoints(source, opts)
     per_step = opts.tokens_per_step or (PYTHIA_TOKENS_PER_STEP if "pythia" in source.lower() else None)
     out.mkdir(parents=True, exist_ok=True)
     rundir.check_writable(out)
     done: set[int] = set()
     if (out / rundir.METRICS_FILE).is_file():
         done = {r[N.STEP] for r in rundir.read_metrics(out) if N.EVENT not in r and N.STEP in r}
-    todo = [c for c in checkpoints if c.step not in done]
-    log(f"{len(checkpoints)} checkpoints, {len(checkpoints) - len(todo)} already in {out / rundir.METRICS_FILE}")
+    log(f"{len(checkpoints)} checkpoints, {sum(c.step in done for c in checkpoints)} already in {out / rundir.METRICS_FILE}")
+    options = {k: str(v) if isinstance(v, Path) else v for k, v in vars(opts).items()}
     rundir.write_json_atomic(out / SERIES_FILE, {"source": source, "revisions": [c.name for c in checkpoints],
-                                                 "tokens_per_step": per_step, "options": {
-                                                     k: str(v) if isinstance(v, Path) else v
-                                                     for k, v in vars(opts).items()}})
-    device = select_device(opts.device)
-    probes: SeriesProbes | None = given_probes(opts.probes) if opts.probes else None
-    d_vocab: int | None = None
-    notes: set[str] = set()
-    metrics = rundir.MetricsFile(out)
+                                                 "tokens_per_step": per_step, "options": options})
     rows = []
+    metrics = rundir.MetricsFile(out)
+    scorer = Scorer(source, opts, metrics, log)
     try:
-        for ck in todo:
-            t0 = time.perf_counter()
-            snapshot = None
-            try:
-                path = ck.path
-                if path is None:
-                    path = snapshot = fetch(source, ck.revision)
-                model = load_model(path, opts.dtype, device, opts.trust_remote_code)
-                if probes is None or d_vocab is None:
-                    tokenizer = load_tokenizer(path)
-                    if tokenizer is not None:
-                        d_vocab = check_vocab(tokenizer, model)
-                    if probes is None:
-                        probes = probes_for(tokenizer, model, opts)
-                results, note = checkpoint_scores(model, probes, d_vocab)
-            except HubUnreachable:
-                raise
-            except Exception as e:  # noqa: BLE001 - any bad checkpoint is recorded and passed
-                message = " ".join(str(e).split()) or type(e).__name__
-                log(f"error: {ck.name}: {message} (recorded; going on)")
-                metrics.write({N.EVENT: FAILED, N.STEP: ck.step, "revision": ck.name, "message": message})
-                continue
-            finally:
-                if snapshot is not None and not opts.keep_cache:
-                    free_revision(snapshot)
-            if note and note not in notes:
-                notes.add(note)
-                log(f"note: {note}")
-            tokens = ck.tokens if ck.tokens is not None else ck.step * per_step if per_step else ck.step
-            row = {N.STEP: ck.step, N.TOKENS: tokens} | N.flatten(results)
-            metrics.write(row)
-            rows.append(row)
-            pm = results[N.PREFIX_MATCHING]
-            log(f"{ck.name}: step {ck.step}, max prefix matching {float(pm.max()):.3f}"
-                + (f", ICL score {results[N.ICL_SCORE]:.3f}" if N.ICL_SCORE in results else "")
-                + f" ({time.perf_counter() - t0:.1f} s)")
-            del model
+        for index, ck in enumerate(checkpoints):  # the index in the whole series: the callbacks' cadence
+            if ck.step not in done:
+                tokens = ck.tokens if ck.tokens is not None else ck.step * per_step if per_step else ck.step
+                row = scorer(ck, index, tokens)
+                rows += [row] if row is not None else []
     finally:
         metrics.close()
-    last = max([c.step for c in checkpoints], default=0)
-    rundir.write_status(out, rundir.FINISHED, last, None)
+    rundir.write_status(out, rundir.FINISHED, max([c.step for c in checkpoints], default=0), None)
     return rows
-
-
-def check_vocab(tokenizer, model) -> int:
-    """The number of token ids scored (the tokenizer's); refuses a tokenizer larger than the model."""
-    n_model, n_tok = model.config.vocab_size, len(tokenizer)
-    if n_tok > n_model:
-        raise SeriesError(f"the tokenizer has {n_tok} tokens but the model's vocabulary only {n_model}")
-    return n_tok
-
-
-def probes_for(tokenizer, model, opts: Options) -> SeriesProbes:
-    if tokenizer is None:
-        raise SeriesError("the checkpoint has no tokenizer; give probe token ids with --probes")
-    n_ctx = min(opts.n_ctx, getattr(model.config, "max_position_embeddings", opts.n_ctx) or opts.n_ctx)
-    text = None
-    if opts.text:
-        text = text_windows(read_text(opts.text, opts.text_split), tokenizer, n_ctx, opts.n_text, bos_id(tokenizer))
-    vocab = len(tokenizer)
-    return build_series_probes(tokenizer, vocab, text, opts.n_probes, opts.period, opts.repeats,
-                               opts.n_copy_tokens, opts.seed)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -536,33 +366,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--revisions", nargs="+", metavar="REV", help="hub revisions: names, START:STOP:STEP, or pythia")
     parser.add_argument("--tokens-per-step", type=int, help="tokens per step (default: Pythia's for Pythia models)")
     parser.add_argument("--probes", type=Path, help="probe token ids: a probes.safetensors (analysis.export), or its directory")
+    parser.add_argument("--callbacks", nargs="+", metavar="NAME", help="callbacks (conf/callbacks/; default: default.yaml's)")
     parser.add_argument("--text", help="text set: .txt file, datasets directory, or hub data set name")
     parser.add_argument("--text-split", default="train")
-    parser.add_argument("--n-text", type=int, default=256, help="text sequences (default 256)")
-    parser.add_argument("--n-ctx", type=int, default=512, help="text sequence length incl. BOS (default 512)")
-    parser.add_argument("--n-probes", type=int, default=16)
-    parser.add_argument("--period", type=int, default=25)
-    parser.add_argument("--repeats", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=1234)
+    d = Options()
+    for name, help in (("n_text", "text sequences"), ("n_ctx", "text sequence length incl. BOS"),
+                       ("n_probes", "probes"), ("period", "probe period"), ("repeats", "probe repeats"),
+                       ("n_copy_tokens", "copy-score tokens"), ("seed", "probe seed")):
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name),
+                            help=f"{help} (default {getattr(d, name)})")
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--keep-cache", action="store_true", help="keep downloaded revisions in the cache")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow models whose code is in their repository")
-    args = parser.parse_args(argv)
-    opts = Options(args.revisions, args.tokens_per_step, args.probes, args.text, args.text_split, args.n_text,
-                   args.n_ctx, args.n_probes, args.period, args.repeats, seed=args.seed, dtype=args.dtype,
-                   device=args.device, keep_cache=args.keep_cache, trust_remote_code=args.trust_remote_code)
+    args = vars(parser.parse_args(argv))
+    source, out = args.pop("source"), args.pop("out")
     t0 = time.perf_counter()
     try:
-        rows = run_series(args.source, args.out, opts, log=lambda m: print(m, file=sys.stderr if m.startswith(
+        rows = run_series(source, out, Options(**args), log=lambda m: print(m, file=sys.stderr if m.startswith(
             ("error:", "note:")) else sys.stdout))
-    except (SeriesError, ProbeFileError, rundir.CheckpointError, OSError) as e:
+    except (SeriesError, ProbeFileError, ConfigError, rundir.CheckpointError, OSError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - t0
     per = f", {seconds / len(rows):.2f} s per checkpoint" if rows else ""
-    print(f"scored {len(rows)} checkpoints in {seconds:.1f} s{per} -> {args.out / rundir.METRICS_FILE}; "
-          f"next: uv run python -m analysis {args.out}")
+    print(f"scored {len(rows)} checkpoints in {seconds:.1f} s{per} -> {out / rundir.METRICS_FILE}; "
+          f"next: uv run python -m analysis {out}")
     return 0
 
 

@@ -280,17 +280,21 @@ def test_qk_trace_random_is_near_zero_and_layer0_undefined():
 def test_partial_forward_and_ablation_match_the_model():
     model, probes = hand_built(), hand_probes()
     tokens = probes.heldout[:8]
-    logits, resid, zs = C.residual_inputs(model, tokens)
-    assert torch.allclose(logits, model(tokens).logits, atol=1e-5)
-    means = [z.mean(0, keepdim=True).expand_as(z) for z in zs]
+    logits, cache = model.run_with_cache(tokens)
+    assert torch.equal(logits, model(tokens).logits)
+    means = [z.mean(0, keepdim=True).expand_as(z) for z in cache.z]
     for heads in ([(1, 0)], [(0, 0)], [(0, 1), (1, 1)]):
         for repl in (None, means):
             full = C.ablated_logits(model, tokens, heads, repl)
-            fast = C.ablated_logits(model, tokens, heads, repl, resid)
-            assert torch.allclose(full, fast, atol=1e-5)
-            # the first ablated layer from its clean z: the same numbers as recomputing it
-            assert torch.equal(C.ablated_logits(model, tokens, heads, repl, resid, zs), fast)
+            # from the cache: the layers before the first ablated head and its layer's queries, keys
+            # and values are not recomputed, and the numbers are the full forward pass's
+            assert torch.equal(C.ablated_logits(model, tokens, heads, repl, cache), full)
     assert not torch.allclose(C.ablated_logits(model, tokens, [(0, 0)]), logits, atol=1e-3)
+    # Zero-ablating every head of layer 1 by hand: the logits of the residual stream after layer 0
+    # plus layer 1's output bias.
+    zeroed = C.ablated_logits(model, tokens, [(1, 0), (1, 1)], None, cache)
+    attn = model.blocks[1].attn
+    assert torch.allclose(zeroed, model.unembed(cache.resid_pre[1] + attn.b_O), atol=1e-6)
 
 
 def test_ablating_the_hand_built_induction_head_hurts_the_repeats():

@@ -110,6 +110,47 @@ def test_z_hook_zero_ablation_removes_a_heads_contribution():
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kw", CONFIGS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_cache_and_running_from_a_layer_give_the_forward_pass(kw):
+    """run_with_cache: the residual stream entering each layer and each layer's z, with the forward
+    pass's logits; run_from a cached layer (its z given or recomputed) gives them again."""
+    m = _model(**kw)
+    tokens = torch.randint(0, 50, (3, 32))
+    with torch.no_grad():
+        logits, cache = m.run_with_cache(tokens, return_patterns=True)
+        assert torch.equal(logits, m(tokens, return_patterns=True).logits)
+        assert len(cache.resid_pre) == len(cache.z) == len(cache.patterns) == 2
+        assert torch.equal(cache.resid_pre[0], m.embed(tokens))
+        assert cache.z[0].shape == (3, 3, 32, 8)
+        # The stream entering layer 1 is layer 0's input plus its heads' z through W_O.
+        torch.testing.assert_close(cache.resid_pre[1], cache.resid_pre[0] + m.blocks[0].attn.output(cache.z[0]))
+        # z is the pattern-weighted sum of the values (no smearing, positions: values are x W_V + b_V).
+        if not kw.get("smeared_keys") and kw["positional"] != "shortformer":
+            v = torch.einsum("bpd,hde->bhpe", m.blocks[1].ln1(cache.resid_pre[1]), m.blocks[1].attn.W_V)
+            torch.testing.assert_close(cache.z[1], cache.patterns[1] @ (v + m.blocks[1].attn.b_V[:, None]))
+        plain, fast = m.run_with_cache(tokens)
+        for layer in range(2):
+            assert torch.equal(m.run_from(layer, fast.resid_pre[layer]).logits, plain)
+            assert torch.equal(m.run_from(layer, fast.resid_pre[layer], z=fast.z[layer]).logits, plain)
+
+
+def test_z_hook_sees_every_layer_and_the_cache_keeps_what_it_returns():
+    m = _model()
+    tokens = torch.randint(0, 50, (2, 32))
+    seen = []
+
+    def halve_layer_1(layer, z):
+        seen.append(layer)
+        return z / 2 if layer == 1 else z
+
+    with torch.no_grad():
+        logits, cache = m.run_with_cache(tokens, z_hook=halve_layer_1)
+        assert seen == [0, 1]
+        assert torch.equal(logits, m(tokens, z_hook=halve_layer_1).logits)
+        clean = m.run_with_cache(tokens)[1]
+        torch.testing.assert_close(cache.z[1], clean.z[1] / 2)
+
+
 @pytest.mark.parametrize("bad", [dict(positional="alibi"), dict(n_layers=0), dict(d_head=-1)])
 def test_bad_model_arguments_are_refused(bad):
     with pytest.raises(ValueError):

@@ -1,10 +1,11 @@
 """Export to transformers / TransformerLens and induction-head scores over checkpoint series.
 
-The cross-implementation test: a short run, exported checkpoint by checkpoint as GPT-2 (so that
-transformers' own GPT-2 code computes the attention patterns and the losses), scored by
-analysis.series with the run's probes, must give the run's own per-head scores, per-position
-loss and phase-change verdict. Tiny random GPT-2, GPT-NeoX and Llama models check the weight
-adapters against the models' own attention modules."""
+The cross-implementation tests: a short run, exported checkpoint by checkpoint in the project's
+own layout and scored by analysis.series on the export's probes, gives the run's own rows exactly
+(the same code on the same weights); exported as GPT-2 (transformers' own GPT-2 code computes the
+patterns and losses) it gives them within float rounding and the same phase-change verdict.
+Series of tiny random models of other families get every score where the model adapter maps them
+(tests/test_adapter.py), the behavioural ones elsewhere."""
 from __future__ import annotations
 
 import subprocess
@@ -27,11 +28,13 @@ from train.core.checkpoint import save_checkpoint
 from analysis.export import export_run
 from train.core.model import AttnOnlyTransformer
 from train.core.rundir import read_metrics
+from train.core.hf_model import register_project_model
 from tests.helpers import compose_config, one_line_error, train_run
 
 TINY_RUN = ["logger=none", "device=cpu", "train.total_tokens=120000", "checkpoint.n_log=5", "checkpoint.n_linear=3",
-            "probes.n_heldout=64", "callbacks.ablation=null", "callbacks.robustness=null"]
+            "probes.n_heldout=64", "callbacks.robustness=null"]
 PER_HEAD = (N.PREFIX_MATCHING, N.PREVIOUS_TOKEN, N.DUPLICATE_TOKEN, N.COPYING, N.OV_COPYING)
+NOT_SCORED = (N.LR, "loss/train")  # training's own row keys
 
 
 @pytest.fixture(scope="module")
@@ -55,17 +58,44 @@ def fake_run(root: Path, overrides: list[str], seed: int = 0) -> tuple[Path, Att
     return root, model.eval()
 
 
+def run_probes(run: Path) -> P.Probes:
+    """The probes a run's saved config builds (with the probe token set)."""
+    from hydra.utils import instantiate
+
+    from train.core.config import load_saved_config
+
+    cfg = load_saved_config(rundir.read_meta(rundir.list_checkpoints(run)[0])["config"], "meta.json")
+    return P.probes_from_config(instantiate(cfg.data), cfg.data.n_ctx, cfg.probes)
+
+
 def tokens(vocab: int = 64, n: int = 3, length: int = 40) -> torch.Tensor:
     return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(0))
 
 
-# -- the cross-implementation test -------------------------------------------------------------
-def test_exported_series_reproduces_the_runs_scores_and_window(tiny_run, tmp_path):
+# -- the cross-implementation tests ------------------------------------------------------------
+def test_exported_series_gives_the_runs_own_rows(tiny_run, tmp_path):
+    """The project's layout is the project's model: every key the run logged, bit for bit, from the
+    export's own probe file (no --probes); the ablations at the same checkpoints."""
+    export_run(tiny_run, tmp_path / "export", all_steps=True)
+    lines: list[str] = []
+    rows = S.run_series(str(tmp_path / "export"), tmp_path / "series", S.Options(), log=lines.append)
+    run_rows = {r[N.STEP]: r for r in read_metrics(tiny_run) if N.EVENT not in r}
+    assert [r[N.STEP] for r in rows] == sorted(run_rows) and len(rows) >= 7
+    for row in rows:
+        theirs = {k: v for k, v in run_rows[row[N.STEP]].items() if not k.startswith(NOT_SCORED)}
+        assert {k: row.get(k) for k in theirs} == theirs, row[N.STEP]
+    assert N.head_key(N.ablated(N.ICL_SCORE, "zero"), 1, 0) in rows[0]
+    # The export's probe file has no probe token set: the robustness variants are left out, said once.
+    notes = [line for line in lines if line.startswith("note:")]
+    assert len(notes) == 1 and "callbacks.robustness (no probe token set" in notes[0]
+
+
+def test_gpt2_export_series_reproduces_the_runs_scores_and_window(tiny_run, tmp_path):
     export_run(tiny_run, tmp_path / "export", "hf", "gpt2", all_steps=True)
     assert (tmp_path / "export" / "step_0000000" / P.PROBES_FILE).is_file()
     out = tmp_path / "series"
-    rows = S.run_series(str(tmp_path / "export"), out, S.Options(probes=tmp_path / "export" / "step_0000000"),
-                        log=lambda m: None)
+    opts = S.Options(probes=tmp_path / "export" / "step_0000000", callbacks=["attention", "copying", "heldout", "circuits"])
+    rows = S.run_series(str(tmp_path / "export"), out, opts, log=lambda m: None)
     run_rows = {r[N.STEP]: r for r in read_metrics(tiny_run) if N.EVENT not in r}
     assert [r[N.STEP] for r in rows] == sorted(run_rows) and len(rows) >= 7
     worst = {}
@@ -73,11 +103,11 @@ def test_exported_series_reproduces_the_runs_scores_and_window(tiny_run, tmp_pat
         theirs = run_rows[row[N.STEP]]
         assert row[N.TOKENS] == theirs[N.TOKENS]
         for key, value in row.items():
-            metric = key.split("/")[0]
-            if metric in PER_HEAD or key in (N.PER_POSITION_LOSS, N.LOSS_HELDOUT, N.ICL_SCORE):
-                diff = torch.tensor(value, dtype=torch.float64) - torch.tensor(theirs[key], dtype=torch.float64)
-                worst[metric] = max(worst.get(metric, 0.0), diff.abs().max().item())
-    assert set(worst) >= {*PER_HEAD, N.PER_POSITION_LOSS}
+            if key in theirs and key != N.PER_POSITION_LOSS and isinstance(value, float):
+                worst[key.split("/")[0]] = max(worst.get(key.split("/")[0], 0.0), abs(value - theirs[key]))
+        diff = torch.tensor(row[N.PER_POSITION_LOSS]) - torch.tensor(theirs[N.PER_POSITION_LOSS])
+        worst[N.PER_POSITION_LOSS] = max(worst.get(N.PER_POSITION_LOSS, 0.0), diff.abs().max().item())
+    assert set(worst) >= {*PER_HEAD, N.PER_POSITION_LOSS, N.QK_PREFIX_MATCHING, N.composition("k")}
     assert max(worst.values()) < 1e-4, worst
     # The scores move over training (so agreeing is not trivial) ...
     first, last = run_rows[min(run_rows)], run_rows[max(run_rows)]
@@ -87,8 +117,7 @@ def test_exported_series_reproduces_the_runs_scores_and_window(tiny_run, tmp_pat
     for key in ("phase_change", "induction_heads", "window"):
         assert ours.get(key) == theirs.get(key), key
     # Resume: nothing left to do.
-    assert S.run_series(str(tmp_path / "export"), out, S.Options(probes=tmp_path / "export" / "step_0000000"),
-                        log=lambda m: None) == []
+    assert S.run_series(str(tmp_path / "export"), out, opts, log=lambda m: None) == []
 
 
 def test_native_export_loads_without_the_project(tiny_run, tmp_path):
@@ -119,7 +148,7 @@ def test_native_export_loads_without_the_project(tiny_run, tmp_path):
 def test_hf_exports_give_the_projects_logits(tmp_path, layout, overrides):
     from transformers import AutoModelForCausalLM
 
-    S.register_project_model()
+    register_project_model()
     run, model = fake_run(tmp_path / "run", overrides)
     out = export_run(run, tmp_path / "out", "hf", layout)[0]
     hf = AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
@@ -164,6 +193,9 @@ def test_transformer_lens_export_gives_the_projects_logits(tmp_path):
 
 
 # -- other families --------------------------------------------------------------------------
+FAMILIES = ("gpt2", "gpt_neox", "llama", "qwen2", "mistral")
+
+
 def tiny_family(kind: str, seed: int):
     import transformers as T
 
@@ -174,8 +206,10 @@ def tiny_family(kind: str, seed: int):
         model = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=64, n_embd=32, n_layer=2, n_head=4, n_positions=64))
     elif kind == "gpt_neox":
         model = T.GPTNeoXForCausalLM(T.GPTNeoXConfig(**common, attention_bias=False))
-    elif kind == "llama":
-        model = T.LlamaForCausalLM(T.LlamaConfig(**common, num_key_value_heads=2))
+    elif kind in ("llama", "qwen2", "mistral"):  # grouped keys and values: 2 key/value heads for 4 query heads
+        config = {"llama": T.LlamaConfig, "qwen2": T.Qwen2Config, "mistral": T.MistralConfig}[kind]
+        model = {"llama": T.LlamaForCausalLM, "qwen2": T.Qwen2ForCausalLM, "mistral": T.MistralForCausalLM}[kind](
+            config(**common, num_key_value_heads=2))
     else:
         model = T.OPTForCausalLM(T.OPTConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, ffn_dim=64,
                                              num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32))
@@ -185,49 +219,21 @@ def tiny_family(kind: str, seed: int):
                 p.copy_(1 + 0.3 * torch.randn_like(p))
             if kind == "gpt2" and name.endswith("attn.c_attn.bias") or name.endswith("attn.c_proj.bias"):
                 p.zero_()
+    model.config._attn_implementation = "eager"
     return model.eval()
 
 
-@pytest.mark.parametrize("kind", ["gpt2", "gpt_neox", "llama"])
-def test_weight_adapter_matches_the_models_own_attention(kind):
-    """At one position a head attends only to itself, so the attention module's output is
-    sum_h norm(x) W_V^h W_O^h: the adapter's W_V / W_O / norms must give the same."""
-    model = tiny_family(kind, 0)
-    view = S.weight_view(model)
-    x = torch.randn(1, 1, 32)
-    for layer in range(2):
-        if kind == "gpt2":
-            attn, norm = model.transformer.h[layer].attn, model.transformer.h[layer].ln_1
-        elif kind == "gpt_neox":
-            attn, norm = model.gpt_neox.layers[layer].attention, model.gpt_neox.layers[layer].input_layernorm
-        else:
-            attn, norm = model.model.layers[layer].self_attn, model.model.layers[layer].input_layernorm
-        kwargs = {}
-        if kind != "gpt2":
-            rope = (model.gpt_neox if kind == "gpt_neox" else model.model).rotary_emb
-            kwargs = dict(position_embeddings=rope(x, torch.zeros(1, 1, dtype=torch.long)), attention_mask=None)
-        with torch.no_grad():
-            theirs = attn(norm(x), **kwargs)[0]
-            v = view.blocks[layer]
-            ours = torch.einsum("bpd,hde,hem->bpm", v.ln1(x), v.attn.W_V, v.attn.W_O)
-        assert (theirs - ours).abs().max() < 1e-5, (kind, layer)
-    # The final norm and unembedding: logits of the last residual stream.
-    h = torch.randn(2, 32)
-    final = (model.transformer.ln_f if kind == "gpt2" else model.gpt_neox.final_layer_norm if kind == "gpt_neox"
-             else model.model.norm)
-    with torch.no_grad():
-        assert (view.ln_final(h) @ view.W_U - model.get_output_embeddings()(final(h))).abs().max() < 1e-5
-
-
 def test_series_of_other_families(tmp_path):
-    """Two-checkpoint series of tiny GPT-2, GPT-NeoX, Llama and OPT models: every head scored,
-    weight scores where the weights map (not OPT: a note instead), a bad checkpoint recorded and
-    passed."""
+    """Two-checkpoint series of tiny GPT-2, GPT-NeoX, Llama, Qwen2, Mistral and OPT models: every
+    default callback's scores for the families the adapter maps, the behavioural ones and one note
+    for OPT, a bad checkpoint recorded and passed."""
     probe_tensors = {"repeated": torch.cat([torch.zeros(4, 1, dtype=torch.long),
                                             torch.randperm(60)[:10].repeat(4, 3) + 2], 1),
-                     "copy_tokens": torch.arange(2, 12), "heldout": tokens(64, 8, 32)}
+                     "copy_tokens": torch.arange(2, 12), "heldout": tokens(64, 8, 32), "allowed": torch.arange(2, 62)}
     P.write_probe_file(tmp_path / P.PROBES_FILE, probe_tensors, {"icl_early": 3, "icl_late": 30, "n_previous_token": 4})
-    for kind in ("gpt2", "gpt_neox", "llama", "opt"):
+    behavioural = (N.PREFIX_MATCHING, N.DUPLICATE_TOKEN, N.PREVIOUS_TOKEN, N.PREFIX_MATCHING_MIN, N.PROBE_FRAGILE)
+    mapped = (N.COPYING, N.OV_COPYING, N.IS_MECHANISTIC, N.ablated(N.ICL_SCORE, "zero"), N.ablated(N.REPEAT_LOSS, "mean"))
+    for kind in (*FAMILIES, "opt"):
         for i, step in enumerate((0, 1000)):
             tiny_family(kind, i).save_pretrained(tmp_path / kind / f"step{step}")
         bad = tmp_path / kind / "step2000"
@@ -240,11 +246,72 @@ def test_series_of_other_families(tmp_path):
         events = [r for r in read_metrics(out) if N.EVENT in r]
         assert [(e[N.EVENT], e[N.STEP]) for e in events] == [(S.FAILED, 2000)]
         assert any(line.startswith("error: step2000") for line in lines)
-        for metric in PER_HEAD:
-            heads = N.heads_in(rows[-1], metric)
-            assert len(heads) == (8 if kind != "opt" or metric not in (N.COPYING, N.OV_COPYING) else 0), (kind, metric)
-        assert (kind == "opt") == any(line.startswith("note: opt") for line in lines)
+        for metric in (*behavioural, *mapped):
+            heads = N.heads_in(rows[0], metric)
+            assert len(heads) == (0 if kind == "opt" and metric in mapped else 8), (kind, metric)
+        assert len(N.heads_in(rows[1], N.ablated(N.ICL_SCORE, "zero"))) == 0  # every 10th checkpoint
+        assert (N.composition("k") + "/L1H0/L0H0" in rows[0]) == (kind != "opt")
+        assert N.LOSS_HELDOUT in rows[0] and N.ICL_SCORE in rows[0]
+        notes = [line for line in lines if line.startswith("note:")]
+        assert len(notes) == (kind == "opt"), (kind, notes)
+        if notes:
+            assert notes[0].startswith("note: opt: behavioural scores only") and "callbacks.circuits" in notes[0]
         assert rows[0][N.PREFIX_MATCHING + "/L0H0"] != rows[1][N.PREFIX_MATCHING + "/L0H0"]
+
+
+def test_probes_from_a_text_set():
+    """build_probes over a tokenized text set: random tokens from the mid-frequency text tokens
+    (the tokenizer's special ids never), the tokenizer's BOS first, the windows as held-out sequences;
+    without a text set, ids 10%..50% of the vocabulary."""
+    tokenizer = word_tokenizer(40)
+    # word w{i} occurs 40 - i times: w0 the most common; "<s>" and "</s>" are special. Documents of
+    # 15 words: each with its end-of-text token fills one window.
+    words = [f"w{i}" for i in range(30) for _ in range(40 - i)]
+    documents = [" ".join(words[j:j + 15]) for j in range(0, len(words), 15)]
+    data = P.TokenWindows.from_text(documents, tokenizer, 17, 1000)
+    assert data.bos == tokenizer.bos_token_id and set(data.excluded_ids) == set(tokenizer.all_special_ids)
+    eos = tokenizer.eos_token_id
+    assert data.windows.shape[1] == 17 and (data.windows[:, 0] == data.bos).all()
+    joined = [t for doc in documents for t in tokenizer(doc, add_special_tokens=False)["input_ids"] + [eos]]
+    assert data.windows[:, 1:].flatten().tolist() == joined[: data.windows.numel() - len(data.windows)]
+    probes = P.build_probes(data, 17, n_probes=4, period=4, repeats=4, n_copy_tokens=6, n_heldout=3, seed=0)
+    ids = {tokenizer.convert_tokens_to_ids(f"w{i}"): i for i in range(30)}
+    seen = sorted(ids[t] for t in probes.allowed.tolist())  # 30 words seen (eos is special): 3 left out each side
+    assert eos not in probes.allowed.tolist() and seen == list(range(3, 27))
+    assert (probes.repeated[:, 0] == data.bos).all() and probes.repeated.shape == (4, 17)
+    assert torch.equal(probes.heldout, data.windows[:3])
+    assert set(probes.copy_tokens.tolist()) <= set(probes.allowed.tolist())
+    none = P.TokenWindows.from_text(None, tokenizer, 17, 10)
+    allowed = P.build_probes(none, 17, n_probes=2, period=4, repeats=4, n_heldout=3).allowed
+    v = len(tokenizer)
+    band = [i for i in range(v // 10, v // 2) if i not in tokenizer.all_special_ids]
+    assert allowed.tolist() == band[len(band) // 10: len(band) - len(band) // 10]
+    assert none.heldout(3, 0) is None
+
+
+def word_tokenizer(n_words: int):
+    """A transformers tokenizer of whole words w0..w{n_words - 1}, with <s>, </s> and <unk>."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<unk>", *(f"w{i}" for i in range(n_words)), "<s>", "</s>"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_series_of_a_model_with_a_text_set(tmp_path):
+    """A Llama series with its tokenizer and a text file: probes built from the text (no --probes),
+    held-out scores on the text windows."""
+    tokenizer = word_tokenizer(40)
+    (tmp_path / "text.txt").write_text(" ".join(f"w{(i * 7) % 40}" for i in range(3000)))
+    for step in (0, 1):
+        tiny_family("llama", step).save_pretrained(tmp_path / "m" / f"step{step}")
+        tokenizer.save_pretrained(tmp_path / "m" / f"step{step}")
+    rows = S.run_series(str(tmp_path / "m"), tmp_path / "out", S.Options(text=str(tmp_path / "text.txt"), n_ctx=48,
+                                                                          n_text=16, period=10), log=lambda m: None)
+    assert len(rows) == 2 and len(rows[0][N.PER_POSITION_LOSS]) == 47
+    assert rows[0][N.ICL_EARLY] == round(48 * 50 / 512) and N.head_key(N.PREFIX_MATCHING_MIN, 1, 3) in rows[0]
 
 
 def test_series_errors_are_one_line(tmp_path, capsys, monkeypatch):

@@ -1,20 +1,11 @@
-"""Callbacks: what runs at a checkpoint. Each one schedules scores defined in train/core/metrics.py or
-train/core/circuits.py on probes built in train/core/probes.py, and returns its results by metric name
-(tensors, numbers, lists); `evaluate_checkpoint` publishes them in `RunContext.scores` for the
-callbacks after it and flattens them into the checkpoint's row once (train/core/names.py).
-
-A callback is built from config (`_target_`, conf/callbacks/default.yaml), gets `setup(ctx)` once
-(builds what depends only on the fixed probes, never per checkpoint) and `__call__(ctx)` at every
-`every`-th checkpoint. It declares what it publishes (`provides`) and what it reads from earlier
-callbacks (`needs`; `uses` for what it reads only when it is there). `prepare_callbacks` orders
-the callbacks so that each runs after those it reads from (config order where that leaves a
-choice) and refuses, with a one-line error before training, a configuration where a need has no
-provider or its provider does not run at every checkpoint the reader runs at."""
+"""The callbacks: what runs at a checkpoint (conf/callbacks/default.yaml; the framework, their
+declarations and `evaluate_checkpoint`: train/core/scoring.py). Each scores the model through its
+adapter (train/core/adapter.py: the project's model, or a Hugging Face causal LM) on the fixed
+probes (train/core/probes.py) and declares what it needs of them (`requires`)."""
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,127 +14,22 @@ from train.core import circuits as C
 from train.core import probes as P
 from train.core import metrics as M
 from train.core import names as N
+from train.core.adapter import LOGITS, PARAMETERS, PATTERNS, WEIGHTS, Z
 from train.core.config import ConfigError
-from train.core.probes import Probes
-from train.core.model import AttnOnlyTransformer, next_token_loss
-
-
-@dataclass
-class RunContext:
-    """What the callbacks see. `scores` holds, by metric name, the results of the callbacks that
-    already ran at this checkpoint (emptied at every checkpoint)."""
-
-    model: AttnOnlyTransformer
-    probes: Probes
-    step: int = 0
-    tokens: int = 0
-    checkpoint_index: int = 0  # how many checkpoints came before this one
-    scores: dict[str, Any] = field(default_factory=dict)
-
-
-class Callback:
-    provides: tuple[str, ...] = ()  # result names later callbacks may read
-    needs: tuple[str, ...] = ()  # result names read from ctx.scores; a provider must run first
-    uses: tuple[str, ...] = ()  # read when a configured callback provides them
-
-    def __init__(self, every: int = 1):
-        if every < 1:
-            raise ValueError(f"callback 'every' must be >= 1, got {every}")
-        self.every = every
-        self.name = type(self).__name__  # its key under `callbacks:` once prepared
-
-    def due(self, ctx: RunContext) -> bool:
-        return ctx.checkpoint_index % self.every == 0
-
-    def setup(self, ctx: RunContext) -> None:
-        pass
-
-    def __call__(self, ctx: RunContext) -> dict[str, Any]:
-        raise NotImplementedError
-
-
-def instantiate_callbacks(configs: Mapping[str, Any]) -> dict[str, Callback]:
-    """Callbacks from their configs (`_target_` entries; None entries are switched off)."""
-    from hydra.utils import instantiate
-
-    return {name: instantiate(c) for name, c in configs.items() if c is not None}
-
-
-def prepare_callbacks(named: Mapping[str, Callback], ctx: RunContext) -> list[Callback]:
-    """Check the declared needs, order the callbacks (readers after their providers, config
-    order otherwise) and set them up. Raises ConfigError naming the callbacks at fault."""
-    provider: dict[str, str] = {}
-    for name, cb in named.items():
-        cb.name = name
-        for result in cb.provides:
-            if result in provider:
-                raise ConfigError(f"callbacks.{provider[result]} and callbacks.{name} both provide {result!r}")
-            provider[result] = name
-    after: dict[str, set[str]] = {}
-    for name, cb in named.items():
-        after[name] = set()
-        for result in (*cb.needs, *cb.uses):
-            source = provider.get(result)
-            if source is None:
-                if result in cb.needs:
-                    raise ConfigError(f"callbacks.{name} needs {result!r}, which no configured callback provides")
-                continue
-            # A need must be there at every checkpoint the reader runs at; a use is read when it is.
-            if result in cb.needs and cb.every % named[source].every:
-                raise ConfigError(f"callbacks.{name} (every {cb.every}) reads {result!r} from callbacks.{source}, "
-                                  f"which runs every {named[source].every}; make callbacks.{name}.every a multiple "
-                                  f"of {named[source].every}")
-            after[name].add(source)
-    ordered: list[str] = []
-    while len(ordered) < len(named):
-        ready = [n for n in named if n not in ordered and after[n] <= set(ordered)]
-        if not ready:
-            stuck = ", ".join(f"callbacks.{n}" for n in named if n not in ordered)
-            raise ConfigError(f"the callbacks {stuck} read each other's results in a cycle")
-        ordered.append(ready[0])
-    callbacks = [named[n] for n in ordered]
-    for cb in callbacks:
-        cb.setup(ctx)
-    return callbacks
-
-
-def with_providers(named: Mapping[str, Callback | type[Callback]], chosen: list[str]) -> set[str]:
-    """The chosen callbacks and, transitively, those that provide what they need (callbacks or
-    their classes: `provides` and `needs` are class attributes)."""
-    provider = {result: name for name, cb in named.items() for result in cb.provides}
-    found: set[str] = set()
-    todo = list(chosen)
-    while todo:
-        name = todo.pop()
-        if name not in found:
-            found.add(name)
-            todo += [provider[r] for r in named[name].needs if r in provider]
-    return found
-
-
-def evaluate_checkpoint(callbacks: list[Callback], ctx: RunContext) -> dict[str, Any]:
-    """Run the callbacks due at this checkpoint, in order; returns their flat row keys."""
-    ctx.scores = {}
-    row: dict[str, Any] = {}
-    with torch.no_grad():
-        for cb in callbacks:
-            if not cb.due(ctx):
-                continue
-            results = cb(ctx)
-            missing = [r for r in cb.provides if r not in results]
-            if missing:
-                raise RuntimeError(f"callbacks.{cb.name} did not return {', '.join(missing)}")
-            ctx.scores |= results
-            row |= N.flatten(results)
-    return row
+from train.core.model import next_token_loss
+from train.core.probes import ALLOWED, HELDOUT
+from train.core.scoring import (Callback, RunContext, evaluate_checkpoint, instantiate_callbacks,  # noqa: F401
+                                prepare_callbacks, with_providers)
 
 
 # -- behavioral scores and losses ---------------------------------------------------------------
 class AttentionScores(Callback):
     """Prefix-matching and duplicate-token scores on the repeated-random-token probes, and the
-    previous-token score on the first `n_heldout` held-out training-distribution sequences."""
+    previous-token score on the first `n_heldout` held-out training-distribution sequences (on
+    the repeated-random-token probes when there are none)."""
 
     provides = (N.PREFIX_MATCHING, N.DUPLICATE_TOKEN, N.PREVIOUS_TOKEN)
+    requires = (PATTERNS,)
 
     def __init__(self, every: int = 1, n_heldout: int = 64):
         super().__init__(every)
@@ -156,7 +42,8 @@ class AttentionScores(Callback):
 
     def __call__(self, ctx: RunContext) -> dict[str, Any]:
         probe_patterns = M.attention_patterns(ctx.model, ctx.probes.repeated)
-        text_patterns = M.attention_patterns(ctx.model, ctx.probes.heldout[: self.n_heldout])
+        text = ctx.probes.heldout if ctx.probes.heldout is not None else ctx.probes.repeated
+        text_patterns = M.attention_patterns(ctx.model, text[: self.n_heldout])
         return {N.PREFIX_MATCHING: M.masked_attention_score(probe_patterns, self.prefix_mask),
                 N.DUPLICATE_TOKEN: M.masked_attention_score(probe_patterns, self.duplicate_mask),
                 N.PREVIOUS_TOKEN: M.previous_token_score(text_patterns)}
@@ -166,6 +53,7 @@ class CopyingScores(Callback):
     """Copying score per head (direct-path OV, weights only) on the probes' random tokens."""
 
     provides = (N.COPYING,)
+    requires = (WEIGHTS,)
 
     def __call__(self, ctx: RunContext) -> dict[str, Any]:
         return {N.COPYING: M.copying_score(ctx.model, ctx.probes.copy_tokens)}
@@ -178,6 +66,7 @@ class HeldoutLoss(Callback):
     the training repetition too (the plain ones stay the main numbers)."""
 
     provides = (N.LOSS_HELDOUT, N.ICL_SCORE, N.PER_POSITION_LOSS)
+    requires = (LOGITS, HELDOUT)
 
     def __init__(self, every: int = 1, icl_early: int | None = None, icl_late: int | None = None,
                  icl_window: int = 0):
@@ -212,6 +101,7 @@ class CircuitScores(Callback):
     provides = (N.COMPOSITION_BASELINE, *(N.composition(k) for k in C.COMPOSITIONS), N.OV_COPYING,
                 N.QK_PREFIX_MATCHING)
     needs = (N.PREVIOUS_TOKEN,)
+    requires = (WEIGHTS,)
 
     def __init__(self, every: int = 1, fold_layernorm: bool = True, baseline_samples: int = 256,
                  baseline_seed: int = 0):
@@ -235,12 +125,13 @@ class CircuitScores(Callback):
 
 
 class ProbeRobustness(Callback):
-    """Prefix matching on the probe variants of `train.core.data.robustness_probes` (`variants`:
+    """Prefix matching on the probe variants of `train.core.probes.robustness_probes` (`variants`:
     [period, repeats] of repeated random tokens; `heldout_segments`: of tiled held-out text), all
     in one batch, and the spread over them and the main probe (min, max, probe_fragile)."""
 
     provides = (N.PREFIX_MATCHING_MIN, N.PREFIX_MATCHING_MAX, N.PROBE_FRAGILE)
     needs = (N.PREFIX_MATCHING,)
+    requires = (PATTERNS, ALLOWED)
 
     def __init__(self, every: int = 1, variants: Sequence = ((5, 4), (8, 7), (12, 2), (20, 3)),
                  heldout_segments: Sequence = ((10, 6),), n_probes: int = 8, seed: int = 4321,
@@ -319,6 +210,7 @@ class HeadAblations(Callback):
     under their row keys."""
 
     uses = (N.INDUCTION_HEADS,)
+    requires = (LOGITS, Z, HELDOUT)
 
     def __init__(self, every: int = 10, kinds: Sequence[str] = ("zero", "mean"), n_heldout: int | None = 64,
                  icl_early: int | None = None, icl_late: int | None = None):
@@ -346,9 +238,9 @@ class HeadAblations(Callback):
 
     def __call__(self, ctx: RunContext) -> dict[str, Any]:
         model = ctx.model
-        logits, resid, zs = C.residual_inputs(model, self.tokens)
+        logits, cache = model.run_with_cache(self.tokens)
         clean_icl, clean_rep = self._losses(logits)
-        means = C.mean_ablation_values(zs, [self.n_text, self.tokens.shape[0] - self.n_text])
+        means = C.mean_ablation_values(cache.z, [self.n_text, self.tokens.shape[0] - self.n_text])
         both = (ctx.scores.get(N.INDUCTION_HEADS) or {}).get(N.BOTH_HEADS) or []
         joint = [N.parse_head_name(n) for n in both]
         out: dict[str, Any] = {N.part_key(N.ABLATION, N.ICL_SCORE): clean_icl,
@@ -358,12 +250,12 @@ class HeadAblations(Callback):
             icl_key, rep_key, removed_key = N.ablated(N.ICL_SCORE, kind), N.ablated(N.REPEAT_LOSS, kind), N.icl_removed(kind)
             for l in range(model.n_layers):
                 for h in range(model.n_heads):
-                    icl, rep = self._losses(C.ablated_logits(model, self.tokens, [(l, h)], repl, resid, zs))
+                    icl, rep = self._losses(C.ablated_logits(model, self.tokens, [(l, h)], repl, cache))
                     out[N.head_key(icl_key, l, h)] = icl
                     out[N.head_key(rep_key, l, h)] = rep
                     out[N.head_key(removed_key, l, h)] = M.icl_removed(clean_icl, icl)
             if joint:
-                icl, rep = self._losses(C.ablated_logits(model, self.tokens, joint, repl, resid, zs))
+                icl, rep = self._losses(C.ablated_logits(model, self.tokens, joint, repl, cache))
                 out[N.part_key(N.ABLATION, N.of_induction_heads(icl_key))] = icl
                 out[N.part_key(N.ABLATION, N.of_induction_heads(rep_key))] = rep
                 out[N.part_key(N.ABLATION, N.of_induction_heads(removed_key))] = M.icl_removed(clean_icl, icl)
@@ -381,6 +273,7 @@ class LLCEstimate(Callback):
     CPU per call."""
 
     provides = (N.LLC,)
+    requires = (PARAMETERS, HELDOUT)
 
     def __init__(self, every: int = 10, lr: float = 1e-3, n_beta: float | None = None,
                  localization: float = 30.0, num_chains: int = 4, num_draws: int = 160,

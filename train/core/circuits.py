@@ -35,7 +35,8 @@ LayerNorm
 With ``fold_layernorm=True`` (default) a reading head's W_Q, W_K, W_V are replaced by
 P diag(gamma) W where gamma is its layer's ln1 weight and P = I - 11^T/d_model the LayerNorm's
 centering (TransformerLens's fold_ln + centering); the per-position 1/rms factor is a positive
-scalar and is dropped. Without LayerNorms nothing changes. Embedding-side quantities (OV
+scalar and is dropped; an RMSNorm (other families, train/core/adapter.py) has no centering:
+diag(gamma) W. Without LayerNorms nothing changes. Embedding-side quantities (OV
 eigen-score, QK trace) pass W_E through the reading layer's full LayerNorm direction
 (centering, 1/rms per token, gamma) exactly like the behavioral copying score in
 train/core/metrics.py (``layernorm_direction``), and the final LayerNorm likewise.
@@ -63,6 +64,9 @@ sum |lambda|, the same normalisation as the OV eigen-score; the weights s_k canc
 A perfect induction head's A~ is c (I - 11^T/V) and scores +1; random weights score ~0.
 Eigenvalues are computed in the d_head-sized space via the cyclic-permutation identity.
 
+`model`: the project's model or a model adapter with weights (train/core/adapter.py; for other
+families only the attention path: their MLPs are outside the direct path these scores read).
+
 Known limits: for rotary positions W_QK is the zero-offset bilinear form; smeared keys let a
 layer-0 head do induction, which these layer >= 1 circuit scores do not see.
 """
@@ -74,8 +78,9 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from train.core.adapter import RUN_FROM, Model
 from train.core.metrics import head_token_outputs, layernorm_direction
-from train.core.model import AttnOnlyTransformer
+from train.core.model import ActivationCache
 from train.core import names as N
 from train.core.names import head_name
 
@@ -84,7 +89,10 @@ COMPOSITIONS = ("q", "k", "v")
 
 # -- per-head circuits ---------------------------------------------------------------------------
 def _ln_linear(ln: nn.Module, d_model: int, like: torch.Tensor) -> torch.Tensor | None:
-    """The linear part of a LayerNorm, P diag(gamma) [d_model, d_model]; None without LayerNorm."""
+    """The linear part of a LayerNorm, P diag(gamma) [d_model, d_model] (of an RMSNorm, diag(gamma));
+    None without a norm."""
+    if isinstance(ln, nn.RMSNorm):
+        return torch.diag(ln.weight.detach().to(like.dtype))
     if not isinstance(ln, nn.LayerNorm):
         return None
     eye = torch.eye(d_model, dtype=like.dtype, device=like.device)
@@ -93,7 +101,7 @@ def _ln_linear(ln: nn.Module, d_model: int, like: torch.Tensor) -> torch.Tensor 
 
 
 @torch.no_grad()
-def head_weights(model: AttnOnlyTransformer, layer: int, fold_layernorm: bool = True) -> dict[str, torch.Tensor]:
+def head_weights(model: Model, layer: int, fold_layernorm: bool = True) -> dict[str, torch.Tensor]:
     """W_Q, W_K, W_V [n_heads, d_model, d_head] (LayerNorm folded in) and W_O [n_heads, d_head, d_model]."""
     attn = model.blocks[layer].attn
     w = {"W_Q": attn.W_Q.detach(), "W_K": attn.W_K.detach(), "W_V": attn.W_V.detach(), "W_O": attn.W_O.detach()}
@@ -106,14 +114,14 @@ def head_weights(model: AttnOnlyTransformer, layer: int, fold_layernorm: bool = 
 
 
 @torch.no_grad()
-def qk_circuit(model: AttnOnlyTransformer, layer: int, fold_layernorm: bool = True) -> torch.Tensor:
+def qk_circuit(model: Model, layer: int, fold_layernorm: bool = True) -> torch.Tensor:
     """W_QK = W_Q W_K^T [n_heads, d_model, d_model] (logit = x_q W_QK x_k^T)."""
     w = head_weights(model, layer, fold_layernorm)
     return w["W_Q"] @ w["W_K"].transpose(-1, -2)
 
 
 @torch.no_grad()
-def ov_circuit(model: AttnOnlyTransformer, layer: int, fold_layernorm: bool = True) -> torch.Tensor:
+def ov_circuit(model: Model, layer: int, fold_layernorm: bool = True) -> torch.Tensor:
     """W_OV = W_V W_O [n_heads, d_model, d_model] (output = x W_OV)."""
     w = head_weights(model, layer, fold_layernorm)
     return w["W_V"] @ w["W_O"]
@@ -182,7 +190,7 @@ def composition_baseline(kind: str, d_model: int, d_head: int, n_samples: int = 
 
 
 @torch.no_grad()
-def composition_scores(model: AttnOnlyTransformer, fold_layernorm: bool = True, n_samples: int = 256,
+def composition_scores(model: Model, fold_layernorm: bool = True, n_samples: int = 256,
                        seed: int = 0, subtract_baseline: bool = True) -> dict[str, dict[tuple[int, int], torch.Tensor]]:
     """{"q"|"k"|"v": {(l2, l1): [n_heads (later), n_heads (earlier)]}} for every l1 < l2,
     baseline-subtracted unless asked otherwise."""
@@ -203,14 +211,14 @@ def _eigen_score(mat: torch.Tensor) -> torch.Tensor:
     return (lam.sum(-1).real / lam.abs().sum(-1).clamp(min=1e-30)).float()
 
 
-def _regular_unembed(model: AttnOnlyTransformer) -> torch.Tensor:
+def _regular_unembed(model: Model) -> torch.Tensor:
     """W_U over the regular tokens (no BOS), centred over them: [d_model, V - 1]."""
     w_u = model.W_U.detach().float()[:, 1:]
     return w_u - w_u.mean(1, keepdim=True)
 
 
 @torch.no_grad()
-def ov_eigen_score(model: AttnOnlyTransformer) -> torch.Tensor:
+def ov_eigen_score(model: Model) -> torch.Tensor:
     """[n_layers, n_heads] OV copying eigen-score (see the module docstring)."""
     w_e = model.W_E.detach().float()[1:]
     w_u = _regular_unembed(model)
@@ -223,18 +231,18 @@ def ov_eigen_score(model: AttnOnlyTransformer) -> torch.Tensor:
 
 # -- QK prefix-matching trace ------------------------------------------------------------------
 @torch.no_grad()
-def qk_prefix_matching_trace(model: AttnOnlyTransformer, previous_token: torch.Tensor) -> torch.Tensor:
+def qk_prefix_matching_trace(model: Model, previous_token: torch.Tensor) -> torch.Tensor:
     """[n_layers, n_heads] QK prefix-matching trace; layer 0 (no earlier heads) is NaN.
 
     previous_token: [n_layers, n_heads] previous-token scores weighting the earlier heads."""
     w_e = model.W_E.detach().float()[1:]
     prev = previous_token.detach().float().to(w_e.device)
     result = torch.full((model.n_layers, model.n_heads), float("nan"))
-    # Head outputs per earlier layer, for each token: K_k[t] = LN_k(W_E)[t] W_OV^k  [h, V, d].
-    outputs = [head_token_outputs(model, layer, w_e).float() for layer in range(model.n_layers)]
+    earlier = 0  # sum over the earlier layers k of sum_h s_k,h K_k,h, K_k[t] = LN_k(W_E)[t] W_OV^k  [V, d]
     for l in range(1, model.n_layers):
         block = model.blocks[l]
-        keys = sum((prev[k][:, None, None] * outputs[k]).sum(0) for k in range(l))  # [V, d]
+        earlier = earlier + (prev[l - 1][:, None, None] * head_token_outputs(model, l - 1, w_e).float()).sum(0)
+        keys = earlier
         lin = _ln_linear(block.ln1, model.d_model, keys)
         if lin is not None:
             keys = keys @ lin  # row vectors through P diag(gamma)
@@ -315,18 +323,6 @@ def previous_token_heads(previous_token: torch.Tensor, threshold: float) -> list
 
 
 # -- causal checks: ablating heads through the model's z hooks ----------------------------------
-@torch.no_grad()
-def residual_inputs(model: AttnOnlyTransformer, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
-    """A clean forward pass: (logits, the residual stream entering each layer, per-layer z
-    [batch, n_heads, pos, d_head])."""
-    x, qk_pos = model.embed(tokens)
-    resid, zs = [], []
-    for layer in range(model.n_layers):
-        resid.append(x)
-        x = x + model.run_layer(layer, x, qk_pos, z_hook=lambda _, z: zs.append(z) or z)[0]
-    return model.unembed(x), resid, zs
-
-
 def mean_ablation_values(zs: list[torch.Tensor], groups: list[int]) -> list[torch.Tensor]:
     """Per layer, each head's z [batch, n_heads, pos, d_head] replaced by its mean over the batch at
     each position, taken separately within consecutive groups of rows of the given sizes (so
@@ -336,15 +332,16 @@ def mean_ablation_values(zs: list[torch.Tensor], groups: list[int]) -> list[torc
 
 
 @torch.no_grad()
-def ablated_logits(model: AttnOnlyTransformer, tokens: torch.Tensor, heads: list[tuple[int, int]],
-                   replacement: list[torch.Tensor] | None = None,
-                   resid: list[torch.Tensor] | None = None, zs: list[torch.Tensor] | None = None) -> torch.Tensor:
+def ablated_logits(model, tokens: torch.Tensor, heads: list[tuple[int, int]],
+                   replacement: list[torch.Tensor] | None = None, cache: ActivationCache | None = None) -> torch.Tensor:
     """Logits with each head in `heads` replaced through the model's z hooks: by zero
     (replacement None) or by replacement[layer][:, head] (e.g. the head's mean z over the batch).
 
-    With `resid` (from residual_inputs on the same tokens) the layers before the first ablated
-    head are not recomputed; with its `zs` too, neither are the queries, keys and values of the
-    first ablated layer (its heads' clean z, with the ablated ones replaced, go through W_O)."""
+    `model`: the project's model or a model adapter (train/core/adapter.py) with per-head z. With
+    `cache` (the model's run_with_cache on the same tokens) and a model that runs from a layer
+    (capability run_from), neither the layers before the first ablated head nor the queries, keys
+    and values of its layer are recomputed (its clean z, with the ablated heads replaced, goes
+    through W_O): the same numbers as the full forward pass with the hook, which is run otherwise."""
     by_layer: dict[int, list[int]] = {}
     for layer, head in heads:
         by_layer.setdefault(layer, []).append(head)
@@ -357,14 +354,7 @@ def ablated_logits(model: AttnOnlyTransformer, tokens: torch.Tensor, heads: list
             z[:, h] = 0.0 if replacement is None else replacement[layer][:, h]
         return z
 
-    if resid is None or not by_layer:
+    if cache is None or not by_layer or RUN_FROM not in model.capabilities:
         return model(tokens, z_hook=hook).logits
-    _, qk_pos = model.embed(tokens)
     first = min(by_layer)
-    x = resid[first]
-    if zs is not None:
-        x = x + model.blocks[first].attn.output(hook(first, zs[first]))
-        first += 1
-    for layer in range(first, model.n_layers):
-        x = x + model.run_layer(layer, x, qk_pos, z_hook=hook)[0]
-    return model.unembed(x)
+    return model.run_from(first, cache.resid_pre[first], hook, z=cache.z[first]).logits

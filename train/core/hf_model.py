@@ -74,3 +74,14 @@ class AttnOnlyForCausalLM(PreTrainedModel):
             loss = next_token_loss(out.logits, labels)
         return CausalLMOutput(loss=loss, logits=out.logits,
                               attentions=tuple(out.patterns) if output_attentions else None)
+
+
+def register_project_model() -> None:
+    """Let `transformers`' Auto classes load this model type with these classes (no remote code)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        AutoConfig.register(MODEL_TYPE, AttnOnlyConfig)
+        AutoModelForCausalLM.register(AttnOnlyConfig, AttnOnlyForCausalLM)
+    except ValueError:  # already registered
+        pass

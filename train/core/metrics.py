@@ -1,4 +1,5 @@
 """Behavioral induction-head metrics: pure functions of (model, probe tokens) returning tensors.
+`model`: the project's model or a model adapter (train/core/adapter.py).
 
 Definitions (docs/METRICS.md has each one with its probe data, range and known values; sources in
 Olsson et al. 2022):
@@ -31,11 +32,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from train.core.model import AttnOnlyTransformer, next_token_loss
+from train.core.adapter import Model
+from train.core.model import next_token_loss
 
 
 @torch.no_grad()
-def attention_patterns(model: AttnOnlyTransformer, tokens: torch.Tensor) -> torch.Tensor:
+def attention_patterns(model: Model, tokens: torch.Tensor) -> torch.Tensor:
     """Explicit attention patterns [n_layers, batch, n_heads, query, key]."""
     return torch.stack(model(tokens, return_patterns=True).patterns)
 
@@ -83,7 +85,7 @@ def previous_token_score(patterns: torch.Tensor) -> torch.Tensor:
 
 def layernorm_direction(x: torch.Tensor, ln) -> torch.Tensor:
     """Apply a LayerNorm's centering, scaling and weight (not its bias), or an RMSNorm's scaling
-    and weight (models of other families, analysis/series.py); identity if no norm."""
+    and weight (models of other families, train/core/adapter.py); identity if no norm."""
     if isinstance(ln, torch.nn.RMSNorm):
         eps = ln.eps if ln.eps is not None else torch.finfo(x.dtype).eps
         return x / (x.pow(2).mean(-1, keepdim=True) + eps).sqrt() * ln.weight
@@ -95,7 +97,7 @@ def layernorm_direction(x: torch.Tensor, ln) -> torch.Tensor:
 
 
 @torch.no_grad()
-def head_token_outputs(model: AttnOnlyTransformer, layer: int, embeddings: torch.Tensor) -> torch.Tensor:
+def head_token_outputs(model: Model, layer: int, embeddings: torch.Tensor) -> torch.Tensor:
     """[n_heads, t, d_model]: what each head of `layer` writes to the residual stream when it
     attends fully to a position holding each embedding row (through that layer's LayerNorm
     direction; no biases)."""
@@ -105,7 +107,7 @@ def head_token_outputs(model: AttnOnlyTransformer, layer: int, embeddings: torch
 
 
 @torch.no_grad()
-def direct_path_logits(model: AttnOnlyTransformer, tokens: torch.Tensor) -> torch.Tensor:
+def direct_path_logits(model: Model, tokens: torch.Tensor) -> torch.Tensor:
     """[n_layers, n_heads, len(tokens), d_vocab]: each head's direct-path logits when it attends
     fully to each token."""
     return torch.stack([layernorm_direction(head_token_outputs(model, layer, model.W_E[tokens]), model.ln_final)
@@ -113,7 +115,7 @@ def direct_path_logits(model: AttnOnlyTransformer, tokens: torch.Tensor) -> torc
 
 
 @torch.no_grad()
-def copying_score(model: AttnOnlyTransformer, tokens: torch.Tensor) -> torch.Tensor:
+def copying_score(model: Model, tokens: torch.Tensor) -> torch.Tensor:
     """[n_layers, n_heads] share of positive (mean-subtracted) direct-path logit mass on the
     attended token itself."""
     logits = direct_path_logits(model, tokens)
@@ -123,7 +125,7 @@ def copying_score(model: AttnOnlyTransformer, tokens: torch.Tensor) -> torch.Ten
 
 
 @torch.no_grad()
-def sequence_losses(model: AttnOnlyTransformer, tokens: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+def sequence_losses(model: Model, tokens: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """[n, n_ctx - 1]: cross-entropy of every next-token prediction of every sequence in `tokens`
     (forward passes of `batch_size` sequences: on CPU, chunks whose activations stay in the
     allocator's reused memory are a third faster than one large batch, with identical results)."""
@@ -138,7 +140,7 @@ def mean_over_sequences(losses: torch.Tensor, batch_size: int = 256) -> torch.Te
     return total / losses.shape[0]
 
 
-def per_position_loss(model: AttnOnlyTransformer, tokens: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+def per_position_loss(model: Model, tokens: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
     """[n_ctx - 1]: mean cross-entropy of the prediction at each position over `tokens`
     (forward passes of `batch_size` sequences)."""
     return mean_over_sequences(sequence_losses(model, tokens, batch_size))

@@ -11,6 +11,10 @@ The residual stream is x = W_E[tokens] (+ W_pos); each layer adds its attention 
 LN_final(x) @ W_U + b_U (LayerNorms are optional, pre-norm). Training uses fused
 scaled-dot-product attention; pass ``return_patterns=True`` to get explicit attention patterns
 (the probes do), and ``z_hook`` to read or replace per-head outputs (ablations do).
+What circuits and patching need, TransformerLens-like: ``run_with_cache`` (the logits, the
+residual stream entering each layer and each layer's z), ``run_from`` (the forward pass from the
+residual stream entering a given layer on) and ``z_hook``, the hook per layer. The model is its own
+adapter for the scores (train/core/adapter.py: ``capabilities``).
 Constructor defaults are the config schema's (train/core/config.py, ModelConfig).
 """
 from __future__ import annotations
@@ -35,7 +39,19 @@ ZHook = Callable[[int, torch.Tensor], torch.Tensor]
 @dataclass
 class ModelOutput:
     logits: torch.Tensor  # [batch, pos, d_vocab]
-    patterns: list[torch.Tensor] | None = None  # per layer [batch, n_heads, query, key]
+    patterns: list[torch.Tensor] | None = None  # per layer run [batch, n_heads, query, key]
+
+
+@dataclass
+class ActivationCache:
+    """What one forward pass leaves for circuits and patching, per layer l:
+    resid_pre[l]: the residual stream entering layer l [batch, pos, d_model];
+    z[l]: the per-head attention outputs before W_O [batch, n_heads, pos, d_head] (after any z hook);
+    patterns[l]: [batch, n_heads, query, key], when asked for (else None)."""
+
+    resid_pre: list[torch.Tensor]
+    z: list[torch.Tensor]
+    patterns: list[torch.Tensor] | None = None
 
 
 class Attention(nn.Module):
@@ -139,6 +155,9 @@ class Block(nn.Module):
 
 
 class AttnOnlyTransformer(nn.Module):
+    # What a score may ask of this model (train/core/adapter.py names them): everything.
+    capabilities = frozenset({"logits", "patterns", "z", "weights", "run_from", "parameters"})
+
     def __init__(
         self,
         d_vocab: int,
@@ -190,30 +209,58 @@ class AttnOnlyTransformer(nn.Module):
         return_patterns: bool = False,
         z_hook: ZHook | None = None,
     ) -> ModelOutput:
-        x, qk_pos = self.embed(tokens)
-        patterns = [] if return_patterns else None
-        for layer in range(self.n_layers):
-            out, pattern = self.run_layer(layer, x, qk_pos, return_patterns, z_hook)
+        return self.run_from(0, self.embed(tokens), z_hook, return_patterns)
+
+    def run_with_cache(self, tokens: torch.Tensor, return_patterns: bool = False,
+                       z_hook: ZHook | None = None) -> tuple[torch.Tensor, ActivationCache]:
+        """(logits, cache) of one forward pass (the same numbers as `forward`)."""
+        cache = ActivationCache([], [], None)
+        out = self.run_from(0, self.embed(tokens), z_hook, return_patterns, cache=cache)
+        cache.patterns = out.patterns
+        return out.logits, cache
+
+    def run_from(self, layer: int, resid: torch.Tensor, z_hook: ZHook | None = None, return_patterns: bool = False,
+                 z: torch.Tensor | None = None, cache: ActivationCache | None = None) -> ModelOutput:
+        """The forward pass from the residual stream `resid` [batch, pos, d_model] entering layer
+        `layer` on: the logits and (return_patterns) the patterns of layers `layer`.. . With `z`
+        (layer `layer`'s per-head z, e.g. from a cache), that layer's queries, keys and values are
+        not recomputed: z, through the z hook, goes through W_O. `cache`, when given, collects the
+        residual streams entering and the z of the layers run."""
+        qk_pos = self.W_pos[: resid.shape[1]] if self.positional == "shortformer" else None
+        hook = z_hook
+        if cache is not None:
+            def hook(l: int, z_l: torch.Tensor) -> torch.Tensor:
+                z_l = z_hook(l, z_l) if z_hook is not None else z_l
+                cache.z.append(z_l)
+                return z_l
+        x, patterns = resid, [] if return_patterns else None
+        for l in range(layer, self.n_layers):
+            if cache is not None:
+                cache.resid_pre.append(x)
+            if z is not None and l == layer:
+                out, pattern = self.blocks[l].attn.output(hook(l, z) if hook is not None else z), None
+            else:
+                out, pattern = self.run_layer(l, x, qk_pos, return_patterns, hook)
             x = x + out
             if patterns is not None:
                 patterns.append(pattern)
         return ModelOutput(logits=self.unembed(x), patterns=patterns)
 
-    # The three stages of the forward pass, for code that starts or stops part-way (ablations).
-    def embed(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The residual stream entering layer 0, and the positions for queries/keys (shortformer)."""
+    # The three stages of the forward pass.
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The residual stream entering layer 0 [batch, pos, d_model]."""
         n = tokens.shape[1]
         if n > self.n_ctx:
             raise ValueError(f"sequence length {n} exceeds the model's context n_ctx={self.n_ctx}")
         x = F.embedding(tokens, self.W_E)  # deterministic backward on CPU (indexing is not)
         if self.positional == "learned":
             x = x + self.W_pos[:n]
-        qk_pos = self.W_pos[:n] if self.positional == "shortformer" else None
-        return x, qk_pos
+        return x
 
     def run_layer(self, layer: int, x: torch.Tensor, qk_pos: torch.Tensor | None,
                   return_pattern: bool = False, z_hook: ZHook | None = None):
-        """Layer `layer`'s attention output and pattern (the caller adds the output to the stream)."""
+        """Layer `layer`'s attention output and pattern (the caller adds the output to the stream);
+        qk_pos: the positions added to its query/key inputs (shortformer), else None."""
         block = self.blocks[layer]
         return block.attn(block.ln1(x), qk_pos, self.rotary, return_pattern, z_hook)
 
