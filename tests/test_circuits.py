@@ -310,6 +310,21 @@ def test_ablating_the_hand_built_induction_head_hurts_the_repeats():
     assert "repeat_loss_mean_ablated/L1H0" in row and "icl_removed_mean/L1H0" in row
 
 
+def test_ablations_in_row_chunks_give_the_scores_of_one_batch(monkeypatch):
+    """A large vocabulary makes the ablations run in chunks of rows (their logits within
+    LOGITS_BUDGET): the same scores as one batch, up to float rounding."""
+    import train.core.callbacks as callbacks
+
+    probes = hand_probes()
+    model = hand_built(impostor_offset=9)
+    one = run_callbacks(model, probes, [HeadAblations(every=1, icl_early=5, icl_late=28)])
+    monkeypatch.setattr(callbacks, "LOGITS_BUDGET", 3 * probes.repeated.shape[1] * model.d_vocab)  # 3 rows a chunk
+    chunked = run_callbacks(model, probes, [HeadAblations(every=1, icl_early=5, icl_late=28)])
+    assert set(chunked) == set(one)
+    for key, value in one.items():
+        assert chunked[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
 # -- real short trainings ---------------------------------------------------------------------
 def _final_model_and_probes(run_dir):
     model, meta = load_model(list_checkpoints(run_dir)[-1])

@@ -198,6 +198,9 @@ class InductionClassification(Callback):
                 N.PREVIOUS_TOKEN_HEADS: C.previous_token_heads(previous, self.thresholds.previous_token)}
 
 
+LOGITS_BUDGET = 1 << 26  # floats of logits one ablation forward pass may hold (256 MB)
+
+
 class HeadAblations(Callback):
     """Causal check: zero- and mean-ablate each head (through the model's z hook) and measure the
     ICL score on the first `n_heldout` held-out sequences (None: all) and the loss on the repeated
@@ -229,18 +232,40 @@ class HeadAblations(Callback):
         self.n_text, self.probe_len, self.period = heldout.shape[0], probe.shape[1], ctx.probes.period
         self.tokens, _ = P.concat_padded([heldout, probe])
 
-    def _losses(self, logits: torch.Tensor) -> tuple[float, float]:
-        """(ICL score on the held-out part, loss on the probes' repeated part)."""
-        losses = next_token_loss(logits, self.tokens, "none")
+    def _rows(self, d_vocab: int) -> list[slice]:
+        """Row chunks of the batch whose logits stay within LOGITS_BUDGET floats (one chunk for
+        the project's models: 80 x 64 x 64; a 50k vocabulary at 512 positions takes several)."""
+        n, length = self.tokens.shape
+        per_chunk = max(1, LOGITS_BUDGET // (length * d_vocab))
+        return [slice(i, min(i + per_chunk, n)) for i in range(0, n, per_chunk)]
+
+    def _scores(self, losses: torch.Tensor) -> tuple[float, float]:
+        """(ICL score on the held-out part, loss on the probes' repeated part) of the per-prediction
+        losses [rows, pos - 1]."""
         text = losses[: self.n_text].mean(0)
         probe = losses[self.n_text :, : self.probe_len - 1]
         return float(M.icl_score(text, self.early, self.late)), float(M.repeated_part_loss(probe, self.period))
 
+    def _ablated(self, model, chunks, heads, replacement) -> tuple[float, float]:
+        """The scores with `heads` ablated (train/core/circuits.py ablated_logits), chunk by chunk."""
+        losses = []
+        for rows, cache in chunks:
+            repl = None if replacement is None else [r[rows] for r in replacement]
+            logits = C.ablated_logits(model, self.tokens[rows], heads, repl, cache)
+            losses.append(next_token_loss(logits, self.tokens[rows], "none"))
+        return self._scores(torch.cat(losses))
+
     def __call__(self, ctx: RunContext) -> dict[str, Any]:
         model = ctx.model
-        logits, cache = model.run_with_cache(self.tokens)
-        clean_icl, clean_rep = self._losses(logits)
-        means = C.mean_ablation_values(cache.z, [self.n_text, self.tokens.shape[0] - self.n_text])
+        chunks, clean, zs = [], [], []
+        for rows in self._rows(model.d_vocab):
+            logits, cache = model.run_with_cache(self.tokens[rows])
+            clean.append(next_token_loss(logits, self.tokens[rows], "none"))
+            chunks.append((rows, cache))
+            zs.append(cache.z)
+        clean_icl, clean_rep = self._scores(torch.cat(clean))
+        z = zs[0] if len(zs) == 1 else [torch.cat(layer) for layer in zip(*zs)]
+        means = C.mean_ablation_values(z, [self.n_text, self.tokens.shape[0] - self.n_text])
         both = (ctx.scores.get(N.INDUCTION_HEADS) or {}).get(N.BOTH_HEADS) or []
         joint = [N.parse_head_name(n) for n in both]
         out: dict[str, Any] = {N.part_key(N.ABLATION, N.ICL_SCORE): clean_icl,
@@ -250,12 +275,12 @@ class HeadAblations(Callback):
             icl_key, rep_key, removed_key = N.ablated(N.ICL_SCORE, kind), N.ablated(N.REPEAT_LOSS, kind), N.icl_removed(kind)
             for l in range(model.n_layers):
                 for h in range(model.n_heads):
-                    icl, rep = self._losses(C.ablated_logits(model, self.tokens, [(l, h)], repl, cache))
+                    icl, rep = self._ablated(model, chunks, [(l, h)], repl)
                     out[N.head_key(icl_key, l, h)] = icl
                     out[N.head_key(rep_key, l, h)] = rep
                     out[N.head_key(removed_key, l, h)] = M.icl_removed(clean_icl, icl)
             if joint:
-                icl, rep = self._losses(C.ablated_logits(model, self.tokens, joint, repl, cache))
+                icl, rep = self._ablated(model, chunks, joint, repl)
                 out[N.part_key(N.ABLATION, N.of_induction_heads(icl_key))] = icl
                 out[N.part_key(N.ABLATION, N.of_induction_heads(rep_key))] = rep
                 out[N.part_key(N.ABLATION, N.of_induction_heads(removed_key))] = M.icl_removed(clean_icl, icl)
