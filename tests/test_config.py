@@ -184,7 +184,8 @@ def test_quick_start_command_writes_a_dated_run_directory(tmp_path):
 def test_configs_saved_with_the_old_names_still_load():
     """Runs saved before `schedule` moved into `checkpoint` and `optim.schedule` became
     `optim.lr_schedule` load as the same config (resume and recompute read saved configs)."""
-    from train.core.config import ConfigError, load_saved_config
+    from train.core.config import ConfigError
+    from train.core.saved_config import load_saved_config
 
     current = OmegaConf.to_container(compose_config(["logger=none"]), resolve=True)
     old = OmegaConf.to_container(compose_config(["logger=none"]), resolve=True)

@@ -25,7 +25,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from train import distributed
 from train.core import rundir
-from train.core.config import Config, ConfigError, differences, load_saved_config, validate
+from train.core.config import Config, ConfigError, validate
+from train.core.saved_config import differences, load_saved_config
 from train.sweep import job_device, requeued_job
 
 EXIT_USAGE, EXIT_FAULT, EXIT_IO = 2, 3, 4
