@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import II, DictConfig
+from omegaconf import II, MISSING, DictConfig
 
 
 @dataclass
@@ -50,18 +50,44 @@ class RepeatConfig:
 
 @dataclass
 class DataConfig:
-    _target_: str = "train.core.data.build_data"
+    """The keys every data source has. `data=OPTION` picks the source (DATA_OPTIONS), each its own
+    schema below and its own builder (`_target_`, train/core/data.py)."""
+
+    _target_: str = MISSING
     vocab_size: int = 64  # including BOS (id 0)
     n_ctx: int = 64  # sequence length including BOS
     seed: int = 0  # seed of the data (the bigram chain, window draws), not of the run
-    path: Optional[str] = None  # token file (.npy) or `datasets` directory instead of the generator
+    repeat: RepeatConfig = field(default_factory=RepeatConfig)
+
+
+@dataclass
+class RepeatsDataConfig(DataConfig):
+    """`data=repeats` (the default): the embedded language (train/core/data.py RepeatsLanguage)."""
+
+    _target_: str = "train.core.data.build_repeats"
     p_repeat: float = 0.6
     p_uniform_segment: float = 0.5
     min_period: int = 4
     max_period: int = 20
     branching: int = 4
-    # natural text (train/core/text.py): a local file, directory or glob, or a hub dataset name
-    source: Optional[str] = None
+
+
+@dataclass
+class TokensDataConfig(DataConfig):
+    """`data=tokens`: token ids from disk (train/core/data.py token_file)."""
+
+    _target_: str = "train.core.data.build_tokens"
+    path: Optional[str] = None  # required: a .npy token file or a `datasets` directory
+
+
+@dataclass
+class TextDataConfig(DataConfig):
+    """`data=text`: natural text, tokenized once into cached shards (train/core/text.py)."""
+
+    _target_: str = "train.core.data.build_text"
+    vocab_size: int = 4096  # at least the tokenizer's size
+    n_ctx: int = 128
+    source: Optional[str] = None  # required: a local file, directory or glob, or a hub dataset name
     source_config: Optional[str] = None  # hub dataset config name
     split: str = "train"  # hub dataset split
     text_column: str = "text"
@@ -71,7 +97,11 @@ class DataConfig:
     tokenizer_documents: int = 100_000  # documents the BPE is trained on
     heldout_every: int = 20  # every N-th document is held out
     cache_dir: str = "~/.cache/induction-tracker/tokens"
-    repeat: RepeatConfig = field(default_factory=RepeatConfig)
+
+
+# `data=OPTION` (conf/data/OPTION.yaml) -> its schema; a builder (`data._target_`) -> its option's schema
+DATA_OPTIONS = {"repeats": RepeatsDataConfig, "tokens": TokensDataConfig, "text": TextDataConfig}
+DATA_SCHEMAS = {schema._target_: schema for schema in DATA_OPTIONS.values()}
 
 
 @dataclass
@@ -140,7 +170,7 @@ class LoggerConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # typed as one of DATA_OPTIONS when composed
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -169,12 +199,31 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
 
 
 def register_configs() -> None:
-    """The schema as Hydra's `base_config`, and the `${pid:}` resolver (this process's id) that
-    makes the default run directory unique per process (conf/config.yaml `hydra.run.dir`)."""
+    """The schema as Hydra's `base_config`, each data option's schema as `data/OPTION_schema` (the
+    first entry of conf/data/OPTION.yaml's defaults: it types the `data` node, so a key of another
+    source fails at composition), and the `${pid:}` resolver (this process's id) that makes the
+    default run directory unique per process (conf/config.yaml `hydra.run.dir`)."""
     from omegaconf import OmegaConf
 
-    ConfigStore.instance().store(name="base_config", node=Config)
+    store = ConfigStore.instance()
+    store.store(name="base_config", node=Config)
+    for option, schema in DATA_OPTIONS.items():
+        store.store(group="data", name=f"{option}_schema", node=schema)
     OmegaConf.register_new_resolver("pid", os.getpid, replace=True)
+
+
+def typed_config(values: dict[str, Any]) -> DictConfig:
+    """A plain config (e.g. a resolved one handed between processes) under the schema: `Config`,
+    its `data` section typed by the option whose builder `data._target_` names."""
+    from omegaconf import OmegaConf
+
+    data = values.get("data")
+    target = data.get("_target_") if isinstance(data, dict) else None
+    schema = DATA_SCHEMAS.get(target)
+    if schema is None:
+        raise ConfigError(f"data._target_={target!r} is no data option's builder; the builders are "
+                          f"{', '.join(DATA_SCHEMAS)}")
+    return OmegaConf.merge(OmegaConf.structured(Config), {"data": OmegaConf.structured(schema)}, values)
 
 
 # -- allowed values (checked by `validate`; the code that uses them imports them from here) -----
@@ -183,7 +232,6 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 WANDB_MODES = ("auto", "online", "offline")  # auto: online if logged in, else offline
 DEVICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N
 REPEAT_FORMS = ("tile", "copy")  # data.repeat.form
-TEXT_DATA = "train.core.data.build_text_data"  # data=text's builder: needs data.source
 
 
 class ConfigError(ValueError):
@@ -215,7 +263,8 @@ def validate(cfg: Any) -> None:
     """Check the values of a composed config (types are already checked by the schema).
 
     Raises ConfigError with a one-line message naming the offending key."""
-    _validate_model_and_data(cfg)
+    _validate_model(cfg)
+    _validate_data(cfg)
     _validate_training(cfg)
     _validate_probes(cfg)
     dev = str(cfg.device)
@@ -230,19 +279,24 @@ def validate(cfg: Any) -> None:
             _need(cb.every >= 1, f"callbacks.{name}.every must be >= 1, got {cb.every}")
 
 
-def _validate_model_and_data(cfg: Any) -> None:
+def _validate_model(cfg: Any) -> None:
     m, d = cfg.model, cfg.data
     _positive(cfg, "model", "n_layers", "n_heads", "d_model", "d_head", "init_std", "rotary_base")
     _need(m.positional in POSITIONAL_SCHEMES,
           f"unknown model.positional {m.positional!r}; choose one of {', '.join(POSITIONAL_SCHEMES)}")
     _need(m.positional != "rotary" or m.d_head % 2 == 0,
           f"model.positional=rotary needs an even model.d_head (it rotates pairs of dimensions), got {m.d_head}")
-    _positive(cfg, "data", "vocab_size", "n_ctx")
-    _need(d.vocab_size >= 8, f"data.vocab_size must be at least 8, got {d.vocab_size}")
-    _need(d.n_ctx >= 8, f"data.n_ctx must be at least 8, got {d.n_ctx}")
     _need(m.d_vocab == d.vocab_size and m.n_ctx == d.n_ctx,
           f"model.d_vocab/n_ctx ({m.d_vocab}, {m.n_ctx}) must follow data.vocab_size/n_ctx "
           f"({d.vocab_size}, {d.n_ctx}); leave them at their defaults")
+
+
+def _validate_data(cfg: Any) -> None:
+    """The keys every source has (DataConfig), then the source's own."""
+    d = cfg.data
+    _positive(cfg, "data", "vocab_size", "n_ctx")
+    _need(d.vocab_size >= 8, f"data.vocab_size must be at least 8, got {d.vocab_size}")
+    _need(d.n_ctx >= 8, f"data.n_ctx must be at least 8, got {d.n_ctx}")
     r = d.repeat
     _need(0.0 <= r.p <= 1.0, f"data.repeat.p must lie in [0, 1], got {r.p}")
     _need(r.form in REPEAT_FORMS, f"unknown data.repeat.form {r.form!r}; choose one of {', '.join(REPEAT_FORMS)}")
@@ -251,18 +305,14 @@ def _validate_model_and_data(cfg: Any) -> None:
     longest = d.n_ctx - 1 if r.form == "tile" else (d.n_ctx - 1) // 2
     _need(r.p == 0 or r.max_span <= longest, f"data.repeat.max_span={r.max_span} does not fit "
           f"{'a span and its copy' if r.form == 'copy' else 'the context'} in data.n_ctx={d.n_ctx}")
-    _need(not (d.source and d.path), "set data.source (text) or data.path (token ids), not both")
-    _need(d.source or d._target_ != TEXT_DATA, "data=text needs data.source=FILE (.txt, .jsonl, .parquet), "
-                                               "a directory, a glob or a hub dataset name")
-    if d.source:
-        _positive(cfg, "data", "tokenizer_documents", "heldout_every")
-        _need(d.max_documents is None or d.max_documents > 0, f"data.max_documents must be positive, got {d.max_documents}")
-        _need(d.heldout_every >= 2, f"data.heldout_every must be at least 2, got {d.heldout_every}")
-        return
-    if d.path:
-        path = Path(os.path.expanduser(str(d.path)))
-        _need(path.exists(), f"data.path does not exist: {path}")
-        return
+    schema = DATA_SCHEMAS.get(d._target_)
+    _need(schema is not None, f"data._target_={d._target_!r} is no data option's builder; "
+                              f"choose data={', data='.join(DATA_OPTIONS)}")
+    {RepeatsDataConfig: _validate_repeats, TokensDataConfig: _validate_tokens, TextDataConfig: _validate_text}[schema](cfg)
+
+
+def _validate_repeats(cfg: Any) -> None:
+    d = cfg.data
     _need(1 <= d.min_period <= d.max_period,
           f"need 1 <= data.min_period <= data.max_period, got {d.min_period}, {d.max_period}")
     _need(d.max_period < d.n_ctx - 1,
@@ -272,6 +322,22 @@ def _validate_model_and_data(cfg: Any) -> None:
           f"data.branching={d.branching} exceeds the {d.vocab_size - 1} regular tokens")
     for name in ("p_repeat", "p_uniform_segment"):
         _need(0.0 <= d[name] <= 1.0, f"data.{name} must lie in [0, 1], got {d[name]}")
+
+
+def _validate_tokens(cfg: Any) -> None:
+    d = cfg.data
+    _need(d.path, "data=tokens needs data.path=FILE (a .npy array of token ids) or a `datasets` directory")
+    path = Path(os.path.expanduser(str(d.path)))
+    _need(path.exists(), f"data.path does not exist: {path}")
+
+
+def _validate_text(cfg: Any) -> None:
+    d = cfg.data
+    _need(d.source, "data=text needs data.source=FILE (.txt, .jsonl, .parquet), a directory, a glob or "
+                    "a hub dataset name")
+    _positive(cfg, "data", "tokenizer_documents", "heldout_every")
+    _need(d.max_documents is None or d.max_documents > 0, f"data.max_documents must be positive, got {d.max_documents}")
+    _need(d.heldout_every >= 2, f"data.heldout_every must be at least 2, got {d.heldout_every}")
 
 
 def _validate_training(cfg: Any) -> None:

@@ -4,11 +4,12 @@ something outside this project's registry (`known_components`), and types the va
 schema (train/core/config.py). `differences` compares two configs key by key (resume=auto)."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 from omegaconf import DictConfig
 
-from train.core.config import CONF_DIR, Config, ConfigError
+from train.core.config import CONF_DIR, DATA_OPTIONS, ConfigError, typed_config
 
 # Hydra's instantiation keys other than `_target_`: never accepted from a saved config.
 HYDRA_SPECIAL_KEYS = ("_args_", "_partial_", "_recursive_", "_convert_")
@@ -77,6 +78,10 @@ def differences(a: Any, b: Any, ignore: tuple[str, ...] = ()) -> list[str]:
 # Modules of components before the library moved into train/core/ (saved `_target_`s name them).
 MOVED_MODULES = {"train.model.": "train.core.model.", "train.data.": "train.core.data.",
                  "train.callbacks.": "train.core.callbacks."}
+# The data builders before each source had its own option: one took every source's keys and
+# built text when `source` was set, a token file when `path` was, else the embedded language;
+# the other was data=text's.
+UNION_BUILDER, UNION_TEXT_BUILDER = "train.core.data.build_data", "train.core.data.build_text_data"
 
 
 def _moved(target: Any) -> Any:
@@ -87,14 +92,30 @@ def _moved(target: Any) -> Any:
     return target
 
 
+def _data_option(data: dict[str, Any]) -> dict[str, Any]:
+    """A data section saved by a union builder, as the option its source was (`source` set or
+    data=text: text; `path` set: tokens; else repeats), without the other sources' keys; any other
+    data section as it is."""
+    target = data.get("_target_")
+    if target not in (UNION_BUILDER, UNION_TEXT_BUILDER):
+        return data
+    option = "text" if data.get("source") or target == UNION_TEXT_BUILDER else "tokens" if data.get("path") else "repeats"
+    keys = {name: {f.name for f in dataclasses.fields(schema)} for name, schema in DATA_OPTIONS.items()}
+    others = set().union(*keys.values()) - keys[option]
+    return {**{k: v for k, v in data.items() if k not in others}, "_target_": DATA_OPTIONS[option]._target_}
+
+
 def _upgrade(saved: dict[str, Any]) -> dict[str, Any]:
     """Configs saved before the checkpoint schedule moved into `checkpoint` (from `schedule`),
-    `optim.schedule` became `optim.lr_schedule`, the test-only and duplicate keys went, and the
-    components' modules moved into train/core/. Renames only: nothing is imported or built."""
+    `optim.schedule` became `optim.lr_schedule`, the test-only and duplicate keys went, the
+    components' modules moved into train/core/, and each data source became its own option.
+    Renames only: nothing is imported or built."""
     saved = dict(saved)
     for section in ("model", "data"):
         if isinstance(saved.get(section), dict) and "_target_" in saved[section]:
             saved[section] = {**saved[section], "_target_": _moved(saved[section]["_target_"])}
+    if isinstance(saved.get("data"), dict):
+        saved["data"] = _data_option(saved["data"])
     if isinstance(saved.get("callbacks"), dict):
         saved["callbacks"] = {name: ({**cb, "_target_": _moved(cb["_target_"])}
                                      if isinstance(cb, dict) and "_target_" in cb else cb)
@@ -118,9 +139,9 @@ def _upgrade(saved: dict[str, Any]) -> dict[str, Any]:
 def load_saved_config(saved: Any, where: str) -> DictConfig:
     """A config saved by a run (its config.yaml, or a checkpoint's meta.json), read as data: every
     `_target_` must be the registry's own for its place (`known_components`), no other Hydra
-    instantiation key or interpolation may appear, and the values must fit the schema. Nothing
-    named in the file is imported or called here. `where` names the source in errors."""
-    from omegaconf import OmegaConf
+    instantiation key or interpolation may appear, and the values must fit the schema (the data
+    section that of the option its `_target_` builds). Nothing named in the file is imported or
+    called here. `where` names the source in errors."""
     from omegaconf.errors import OmegaConfBaseException
 
     if not isinstance(saved, dict) or "model" not in saved or "train" not in saved:
@@ -130,6 +151,8 @@ def load_saved_config(saved: Any, where: str) -> DictConfig:
     if refused:
         raise ConfigError(f"{where}: refusing {refused}; a saved config is data and names no other code")
     try:  # the schema checks the saved values' types and keys
-        return OmegaConf.merge(OmegaConf.structured(Config), saved)
+        return typed_config(saved)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
     except OmegaConfBaseException as e:
         raise ConfigError(f"{where} does not match the config schema: {str(e).splitlines()[0]}") from None
