@@ -46,9 +46,10 @@ from safetensors.torch import save_file
 from train.core import hf_model, rundir
 from train.core import model as model_module
 from train.core.checkpoint import load_model
-from train.core.config import POSITIONAL_SCHEMES, ConfigError, ModelConfig, load_saved_config
+from train.core.config import POSITIONAL_SCHEMES, ConfigError, ModelConfig
 from train.core.model import AttnOnlyTransformer, model_kwargs
 from train.core.probes import PROBES_FILE, write_probe_file
+from train.core.saved_config import load_saved_config
 
 TARGETS = ("hf", "transformer_lens")
 LAYOUTS = ("native", "gpt2", "neox")

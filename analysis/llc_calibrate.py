@@ -42,7 +42,7 @@ def load_checkpoint(run_dir: Path, step: int | None, device: str = "cpu"):
 
     from train.core import checkpoint as ckpt
     from train.core import rundir
-    from train.core.config import load_saved_config
+    from train.core.saved_config import load_saved_config
     from train.core.probes import probes_from_config
 
     run_dir = Path(run_dir)

@@ -70,7 +70,7 @@ def probe_inputs(config: dict[str, Any]):
     import torch
     from hydra.utils import instantiate
 
-    from train.core.config import load_saved_config
+    from train.core.saved_config import load_saved_config
     from train.core.probes import probes_from_config
 
     cfg = load_saved_config(config, "the run's config.yaml")

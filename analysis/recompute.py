@@ -30,8 +30,9 @@ from train.core import checkpoint as ckpt
 from train.core import names as N
 from train.core import rundir
 from train.core.callbacks import RunContext, evaluate_checkpoint, instantiate_callbacks, prepare_callbacks, with_providers
-from train.core.config import ConfigError, load_saved_config
+from train.core.config import ConfigError
 from train.core.probes import probes_from_config
+from train.core.saved_config import load_saved_config
 from train.core.schedules import run_steps
 
 CALLBACK_CONFIGS = Path(__file__).resolve().parents[1] / "conf" / "callbacks"

@@ -15,8 +15,9 @@ from omegaconf.errors import ValidationError
 
 from tests.helpers import CONF_DIR, compose_config
 from train.core.callbacks import Callback, InductionClassification
-from train.core.config import TEXT_DATA, Config
-from train.core.data import RepeatsLanguage, build_data
+from train.core.config import (DATA_OPTIONS, Config, LoggerConfig, ModelConfig, ProbeConfig, RepeatsDataConfig,
+                                TextDataConfig, TokensDataConfig)
+from train.core.data import RepeatsLanguage, build_repeats, build_text, build_tokens
 from train.core.probes import build_probes
 from train.loggers import WandbLogger
 from train.core.model import AttnOnlyTransformer
@@ -40,11 +41,22 @@ def small_text(tmp_path_factory):
             "data.vocab_size=400", "probes.icl_early=null", "probes.icl_late=null"]
 
 
+@pytest.fixture(scope="module")
+def small_tokens(tmp_path_factory):
+    """The override that gives token-file configs a file of token ids."""
+    import numpy as np
+
+    path = tmp_path_factory.mktemp("tokens") / "tokens.npy"
+    np.save(path, np.random.default_rng(0).integers(1, 64, size=5000))
+    return [f"data.path={path}"]
+
+
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
-def test_every_config_file_composes_and_builds(group, option, small_text):
+def test_every_config_file_composes_and_builds(group, option, small_text, small_tokens):
     cfg = compose_config([f"{group}={option}"])
-    if cfg.data._target_ == TEXT_DATA:  # text needs a corpus
-        cfg = compose_config([f"{group}={option}", *small_text])
+    needs = {TextDataConfig._target_: small_text, TokensDataConfig._target_: small_tokens}  # a corpus, a file
+    if cfg.data._target_ in needs:
+        cfg = compose_config([f"{group}={option}", *needs[cfg.data._target_]])
     OmegaConf.to_container(cfg, resolve=True)  # every interpolation resolves
     model = instantiate(cfg.model)
     assert isinstance(model, AttnOnlyTransformer)
@@ -84,22 +96,38 @@ def test_groups_mirror_the_schema_sections():
     assert set(GROUPS) == set(SECTIONS) | {"experiment", "hydra"}
 
 
-@pytest.mark.parametrize("section", sorted(set(SECTIONS) - {"callbacks"}))
-def test_default_group_file_shows_every_key_with_the_schema_default(section):
-    schema = OmegaConf.to_container(OmegaConf.structured(SECTIONS[section].default_factory()))
-    shown = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / section / f"{_default_option(section)}.yaml"))
+def _schema_defaults(schema) -> dict:
+    return OmegaConf.to_container(OmegaConf.structured(schema))
+
+
+# (section, option): every option of `data` (each its own schema), the default option elsewhere
+SHOWN = [(s, o) for s in sorted(set(SECTIONS) - {"callbacks", "data"}) for o in [_default_option(s)]] + \
+        [("data", o) for o in _options("data")]
+
+
+@pytest.mark.parametrize("section,option", SHOWN)
+def test_group_files_show_every_key_with_the_schema_default(section, option):
+    schema = _schema_defaults(DATA_OPTIONS[option] if section == "data" else SECTIONS[section].default_factory)
+    shown = OmegaConf.to_container(OmegaConf.load(Path(CONF_DIR) / section / f"{option}.yaml"))
+    if section == "data":  # the option's schema types the node (train/core/config.py register_configs)
+        assert shown.pop("defaults") == [f"{option}_schema", "_self_"]
     follows_data = {k for k, v in schema.items() if isinstance(v, str) and v.startswith("${")}  # model.d_vocab, n_ctx
     assert set(shown) == set(schema) - follows_data
     for key, value in shown.items():
-        assert value == _as_lists(schema[key]), f"conf/{section}: {key}={value!r}, schema default {schema[key]!r}"
+        assert value == _as_lists(schema[key]), f"conf/{section}/{option}: {key}={value!r}, schema default {schema[key]!r}"
 
 
-@pytest.mark.parametrize("builder,section", [
-    (AttnOnlyTransformer, "model"), (RepeatsLanguage, "data"), (build_data, "data"),
-    (build_probes, "probes"), (WandbLogger, "logger"),
+def test_data_options_are_the_files_of_conf_data():
+    assert sorted(DATA_OPTIONS) == _options("data") and _default_option("data") == "repeats"
+
+
+@pytest.mark.parametrize("builder,schema", [
+    (AttnOnlyTransformer, ModelConfig), (RepeatsLanguage, RepeatsDataConfig), (build_repeats, RepeatsDataConfig),
+    (build_tokens, TokensDataConfig), (build_text, TextDataConfig), (build_probes, ProbeConfig),
+    (WandbLogger, LoggerConfig),
 ])
-def test_constructors_share_the_schema_defaults(builder, section):
-    schema = OmegaConf.to_container(OmegaConf.structured(SECTIONS[section].default_factory()))
+def test_constructors_share_the_schema_defaults(builder, schema):
+    schema = _schema_defaults(schema)
     shared = {k: v for k, v in _signature_defaults(builder).items() if k in schema}
     assert shared, builder
     for key, value in shared.items():
@@ -184,7 +212,8 @@ def test_quick_start_command_writes_a_dated_run_directory(tmp_path):
 def test_configs_saved_with_the_old_names_still_load():
     """Runs saved before `schedule` moved into `checkpoint` and `optim.schedule` became
     `optim.lr_schedule` load as the same config (resume and recompute read saved configs)."""
-    from train.core.config import ConfigError, load_saved_config
+    from train.core.config import ConfigError
+    from train.core.saved_config import load_saved_config
 
     current = OmegaConf.to_container(compose_config(["logger=none"]), resolve=True)
     old = OmegaConf.to_container(compose_config(["logger=none"]), resolve=True)
@@ -196,3 +225,129 @@ def test_configs_saved_with_the_old_names_still_load():
     old["data"]["_target_"] = "os.system"
     with pytest.raises(ConfigError, match=r"old: refusing data._target_='os.system'"):
         load_saved_config(old, "old")
+
+
+# -- configs saved by earlier versions (tests/saved_configs/: config.yaml files of runs of commit
+# a87f99a, before the library moved into train/core/, and of 46fffec, before each data source had
+# its own option; one checkpoint's meta.json) ---------------------------------------------------
+SAVED = ROOT / "tests" / "saved_configs"
+# The command lines that made them (`python -m train SMALL ...` at that commit).
+SMALL = ["logger=none", "model.d_model=32", "train.total_tokens=24576", "checkpoint.n_log=2", "checkpoint.n_linear=2",
+         "probes.n_heldout=16"]
+TEXT = ["data=text", "data.source=/tmp/hdata/corpus.txt", "data.cache_dir=/tmp/hdata/cache", "data.vocab_size=300",
+        "data.n_ctx=64"]
+SAVED_RUNS = {  # file: the same run's overrides today
+    "a87f99a-repeats.yaml": SMALL,
+    "a87f99a-tokens.yaml": [*SMALL, "data=tokens", "data.path=/tmp/hdata/tokens.npy"],
+    "a87f99a-text.yaml": [*SMALL, *TEXT],
+    "46fffec-tokens.yaml": [*SMALL, "data=tokens", "data.path=/tmp/hdata/tokens.npy"],
+    "46fffec-text.yaml": [*SMALL, *TEXT, "data.repeat.p=0.2"],
+}
+
+
+def _saved(name: str) -> dict:
+    import json
+
+    import yaml
+
+    text = (SAVED / name).read_text()
+    return json.loads(text)["config"] if name.endswith(".json") else yaml.safe_load(text)
+
+
+@pytest.mark.parametrize("name", sorted(SAVED_RUNS))
+def test_configs_saved_with_every_sources_keys_load_as_their_data_option(name):
+    """A saved data section of the union of every source's keys (one builder for all) loads as the
+    option its source was, with that option's keys only: the config today's command line makes."""
+    from train.core.saved_config import load_saved_config
+
+    cfg = load_saved_config(_saved(name), name)
+    today = compose_config(SAVED_RUNS[name])
+    assert OmegaConf.get_type(cfg.data) is OmegaConf.get_type(today.data)
+    assert OmegaConf.to_container(cfg.data) == OmegaConf.to_container(today.data)
+    assert OmegaConf.to_container(cfg.model, resolve=True) == OmegaConf.to_container(today.model, resolve=True)
+    assert cfg.callbacks.copying._target_ == "train.core.callbacks.CopyingScores"
+
+
+@pytest.mark.parametrize("name,kind", [
+    ("a87f99a-repeats.yaml", "RepeatsLanguage"), ("a87f99a-tokens.yaml", "TokenStream"),
+    ("a87f99a-text.yaml", "TextCorpus"), ("46fffec-tokens.yaml", "TokenStream"),
+    ("46fffec-text.yaml", "Repetition of TextCorpus"),
+])
+def test_configs_saved_with_every_sources_keys_build_their_source(name, kind, small_text, small_tokens):
+    """The same, built: the saved data section (its paths made local) makes the source it made then."""
+    from train.core.saved_config import load_saved_config
+
+    saved = _saved(name)
+    local = dict(o[len("data."):].split("=", 1) for o in [*small_text, *small_tokens]
+                 if o.startswith(("data.source=", "data.path=", "data.cache_dir=")))
+    saved["data"] = {**saved["data"], **{k: v for k, v in local.items() if saved["data"][k] is not None}}
+    data = instantiate(load_saved_config(saved, name).data)
+    built = type(data).__name__ + (f" of {type(data.source).__name__}" if type(data).__name__ == "Repetition" else "")
+    assert built == kind
+    assert data.batch(0, 2).shape == (2, saved["data"]["n_ctx"])
+
+
+def test_a_checkpoints_saved_config_loads_like_the_runs():
+    from train.core.saved_config import load_saved_config
+
+    assert load_saved_config(_saved("a87f99a-repeats-meta.json"), "meta.json") == \
+        load_saved_config(_saved("a87f99a-repeats.yaml"), "config.yaml")
+
+
+def test_a_saved_data_section_of_another_sources_keys_is_refused():
+    """Only the union builders' sections lose keys on load: today's options keep refusing keys that
+    are not theirs, and a builder that is no option's."""
+    from train.core.config import ConfigError
+    from train.core.saved_config import load_saved_config
+
+    saved = OmegaConf.to_container(compose_config(SAVED_RUNS["a87f99a-repeats.yaml"]), resolve=True)
+    with pytest.raises(ConfigError, match=r"does not match the config schema: Key 'source' not in 'RepeatsDataConfig'"):
+        load_saved_config({**saved, "data": {**saved["data"], "source": "corpus.txt"}}, "config.yaml")
+    with pytest.raises(ConfigError, match=r"refusing data._target_='train.core.data.build_text_data2'"):
+        load_saved_config({**saved, "data": {**saved["data"], "_target_": "train.core.data.build_text_data2"}}, "c")
+    with pytest.raises(ConfigError, match=r"c: data._target_=None is no data option's builder"):
+        load_saved_config({**saved, "data": {k: v for k, v in saved["data"].items() if k != "_target_"}}, "c")
+
+
+def test_a_run_saved_by_an_earlier_version_resumes_and_recomputes(tmp_path, single_thread, monkeypatch):
+    """A run stopped by SIGTERM whose config.yaml and checkpoints hold an earlier version's config
+    (a87f99a: the old modules, one data builder for every source) resumes to the rows of an
+    uninterrupted run, and `analysis.recompute` reads it and scores its checkpoints again."""
+    import json
+    import os
+    import signal
+
+    import yaml
+
+    from analysis.recompute import recompute
+    from train.cli import run
+    from train.core import rundir
+    from train.core.saved_config import load_saved_config
+    from train.loop import Trainer
+
+    old = {**_saved("a87f99a-repeats.yaml"), "device": "cpu"}
+    run(load_saved_config(old, "old"), tmp_path / "full")
+    clean_loss = Trainer.loss
+
+    def term_at_step_2(self, tokens):
+        if self.step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return clean_loss(self, tokens)
+
+    monkeypatch.setattr(Trainer, "loss", term_at_step_2)
+    stopped = tmp_path / "stopped"
+    with pytest.raises(SystemExit):
+        run(load_saved_config(old, "old"), stopped)
+    monkeypatch.setattr(Trainer, "loss", clean_loss)
+    (stopped / rundir.CONFIG_FILE).write_text(yaml.safe_dump(old))
+    for checkpoint in rundir.list_checkpoints(stopped):
+        meta = rundir.read_meta(checkpoint)
+        (checkpoint / rundir.META_FILE).write_text(json.dumps({**meta, "config": old}))
+    run(compose_config([f"resume={stopped}"]), stopped)
+    trained = rundir.read_metrics(stopped / "metrics.jsonl")
+    assert trained == rundir.read_metrics(tmp_path / "full" / "metrics.jsonl")
+    again, _ = recompute(stopped, ["attention", "copying"], out=tmp_path / "again.jsonl")
+    by_step = {r["step"]: r for r in trained if "event" not in r}
+    assert len(again) == len(rundir.list_checkpoints(stopped)) >= 4
+    for row in again:
+        assert row["prefix_matching/L1H0"] == pytest.approx(by_step[row["step"]]["prefix_matching/L1H0"], abs=1e-6)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from train.core.data import BOS, RepeatsLanguage, build_data, token_file
+from train.core.data import BOS, RepeatsLanguage, build_tokens, token_file
 from train.core.probes import build_probes, probe_tokens
 
 
@@ -108,7 +108,7 @@ def test_probes_scale_down_to_short_contexts():
 def test_token_file_npy_and_datasets_dir(tmp_path):
     tokens = np.random.default_rng(0).integers(1, 30, size=5000)
     np.save(tmp_path / "tokens.npy", tokens)
-    src = build_data(vocab_size=30, n_ctx=16, path=str(tmp_path / "tokens.npy"))
+    src = build_tokens(vocab_size=30, n_ctx=16, path=str(tmp_path / "tokens.npy"))
     x = src.batch(0, 4)
     assert x.shape == (4, 16) and (x[:, 0] == BOS).all()
     torch.testing.assert_close(x, src.batch(0, 4))
@@ -122,7 +122,7 @@ def test_token_file_npy_and_datasets_dir(tmp_path):
 
 def test_token_file_errors_are_clear(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        build_data(vocab_size=30, n_ctx=16, path=str(tmp_path / "missing.npy"))
+        build_tokens(vocab_size=30, n_ctx=16, path=str(tmp_path / "missing.npy"))
     np.save(tmp_path / "big.npy", np.full(100, 99))
     with pytest.raises(ValueError, match="outside"):
-        build_data(vocab_size=30, n_ctx=16, path=str(tmp_path / "big.npy"))
+        build_tokens(vocab_size=30, n_ctx=16, path=str(tmp_path / "big.npy"))

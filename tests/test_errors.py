@@ -28,7 +28,8 @@ BAD_CONFIGS = [
     (["probes.icl_early=-1"], "probes.icl_early=-1 lies outside the context"),
     (["probes.repeats=40"], "is longer than the context data.n_ctx=64"),
     (["model.positional=alibi"], "unknown model.positional 'alibi'"),
-    (["data.path=/nonexistent/tokens.npy"], "data.path does not exist: /nonexistent/tokens.npy"),
+    (["data=tokens", "data.path=/nonexistent/tokens.npy"], "data.path does not exist: /nonexistent/tokens.npy"),
+    (["data=tokens"], "data=tokens needs data.path=FILE"),
     (["optim.lr_schedule=step"], "unknown optim.lr_schedule 'step'"),
     (["device=tpu"], "unknown device 'tpu'"),
 ]
@@ -49,7 +50,7 @@ def test_unreadable_data_file_is_one_line_error(tmp_path, capsys):
     bad = tmp_path / "tokens.npy"
     bad.write_bytes(b"this is not a numpy file")
     with pytest.raises(SystemExit) as exc:
-        run(compose_config(["logger=none", "device=cpu", f"data.path={bad}"]), tmp_path / "run")
+        run(compose_config(["logger=none", "device=cpu", "data=tokens", f"data.path={bad}"]), tmp_path / "run")
     assert exc.value.code == 2
     assert f"cannot read tokens from {bad}: not a .npy file" in one_line_error(capsys.readouterr().err)
     assert not (tmp_path / "run").exists()  # the directory its start made is gone again
@@ -89,7 +90,8 @@ def test_cli_bad_value_exits_2_without_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("override,message", [("model.n_layer=3", "Could not override 'model.n_layer'"),
-                                              ("model.n_layers=two", "could not be converted to Integer")])
+                                              ("model.n_layers=two", "could not be converted to Integer"),
+                                              ("data.path=tokens.npy", "Key 'path' not in 'RepeatsDataConfig'")])
 def test_cli_composition_error_exits_nonzero_without_traceback(tmp_path, override, message):
     proc = cli("logger=none", override, f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode != 0

@@ -168,10 +168,10 @@ def _token_file(tmp_path: Path, kind: str) -> Path:
 
 
 BAD_INPUT = {  # name: (overrides, a part of the message)
-    "float tokens": (lambda p: [f"data.path={_token_file(p, 'float')}"], "holds float64 values; token ids must be integers"),
-    "bool tokens": (lambda p: [f"data.path={_token_file(p, 'bool')}"], "holds bool values; token ids must be integers"),
-    "object tokens": (lambda p: [f"data.path={_token_file(p, 'object')}"], "holds Python objects, not token ids"),
-    "text file as tokens": (lambda p: [f"data.path={_token_file(p, 'text')}"], "not a .npy file"),
+    "float tokens": (lambda p: ["data=tokens", f"data.path={_token_file(p, 'float')}"], "holds float64 values; token ids must be integers"),
+    "bool tokens": (lambda p: ["data=tokens", f"data.path={_token_file(p, 'bool')}"], "holds bool values; token ids must be integers"),
+    "object tokens": (lambda p: ["data=tokens", f"data.path={_token_file(p, 'object')}"], "holds Python objects, not token ids"),
+    "text file as tokens": (lambda p: ["data=tokens", f"data.path={_token_file(p, 'text')}"], "not a .npy file"),
     "infinite lr": (lambda p: ["optim.lr=inf"], "optim.lr must be positive and finite, got inf"),
     "nan lr": (lambda p: ["optim.lr=nan"], "optim.lr must be positive and finite, got nan"),
     "negative lr": (lambda p: ["optim.lr=-0.001"], "optim.lr must be positive and finite"),
@@ -199,7 +199,8 @@ def test_cli_error_after_hydra_started_leaves_nothing(tmp_path):
     tokens = _token_file(tmp_path, "float")
     cwd = tmp_path / "work"
     cwd.mkdir()
-    proc = subprocess.run([sys.executable, "-m", "train", "logger=none", "device=cpu", f"data.path={tokens}"],
+    proc = subprocess.run([sys.executable, "-m", "train", "logger=none", "device=cpu", "data=tokens",
+                           f"data.path={tokens}"],
                           cwd=cwd, env=cli_env() | {"PYTHONPATH": str(ROOT)}, capture_output=True, text=True,
                           timeout=120)
     assert proc.returncode == EXIT_USAGE, proc.stderr[-2000:]

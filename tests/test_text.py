@@ -12,7 +12,7 @@ import torch
 from tests.helpers import cli, compose_config, one_line_error
 from train.core import rundir, text
 from train.cli import run
-from train.core.data import BOS, Repetition, TextCorpus, build_data
+from train.core.data import BOS, Repetition, TextCorpus, build_text, build_tokens
 from train.core.rundir import read_metrics
 
 VOCAB = 300
@@ -39,7 +39,7 @@ def _text(corpus, cache, *more):
 
 
 def _corpus_data(corpus, cache, n_ctx=64, **kw):
-    return build_data(vocab_size=VOCAB, n_ctx=n_ctx, source=str(corpus), cache_dir=str(cache), **kw)
+    return build_text(vocab_size=VOCAB, n_ctx=n_ctx, source=str(corpus), cache_dir=str(cache), **kw)
 
 
 def test_bpe_shards_decode_back_to_the_corpus_and_are_reused(corpus, cache, monkeypatch):
@@ -85,13 +85,13 @@ def test_shards_split_at_the_size_limit_and_windows_cover_every_shard(corpus, tm
 def test_a_transformers_tokenizer_from_a_local_path_is_shifted_by_one(corpus, cache, tmp_path):
     bpe = text.train_bpe(iter([corpus.read_text()[:20000]]), 300)
     bpe.tokenizer.save_pretrained(tmp_path / "tok")
-    data = build_data(vocab_size=301, n_ctx=32, source=str(corpus), cache_dir=str(cache), tokenizer=str(tmp_path / "tok"))
+    data = build_text(vocab_size=301, n_ctx=32, source=str(corpus), cache_dir=str(cache), tokenizer=str(tmp_path / "tok"))
     tok = text.TextTokenizer.load(data.tokenizer_dir)
     assert tok.offset == 1 and tok.eod == bpe.eod + 1
     seq = data.batch(0, 1)[0]
     assert seq[0] == BOS and (seq[1:] >= 1).all()
     with pytest.raises(ValueError, match="data.vocab_size=301"):
-        build_data(vocab_size=300, n_ctx=32, source=str(corpus), cache_dir=str(cache), tokenizer=str(tmp_path / "tok"))
+        build_text(vocab_size=300, n_ctx=32, source=str(corpus), cache_dir=str(cache), tokenizer=str(tmp_path / "tok"))
 
 
 def test_repetition_knob_statistics(corpus, cache):
@@ -136,7 +136,7 @@ def test_copy_form_places_exactly_one_later_copy_of_the_opening_span():
 def test_token_rows_are_kept_as_rows(tmp_path):
     rows = np.arange(40 * 15).reshape(40, 15) % 97 + 1  # [n, n_ctx - 1]: BOS is prepended
     np.save(tmp_path / "rows.npy", rows)
-    data = build_data(vocab_size=100, n_ctx=16, path=str(tmp_path / "rows.npy"))
+    data = build_tokens(vocab_size=100, n_ctx=16, path=str(tmp_path / "rows.npy"))
     as_rows = {tuple(r) for r in rows.tolist()}
     for seq in data.batch(0, 32):
         assert seq[0] == BOS and tuple(seq[1:].tolist()) in as_rows
@@ -144,7 +144,7 @@ def test_token_rows_are_kept_as_rows(tmp_path):
     assert heldout <= {tuple(r) for r in rows[-2:].tolist()}  # the last 5% of rows
     np.save(tmp_path / "wide.npy", rows[:, :10])
     with pytest.raises(ValueError, match="rows of 10 tokens"):
-        build_data(vocab_size=100, n_ctx=16, path=str(tmp_path / "wide.npy"))
+        build_tokens(vocab_size=100, n_ctx=16, path=str(tmp_path / "wide.npy"))
 
 
 def test_icl_score_standard_error_has_its_known_value():
@@ -254,7 +254,8 @@ def test_text_errors_are_one_line_exit_2(case, corpus, tmp_path, capsys):
         args.append("data.source=nobody/no-such-corpus")
     elif case == "float_tokens":
         np.save(tmp_path / "f.npy", np.random.default_rng(0).random(5000))
-        args = ["logger=none", "device=cpu", f"hydra.run.dir={tmp_path / 'run'}", f"data.path={tmp_path / 'f.npy'}"]
+        args = ["logger=none", "device=cpu", f"hydra.run.dir={tmp_path / 'run'}", "data=tokens",
+                f"data.path={tmp_path / 'f.npy'}"]
     if case == "hub_offline":  # through the command line once
         proc = cli(*args)
         assert proc.returncode == 2, proc.stderr[-2000:]

@@ -25,7 +25,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 from train import distributed
 from train.core import rundir
-from train.core.config import Config, ConfigError, differences, load_saved_config, validate
+from train.core.config import ConfigError, typed_config, validate
+from train.core.saved_config import differences, load_saved_config
 from train.sweep import job_device, requeued_job
 
 EXIT_USAGE, EXIT_FAULT, EXIT_IO = 2, 3, 4
@@ -268,7 +269,7 @@ def _run(cfg: DictConfig, run_dir: Path, world: distributed.World) -> dict:
                     handover.value = (OmegaConf.to_container(cfg, resolve=True), str(run_dir))
         else:  # rank 0's config (on resume: the run's) and run directory, never read here
             saved, where = distributed.follow(world)
-            cfg, run_dir, status, resuming = OmegaConf.merge(OmegaConf.structured(Config), saved), Path(where), {}, False
+            cfg, run_dir, status, resuming = typed_config(saved), Path(where), {}, False
     except distributed.PeerFailed as e:
         raise SystemExit(e.code) from None
     except (ValueError, OSError, OmegaConfBaseException) as e:

@@ -4,7 +4,8 @@ misspelled key or a value of the wrong type fails at composition, before anythin
 `validate(cfg)` then checks values (sizes, names, paths, index ranges) without importing torch,
 so that `python -m train` rejects bad input with a one-line error before anything is built or
 written. This module owns the defaults (the YAML files in conf/ mirror them; a test keeps the two
-equal) and the allowed values of every named choice. Where a run goes is checked by train/core/rundir.py.
+equal) and the allowed values of every named choice. Where a run goes is checked by train/core/rundir.py;
+configs saved by runs are read by train/core/saved_config.py.
 
 Note on head sizes: `model.d_model` need not equal `n_heads * d_head`. W_O maps the concatenated
 head outputs (n_heads * d_head) back to d_model, so any positive combination is a valid model.
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import II, DictConfig
+from omegaconf import II, MISSING, DictConfig
 
 
 @dataclass
@@ -49,18 +50,44 @@ class RepeatConfig:
 
 @dataclass
 class DataConfig:
-    _target_: str = "train.core.data.build_data"
+    """The keys every data source has. `data=OPTION` picks the source (DATA_OPTIONS), each its own
+    schema below and its own builder (`_target_`, train/core/data.py)."""
+
+    _target_: str = MISSING
     vocab_size: int = 64  # including BOS (id 0)
     n_ctx: int = 64  # sequence length including BOS
     seed: int = 0  # seed of the data (the bigram chain, window draws), not of the run
-    path: Optional[str] = None  # token file (.npy) or `datasets` directory instead of the generator
+    repeat: RepeatConfig = field(default_factory=RepeatConfig)
+
+
+@dataclass
+class RepeatsDataConfig(DataConfig):
+    """`data=repeats` (the default): the embedded language (train/core/data.py RepeatsLanguage)."""
+
+    _target_: str = "train.core.data.build_repeats"
     p_repeat: float = 0.6
     p_uniform_segment: float = 0.5
     min_period: int = 4
     max_period: int = 20
     branching: int = 4
-    # natural text (train/core/text.py): a local file, directory or glob, or a hub dataset name
-    source: Optional[str] = None
+
+
+@dataclass
+class TokensDataConfig(DataConfig):
+    """`data=tokens`: token ids from disk (train/core/data.py token_file)."""
+
+    _target_: str = "train.core.data.build_tokens"
+    path: Optional[str] = None  # required: a .npy token file or a `datasets` directory
+
+
+@dataclass
+class TextDataConfig(DataConfig):
+    """`data=text`: natural text, tokenized once into cached shards (train/core/text.py)."""
+
+    _target_: str = "train.core.data.build_text"
+    vocab_size: int = 4096  # at least the tokenizer's size
+    n_ctx: int = 128
+    source: Optional[str] = None  # required: a local file, directory or glob, or a hub dataset name
     source_config: Optional[str] = None  # hub dataset config name
     split: str = "train"  # hub dataset split
     text_column: str = "text"
@@ -70,7 +97,11 @@ class DataConfig:
     tokenizer_documents: int = 100_000  # documents the BPE is trained on
     heldout_every: int = 20  # every N-th document is held out
     cache_dir: str = "~/.cache/induction-tracker/tokens"
-    repeat: RepeatConfig = field(default_factory=RepeatConfig)
+
+
+# `data=OPTION` (conf/data/OPTION.yaml) -> its schema; a builder (`data._target_`) -> its option's schema
+DATA_OPTIONS = {"repeats": RepeatsDataConfig, "tokens": TokensDataConfig, "text": TextDataConfig}
+DATA_SCHEMAS = {schema._target_: schema for schema in DATA_OPTIONS.values()}
 
 
 @dataclass
@@ -139,7 +170,7 @@ class LoggerConfig:
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
+    data: DataConfig = field(default_factory=DataConfig)  # typed as one of DATA_OPTIONS when composed
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -151,6 +182,9 @@ class Config:
     resume: Optional[str] = None  # a run directory to continue, or auto (train/cli.py RESUME_AUTO)
     name: str = "induction"  # run name (wandb)
     live_detection_every: int = 10  # run the phase-change detector on the rows so far every k checkpoints; 0: off
+
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"  # the YAML files that mirror this schema
 
 
 def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
@@ -165,12 +199,31 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
 
 
 def register_configs() -> None:
-    """The schema as Hydra's `base_config`, and the `${pid:}` resolver (this process's id) that
-    makes the default run directory unique per process (conf/config.yaml `hydra.run.dir`)."""
+    """The schema as Hydra's `base_config`, each data option's schema as `data/OPTION_schema` (the
+    first entry of conf/data/OPTION.yaml's defaults: it types the `data` node, so a key of another
+    source fails at composition), and the `${pid:}` resolver (this process's id) that makes the
+    default run directory unique per process (conf/config.yaml `hydra.run.dir`)."""
     from omegaconf import OmegaConf
 
-    ConfigStore.instance().store(name="base_config", node=Config)
+    store = ConfigStore.instance()
+    store.store(name="base_config", node=Config)
+    for option, schema in DATA_OPTIONS.items():
+        store.store(group="data", name=f"{option}_schema", node=schema)
     OmegaConf.register_new_resolver("pid", os.getpid, replace=True)
+
+
+def typed_config(values: dict[str, Any]) -> DictConfig:
+    """A plain config (e.g. a resolved one handed between processes) under the schema: `Config`,
+    its `data` section typed by the option whose builder `data._target_` names."""
+    from omegaconf import OmegaConf
+
+    data = values.get("data")
+    target = data.get("_target_") if isinstance(data, dict) else None
+    schema = DATA_SCHEMAS.get(target)
+    if schema is None:
+        raise ConfigError(f"data._target_={target!r} is no data option's builder; the builders are "
+                          f"{', '.join(DATA_SCHEMAS)}")
+    return OmegaConf.merge(OmegaConf.structured(Config), {"data": OmegaConf.structured(schema)}, values)
 
 
 # -- allowed values (checked by `validate`; the code that uses them imports them from here) -----
@@ -179,7 +232,6 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 WANDB_MODES = ("auto", "online", "offline")  # auto: online if logged in, else offline
 DEVICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N
 REPEAT_FORMS = ("tile", "copy")  # data.repeat.form
-TEXT_DATA = "train.core.data.build_text_data"  # data=text's builder: needs data.source
 
 
 class ConfigError(ValueError):
@@ -211,7 +263,8 @@ def validate(cfg: Any) -> None:
     """Check the values of a composed config (types are already checked by the schema).
 
     Raises ConfigError with a one-line message naming the offending key."""
-    _validate_model_and_data(cfg)
+    _validate_model(cfg)
+    _validate_data(cfg)
     _validate_training(cfg)
     _validate_probes(cfg)
     dev = str(cfg.device)
@@ -226,19 +279,24 @@ def validate(cfg: Any) -> None:
             _need(cb.every >= 1, f"callbacks.{name}.every must be >= 1, got {cb.every}")
 
 
-def _validate_model_and_data(cfg: Any) -> None:
+def _validate_model(cfg: Any) -> None:
     m, d = cfg.model, cfg.data
     _positive(cfg, "model", "n_layers", "n_heads", "d_model", "d_head", "init_std", "rotary_base")
     _need(m.positional in POSITIONAL_SCHEMES,
           f"unknown model.positional {m.positional!r}; choose one of {', '.join(POSITIONAL_SCHEMES)}")
     _need(m.positional != "rotary" or m.d_head % 2 == 0,
           f"model.positional=rotary needs an even model.d_head (it rotates pairs of dimensions), got {m.d_head}")
-    _positive(cfg, "data", "vocab_size", "n_ctx")
-    _need(d.vocab_size >= 8, f"data.vocab_size must be at least 8, got {d.vocab_size}")
-    _need(d.n_ctx >= 8, f"data.n_ctx must be at least 8, got {d.n_ctx}")
     _need(m.d_vocab == d.vocab_size and m.n_ctx == d.n_ctx,
           f"model.d_vocab/n_ctx ({m.d_vocab}, {m.n_ctx}) must follow data.vocab_size/n_ctx "
           f"({d.vocab_size}, {d.n_ctx}); leave them at their defaults")
+
+
+def _validate_data(cfg: Any) -> None:
+    """The keys every source has (DataConfig), then the source's own."""
+    d = cfg.data
+    _positive(cfg, "data", "vocab_size", "n_ctx")
+    _need(d.vocab_size >= 8, f"data.vocab_size must be at least 8, got {d.vocab_size}")
+    _need(d.n_ctx >= 8, f"data.n_ctx must be at least 8, got {d.n_ctx}")
     r = d.repeat
     _need(0.0 <= r.p <= 1.0, f"data.repeat.p must lie in [0, 1], got {r.p}")
     _need(r.form in REPEAT_FORMS, f"unknown data.repeat.form {r.form!r}; choose one of {', '.join(REPEAT_FORMS)}")
@@ -247,18 +305,14 @@ def _validate_model_and_data(cfg: Any) -> None:
     longest = d.n_ctx - 1 if r.form == "tile" else (d.n_ctx - 1) // 2
     _need(r.p == 0 or r.max_span <= longest, f"data.repeat.max_span={r.max_span} does not fit "
           f"{'a span and its copy' if r.form == 'copy' else 'the context'} in data.n_ctx={d.n_ctx}")
-    _need(not (d.source and d.path), "set data.source (text) or data.path (token ids), not both")
-    _need(d.source or d._target_ != TEXT_DATA, "data=text needs data.source=FILE (.txt, .jsonl, .parquet), "
-                                               "a directory, a glob or a hub dataset name")
-    if d.source:
-        _positive(cfg, "data", "tokenizer_documents", "heldout_every")
-        _need(d.max_documents is None or d.max_documents > 0, f"data.max_documents must be positive, got {d.max_documents}")
-        _need(d.heldout_every >= 2, f"data.heldout_every must be at least 2, got {d.heldout_every}")
-        return
-    if d.path:
-        path = Path(os.path.expanduser(str(d.path)))
-        _need(path.exists(), f"data.path does not exist: {path}")
-        return
+    schema = DATA_SCHEMAS.get(d._target_)
+    _need(schema is not None, f"data._target_={d._target_!r} is no data option's builder; "
+                              f"choose data={', data='.join(DATA_OPTIONS)}")
+    {RepeatsDataConfig: _validate_repeats, TokensDataConfig: _validate_tokens, TextDataConfig: _validate_text}[schema](cfg)
+
+
+def _validate_repeats(cfg: Any) -> None:
+    d = cfg.data
     _need(1 <= d.min_period <= d.max_period,
           f"need 1 <= data.min_period <= data.max_period, got {d.min_period}, {d.max_period}")
     _need(d.max_period < d.n_ctx - 1,
@@ -268,6 +322,22 @@ def _validate_model_and_data(cfg: Any) -> None:
           f"data.branching={d.branching} exceeds the {d.vocab_size - 1} regular tokens")
     for name in ("p_repeat", "p_uniform_segment"):
         _need(0.0 <= d[name] <= 1.0, f"data.{name} must lie in [0, 1], got {d[name]}")
+
+
+def _validate_tokens(cfg: Any) -> None:
+    d = cfg.data
+    _need(d.path, "data=tokens needs data.path=FILE (a .npy array of token ids) or a `datasets` directory")
+    path = Path(os.path.expanduser(str(d.path)))
+    _need(path.exists(), f"data.path does not exist: {path}")
+
+
+def _validate_text(cfg: Any) -> None:
+    d = cfg.data
+    _need(d.source, "data=text needs data.source=FILE (.txt, .jsonl, .parquet), a directory, a glob or "
+                    "a hub dataset name")
+    _positive(cfg, "data", "tokenizer_documents", "heldout_every")
+    _need(d.max_documents is None or d.max_documents > 0, f"data.max_documents must be positive, got {d.max_documents}")
+    _need(d.heldout_every >= 2, f"data.heldout_every must be at least 2, got {d.heldout_every}")
 
 
 def _validate_training(cfg: Any) -> None:
@@ -310,133 +380,3 @@ def _validate_probes(cfg: Any) -> None:
     _need(p.icl_window >= 0, f"probes.icl_window must be >= 0, got {p.icl_window}")
     if p.icl_early is not None and p.icl_late is not None:
         _need(p.icl_early < p.icl_late, f"probes.icl_early={p.icl_early} must be below probes.icl_late={p.icl_late}")
-
-
-# -- configs saved by earlier runs: data, never code -----------------------------------------------
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
-# Hydra's instantiation keys other than `_target_`: never accepted from a saved config.
-HYDRA_SPECIAL_KEYS = ("_args_", "_partial_", "_recursive_", "_convert_")
-
-
-def known_components() -> dict[str, set[str]]:
-    """The registry of components a config may build: where a `_target_` may stand, and the
-    targets allowed there. `model` is the schema's own; `data` the schema's and the options of
-    conf/data/; `logger` the options of conf/logger/; `callbacks` (one entry per callback name)
-    every callback of conf/callbacks/."""
-    from omegaconf import OmegaConf
-
-    def targets(group: str) -> set[str]:
-        found = set()
-        for path in sorted((CONF_DIR / group).glob("*.yaml")):
-            node = OmegaConf.to_container(OmegaConf.load(path))
-            entries = [node] if "_target_" in node else [v for v in node.values() if isinstance(v, dict)]
-            found |= {str(e["_target_"]) for e in entries if "_target_" in e}
-        return found
-
-    return {"model": {ModelConfig._target_}, "data": {DataConfig._target_} | targets("data"),
-            "logger": targets("logger"),
-            "callbacks": targets("callbacks")}
-
-
-def _refused_key(node: Any, registry: dict[str, set[str]], path: str = "") -> str | None:
-    """The first key of a saved config that is not plain data: a `_target_` outside the registry
-    or in a place no component is built from, another Hydra instantiation key, or an
-    interpolation (saved configs are resolved, so they hold none). None when there is none."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            where = f"{path}.{key}" if path else str(key)
-            if key == "_target_":
-                parts = path.split(".")  # model, data, logger: one level; callbacks.NAME: two
-                allowed = registry.get(parts[0], set()) if len(parts) == (2 if parts[0] == "callbacks" else 1) else set()
-                if str(value) not in allowed:
-                    return f"{where}={value!r} (a component of this project is one of: " \
-                           f"{', '.join(sorted(allowed)) or 'none here'})"
-            elif key in HYDRA_SPECIAL_KEYS:
-                return f"{where} (Hydra instantiation keys are not data)"
-            else:
-                found = _refused_key(value, registry, where)
-                if found:
-                    return found
-    elif isinstance(node, list):
-        for i, value in enumerate(node):
-            found = _refused_key(value, registry, f"{path}[{i}]")
-            if found:
-                return found
-    elif isinstance(node, str) and "${" in node:
-        return f"{path}={node!r} (an interpolation; saved configs hold resolved values)"
-    return None
-
-
-def differences(a: Any, b: Any, ignore: tuple[str, ...] = ()) -> list[str]:
-    """The dotted keys whose resolved values differ between two configs, sorted; keys under a
-    top-level key in `ignore` are left out."""
-    from omegaconf import OmegaConf
-
-    def flat(node: Any, prefix: str = "") -> dict[str, Any]:
-        if isinstance(node, dict):
-            return {k: v for key, child in node.items() for k, v in flat(child, f"{prefix}{key}.").items()}
-        return {prefix[:-1]: node}
-
-    fa, fb = (flat(OmegaConf.to_container(c, resolve=True)) for c in (a, b))
-    return sorted(k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k) and k.split(".")[0] not in ignore)
-
-
-# Modules of components before the library moved into train/core/ (saved `_target_`s name them).
-MOVED_MODULES = {"train.model.": "train.core.model.", "train.data.": "train.core.data.",
-                 "train.callbacks.": "train.core.callbacks."}
-
-
-def _moved(target: Any) -> Any:
-    """A `_target_` saved before its module moved, under its module's new name (other values as they are)."""
-    for old, new in MOVED_MODULES.items():
-        if isinstance(target, str) and target.startswith(old):
-            return new + target[len(old):]
-    return target
-
-
-def _upgrade(saved: dict[str, Any]) -> dict[str, Any]:
-    """Configs saved before the checkpoint schedule moved into `checkpoint` (from `schedule`),
-    `optim.schedule` became `optim.lr_schedule`, the test-only and duplicate keys went, and the
-    components' modules moved into train/core/. Renames only: nothing is imported or built."""
-    saved = dict(saved)
-    for section in ("model", "data"):
-        if isinstance(saved.get(section), dict) and "_target_" in saved[section]:
-            saved[section] = {**saved[section], "_target_": _moved(saved[section]["_target_"])}
-    if isinstance(saved.get("callbacks"), dict):
-        saved["callbacks"] = {name: ({**cb, "_target_": _moved(cb["_target_"])}
-                                     if isinstance(cb, dict) and "_target_" in cb else cb)
-                              for name, cb in saved["callbacks"].items()}
-    if isinstance(saved.get("schedule"), dict):
-        saved["checkpoint"] = {**saved.pop("schedule"), **(saved.get("checkpoint") or {})}
-    if isinstance(saved.get("optim"), dict) and "schedule" in saved["optim"]:
-        optim = dict(saved["optim"])
-        optim["lr_schedule"] = optim.pop("schedule")
-        saved["optim"] = optim
-    if isinstance(saved.get("train"), dict):
-        saved["train"] = {k: v for k, v in saved["train"].items() if k != "debug_nan_at_step"}
-    if isinstance(saved.get("callbacks"), dict):  # the classification took fold_layernorm too
-        saved["callbacks"] = {name: ({k: v for k, v in cb.items() if k != "fold_layernorm"}
-                                     if isinstance(cb, dict) and str(cb.get("_target_", "")).endswith(
-                                         "InductionClassification") else cb)
-                              for name, cb in saved["callbacks"].items()}
-    return saved
-
-
-def load_saved_config(saved: Any, where: str) -> DictConfig:
-    """A config saved by a run (its config.yaml, or a checkpoint's meta.json), read as data: every
-    `_target_` must be the registry's own for its place (`known_components`), no other Hydra
-    instantiation key or interpolation may appear, and the values must fit the schema. Nothing
-    named in the file is imported or called here. `where` names the source in errors."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    if not isinstance(saved, dict) or "model" not in saved or "train" not in saved:
-        raise ConfigError(f"{where} is not a training config")
-    saved = _upgrade(saved)
-    refused = _refused_key(saved, known_components())
-    if refused:
-        raise ConfigError(f"{where}: refusing {refused}; a saved config is data and names no other code")
-    try:  # the schema checks the saved values' types and keys
-        return OmegaConf.merge(OmegaConf.structured(Config), saved)
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"{where} does not match the config schema: {str(e).splitlines()[0]}") from None

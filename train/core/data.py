@@ -1,4 +1,6 @@
-"""Training data: an embedded, seeded generator (no download), or token sequences from disk.
+"""Training data: an embedded, seeded generator (no download), token ids from disk, or natural text;
+each source its own builder (`data=repeats`, `data=tokens`, `data=text`), every one wrapped in the
+repetition knob (`with_repetition`).
 
 The embedded language ("repeats") mixes two kinds of structure:
 
@@ -13,9 +15,8 @@ The embedded language ("repeats") mixes two kinds of structure:
 Every sequence starts with BOS (token id 0). ``batch(step)`` is a pure function of
 (seed, step), so a resumed run sees exactly the data an uninterrupted one would.
 
-The probes the metrics run on are built from a data source in train/core/probes.py. Constructor
-defaults are the config schema's (train/core/config.py: DataConfig).
-"""
+The probes are built from a data source in train/core/probes.py. Constructor defaults are the
+config schema's (train/core/config.py: RepeatsDataConfig, TokensDataConfig, TextDataConfig)."""
 from __future__ import annotations
 
 import os
@@ -26,8 +27,10 @@ from types import MappingProxyType
 import numpy as np
 import torch
 
-from train.core.config import DataConfig as _Data
 from train.core.config import RepeatConfig as _Repeat
+from train.core.config import RepeatsDataConfig as _Data
+from train.core.config import TextDataConfig as _Text
+from train.core.config import TokensDataConfig as _Tokens
 
 BOS = 0
 BATCH_BLOCK = 16  # RepeatsLanguage makes its training batches this many steps at a time
@@ -356,34 +359,42 @@ class Repetition:
         return self.apply(self.source.heldout(n_seq, seed), generator(self.source.seed, 6, seed))
 
 
-def build_data(vocab_size: int = _Data.vocab_size, n_ctx: int = _Data.n_ctx, seed: int = _Data.seed,
-               path: str | None = _Data.path, source: str | None = _Data.source,
-               source_config: str | None = _Data.source_config, split: str = _Data.split,
-               text_column: str = _Data.text_column, streaming: bool = _Data.streaming,
-               max_documents: int | None = _Data.max_documents, tokenizer: str = _Data.tokenizer,
-               tokenizer_documents: int = _Data.tokenizer_documents, heldout_every: int = _Data.heldout_every,
-               cache_dir: str = _Data.cache_dir, repeat: Mapping = MappingProxyType(asdict(_Repeat())), **kwargs):
-    """Build the data source from config: natural text (`source`), a token file (`path`), or the
-    embedded language; wrapped in the repetition knob when `repeat.p > 0`."""
-    if source:
-        from train.core import text
+NO_REPEAT = MappingProxyType(asdict(_Repeat()))  # the repetition knob's defaults (off)
 
-        entry = text.build_shards(source, cache_dir, source_config=source_config, split=split,
-                                  text_column=text_column, streaming=streaming, max_documents=max_documents,
-                                  tokenizer=tokenizer, vocab_size=vocab_size, sample_documents=tokenizer_documents,
-                                  heldout_every=heldout_every)
-        data = TextCorpus(entry, n_ctx=n_ctx, vocab_size=vocab_size, seed=seed)
-    elif path:
-        data = token_file(path, n_ctx=n_ctx, vocab_size=vocab_size, seed=seed)
-    else:
-        data = RepeatsLanguage(vocab_size=vocab_size, n_ctx=n_ctx, seed=seed, **kwargs)
+
+def with_repetition(data, repeat: Mapping = NO_REPEAT):
+    """`data` wrapped in the repetition knob (`Repetition`) when `repeat.p > 0`, else `data`: every
+    source's builder ends here."""
     if repeat["p"] > 0:
-        data = Repetition(data, repeat["p"], repeat["min_span"], repeat["max_span"], repeat["form"])
+        return Repetition(data, repeat["p"], repeat["min_span"], repeat["max_span"], repeat["form"])
     return data
 
 
-def build_text_data(source: str | None = None, **kwargs):
-    """`data=text`: `build_data` with a text source required."""
+def build_repeats(repeat: Mapping = NO_REPEAT, **language):
+    """`data=repeats`: the embedded language (`language`: RepeatsLanguage's arguments)."""
+    return with_repetition(RepeatsLanguage(**language), repeat)
+
+
+def build_tokens(path: str | None = _Tokens.path, vocab_size: int = _Tokens.vocab_size, n_ctx: int = _Tokens.n_ctx,
+                 seed: int = _Tokens.seed, repeat: Mapping = NO_REPEAT):
+    """`data=tokens`: token ids from disk (`token_file`)."""
+    if not path:
+        raise ValueError("data=tokens needs data.path")
+    return with_repetition(token_file(path, n_ctx=n_ctx, vocab_size=vocab_size, seed=seed), repeat)
+
+
+def build_text(source: str | None = _Text.source, source_config: str | None = _Text.source_config,
+               split: str = _Text.split, text_column: str = _Text.text_column, streaming: bool = _Text.streaming,
+               max_documents: int | None = _Text.max_documents, tokenizer: str = _Text.tokenizer,
+               tokenizer_documents: int = _Text.tokenizer_documents, heldout_every: int = _Text.heldout_every,
+               cache_dir: str = _Text.cache_dir, vocab_size: int = _Text.vocab_size, n_ctx: int = _Text.n_ctx,
+               seed: int = _Text.seed, repeat: Mapping = NO_REPEAT):
+    """`data=text`: natural text, tokenized once into cached shards (train/core/text.py)."""
+    from train.core import text
+
     if not source:
         raise ValueError("data=text needs data.source")
-    return build_data(source=source, **kwargs)
+    entry = text.build_shards(source, cache_dir, source_config=source_config, split=split, text_column=text_column,
+                              streaming=streaming, max_documents=max_documents, tokenizer=tokenizer,
+                              vocab_size=vocab_size, sample_documents=tokenizer_documents, heldout_every=heldout_every)
+    return with_repetition(TextCorpus(entry, n_ctx=n_ctx, vocab_size=vocab_size, seed=seed), repeat)
