@@ -5,6 +5,7 @@
                                  recomputed.jsonl's extra keys joined
     run.config, run.status       config.yaml as a plain dict (labels), status.json
     run.checkpoints()            every checkpoint, oldest first: Checkpoint(step, tokens, path, has_weights, meta)
+    run.with_weights()           those with model weights (RunError when there is none)
     run.checkpoint(step)         the checkpoint with weights at `step` (the newest when None)
     run.load_model(checkpoint)   its model and meta.json; run.load_weights(model, checkpoint)
     run.saved_config()           the run's config, validated (train/core/config.py load_saved_config)
