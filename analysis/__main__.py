@@ -9,8 +9,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from analysis.stages import detection_params
-from train.core.runs import AnalysisError, default_out_dir, load_runs
+from analysis.stages import AnalysisError, detection_params
+from train.core.runs import RunError, default_out_dir, load_runs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
                 os.replace(item, target)
         finally:
             shutil.rmtree(staged, ignore_errors=True)
-    except AnalysisError as e:
+    except (AnalysisError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for row in summary["runs"]:

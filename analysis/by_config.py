@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from analysis.stages import detection_params
+from analysis.stages import AnalysisError, detection_params
 from train.core.phase import detect_run
-from train.core.runs import AnalysisError, Run, load_runs
+from train.core.runs import Run, RunError, load_runs
 from train.core import names as N
 
 
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         runs = load_runs(args.sweep)
         results = {str(r.path): detect_run(r, params) for r in runs}
         groups = group_runs(runs, args.key, results)
-    except AnalysisError as e:
+    except (AnalysisError, RunError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = args.out or Path(args.sweep[0]) / "by_config"

@@ -26,8 +26,8 @@ Formats (each exact: same logits as `train.core.model.AttnOnlyTransformer`, up t
   TransformerLens equivalent and are refused.
 
 Every export also holds `induction_tracker.json` (step, tokens, the run's probe settings) and
-`probes.safetensors`: the run's exact probe token ids (`repeated`, `copy_tokens`, `heldout`),
-which `analysis.series --probes` takes. The project has no tokenizer: token ids are the run's own.
+`probes.safetensors`: the run's exact probe token ids (`repeated`, `copy_tokens`, `heldout`, and
+`allowed`, the tokens its random probes draw from), which `analysis.series --probes` takes. The project has no tokenizer: token ids are the run's own.
 """
 from __future__ import annotations
 
@@ -45,11 +45,10 @@ from safetensors.torch import save_file
 
 from train.core import hf_model, rundir
 from train.core import model as model_module
-from train.core.checkpoint import load_model
-from train.core.config import POSITIONAL_SCHEMES, ConfigError, ModelConfig
+from train.core.config import POSITIONAL_SCHEMES, ModelConfig
 from train.core.model import AttnOnlyTransformer, model_kwargs
 from train.core.probes import PROBES_FILE, write_probe_file
-from train.core.saved_config import load_saved_config
+from train.core.runs import Checkpoint, Run, RunError, open_run
 
 TARGETS = ("hf", "transformer_lens")
 LAYOUTS = ("native", "gpt2", "neox")
@@ -64,24 +63,27 @@ class ExportError(ValueError):
 
 
 # -- probes -------------------------------------------------------------------------------------
-def run_probes(meta: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
-    """The run's probe token ids (as training built them) and the settings the scores use:
-    (tensors repeated / copy_tokens / heldout, settings period / repeats / icl_early / icl_late /
-    n_previous_token)."""
-    from hydra.utils import instantiate
-
-    from train.core.probes import probes_from_config
+def probe_file(run: Run) -> tuple[dict[str, torch.Tensor], dict[str, int]]:
+    """The run's probe token ids (Run.probes: as training built them) and the settings the scores
+    use: (tensors repeated / copy_tokens / heldout / allowed [/ heldout_mixture], settings period /
+    repeats / icl_early / icl_late [/ n_previous_token, when the run scored previous-token
+    attention]). `allowed`: the tokens random probes draw from (Probes.allowed), for robustness
+    probes built like the run's; `heldout_mixture`: held-out sequences with the training
+    repetition, when the run has them."""
     from train.core.metrics import icl_indices
 
-    cfg = load_saved_config(meta["config"], "checkpoint meta.json")
-    probes = probes_from_config(instantiate(cfg.data), cfg.data.n_ctx, cfg.probes)
+    cfg, probes = run.saved_config(), run.probes()
     callbacks = cfg.get("callbacks") or {}
     attention, heldout = callbacks.get("attention") or {}, callbacks.get("heldout") or {}
     early, late = icl_indices(probes.heldout.shape[1], heldout.get("icl_early", cfg.probes.icl_early),
                               heldout.get("icl_late", cfg.probes.icl_late))
-    settings = dict(period=probes.period, repeats=probes.repeats, icl_early=early, icl_late=late,
-                    n_previous_token=int(attention.get("n_heldout", 64) or probes.heldout.shape[0]))
-    tensors = dict(repeated=probes.repeated, copy_tokens=probes.copy_tokens, heldout=probes.heldout)
+    settings = dict(period=probes.period, repeats=probes.repeats, icl_early=early, icl_late=late)
+    if "n_heldout" in attention:  # the previous-token score's held-out sequences (null: all of them)
+        settings["n_previous_token"] = int(attention["n_heldout"] or probes.heldout.shape[0])
+    tensors = dict(repeated=probes.repeated, copy_tokens=probes.copy_tokens, heldout=probes.heldout,
+                   allowed=probes.allowed)
+    if probes.heldout_mixture is not None:
+        tensors["heldout_mixture"] = probes.heldout_mixture
     return tensors, settings
 
 
@@ -242,12 +244,11 @@ def transformer_lens_state(model: AttnOnlyTransformer, kwargs: dict[str, Any]) -
 
 
 # -- one checkpoint ----------------------------------------------------------------------------
-def export_checkpoint(ckpt: Path, out: Path, to: str = "hf", layout: str = "native",
-                      probes: tuple[dict[str, torch.Tensor], dict[str, int]] | None = None) -> Path:
-    """Write checkpoint `ckpt` to directory `out` in format `to` (see the module docstring);
-    `probes`: the run's (run_probes), when already built."""
-    model, meta = load_model(ckpt)
+def export_checkpoint(run: Run, checkpoint: Checkpoint, out: Path, to: str = "hf", layout: str = "native") -> Path:
+    """Write a checkpoint of `run` to directory `out` in format `to` (see the module docstring)."""
+    model, meta = run.load_model(checkpoint)
     kwargs = model_kwargs(meta["model"])
+    tensors, settings = probe_file(run)
     tmp = out.with_name(out.name + rundir.TMP_SUFFIX)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -261,11 +262,9 @@ def export_checkpoint(ckpt: Path, out: Path, to: str = "hf", layout: str = "nati
             hf.save_pretrained(tmp)
             if layout == "native":
                 write_modeling_code(tmp)
-        tensors, settings = probes or run_probes(meta)
         write_probe_file(tmp / PROBES_FILE, tensors, settings)
-        tokenizer = Path(ckpt).parent.parent / rundir.TOKENIZER_DIR  # text runs: the ids' tokenizer
-        if tokenizer.is_dir():  # beside the weights, where AutoTokenizer looks (TransformerLens: tokenizer/)
-            shutil.copytree(tokenizer, tmp if to == "hf" else tmp / rundir.TOKENIZER_DIR, dirs_exist_ok=True)
+        if run.tokenizer_dir is not None:  # text runs: beside the weights, where AutoTokenizer looks (TransformerLens: tokenizer/)
+            shutil.copytree(run.tokenizer_dir, tmp if to == "hf" else tmp / rundir.TOKENIZER_DIR, dirs_exist_ok=True)
         rundir.write_json_atomic(tmp / INFO_FILE, {"step": meta["step"], "tokens": meta.get("tokens"), "format": to,
                                                    "layout": layout if to == "hf" else None,
                                                    "run_model": meta["model"], "probes": settings})
@@ -286,22 +285,10 @@ def export_run(run_dir: Path, out: Path, to: str = "hf", layout: str = "native",
         raise ExportError(f"unknown layout {layout!r}; choose one of {', '.join(LAYOUTS)}")
     if to == "transformer_lens" and layout != "native":
         raise ExportError("--layout applies to --to hf only")
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ExportError(f"no run directory at {run_dir}")
-    checkpoints = [c for c in rundir.list_checkpoints(run_dir) if (c / rundir.MODEL_FILE).is_file()]
-    if not checkpoints:
-        raise ExportError(f"{run_dir} has no checkpoint with weights ({rundir.CHECKPOINTS}/step_*/{rundir.MODEL_FILE})")
-    if step is not None:
-        chosen = [c for c in checkpoints if rundir.checkpoint_step(c) == step]
-        if not chosen:
-            raise ExportError(f"{run_dir} has no checkpoint with weights at step {step}; steps: "
-                              f"{', '.join(str(rundir.checkpoint_step(c)) for c in checkpoints)}")
-        return [export_checkpoint(chosen[0], Path(out), to, layout)]
-    if not all_steps:
-        return [export_checkpoint(checkpoints[-1], Path(out), to, layout)]
-    probes = run_probes(rundir.read_meta(checkpoints[0]))  # one run, one config: the same probes throughout
-    return [export_checkpoint(c, Path(out) / c.name, to, layout, probes) for c in checkpoints]
+    run = open_run(run_dir)
+    if all_steps:
+        return [export_checkpoint(run, c, Path(out) / c.path.name, to, layout) for c in run.with_weights()]
+    return [export_checkpoint(run, run.checkpoint(step), Path(out), to, layout)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -316,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         written = export_run(args.run_dir, args.out, args.to, args.layout, args.step, args.all)
-    except (ExportError, ConfigError, rundir.CheckpointError, OSError) as e:
+    except (ExportError, RunError, OSError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     where = written[0] if len(written) == 1 else f"{args.out} ({len(written)} checkpoints)"

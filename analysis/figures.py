@@ -1,5 +1,6 @@
-"""Olsson-style figures of one run or several (matplotlib Agg, log-x in tokens, detected windows
-shaded). Every function returns a matplotlib Figure; the caller saves and closes it."""
+"""Olsson-style figures of one run (matplotlib Agg, log-x in tokens, detected windows shaded);
+figures across runs: analysis/comparison.py. Every function returns a matplotlib Figure; the
+caller saves and closes it."""
 from __future__ import annotations
 
 import math
@@ -16,13 +17,14 @@ from train.core import names as N
 WINDOW_COLOR = "tab:orange"
 
 
-def _positive(tokens, *arrays):
+def positive(tokens, *arrays):
+    """(tokens, *arrays) at the finite, positive token counts (a log axis shows only those)."""
     t = np.asarray(tokens, dtype=float)
     keep = np.isfinite(t) & (t > 0)
     return (t[keep],) + tuple(np.asarray(a)[keep] for a in arrays)
 
 
-def _shade(ax, win: dict[str, Any] | None, label: str | None = "detected window", color=WINDOW_COLOR):
+def shade(ax, win: dict[str, Any] | None, label: str | None = "detected window", color=WINDOW_COLOR):
     if not win or not win.get("detected", True) or win.get("start_tokens") is None:
         return
     ax.axvspan(win["start_tokens"], win["end_tokens"], color=color, alpha=0.18, lw=0, label=label)
@@ -43,10 +45,10 @@ def _grid_tokens(sm):
 def fig_loss(run: Run, result: dict[str, Any], params: PhaseParams = PhaseParams()):
     """Held-out loss with the bump marked, and d loss / d ln(tokens)."""
     fig, (ax, ax2) = plt.subplots(2, 1, figsize=(7, 6), sharex=True, dpi=100)
-    t, loss = _positive(run.tokens, run.series(N.LOSS_HELDOUT))
+    t, loss = positive(run.tokens, run.series(N.LOSS_HELDOUT))
     ax.plot(t, loss, ".", ms=3, color="tab:blue", label="held-out loss")
     if run.has(N.LOSS_TRAIN):
-        tt, lt = _positive(run.tokens, run.series(N.LOSS_TRAIN))
+        tt, lt = positive(run.tokens, run.series(N.LOSS_TRAIN))
         ax.plot(tt, lt, "-", lw=0.6, color="0.6", alpha=0.7, label="train loss")
     sm = smooth(run.tokens, run.series(N.LOSS_HELDOUT), params)
     bump = result.get("loss_bump", {})
@@ -62,7 +64,7 @@ def fig_loss(run: Run, result: dict[str, Any], params: PhaseParams = PhaseParams
                     label=f"earlier trend (bump {bump['size']:.2f} nats)")
             ax2.axhline(bump["slope_before"], color="0.3", ls="--", lw=0.8)
     for a in (ax, ax2):
-        _shade(a, bump if bump.get("detected") else None, label="loss bump")
+        shade(a, bump if bump.get("detected") else None, label="loss bump")
         _burn_in(a, result)
     ax.set_ylabel("loss (nats)")
     ax.set_title(f"{run.label}: loss " + ("- bump detected" if bump.get("detected") else "- no bump"), fontsize=9)
@@ -76,13 +78,13 @@ def fig_loss(run: Run, result: dict[str, Any], params: PhaseParams = PhaseParams
 
 def fig_icl(run: Run, result: dict[str, Any], params: PhaseParams = PhaseParams()):
     fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
-    t, icl = _positive(run.tokens, run.series(N.ICL_SCORE))
+    t, icl = positive(run.tokens, run.series(N.ICL_SCORE))
     ax.plot(t, icl, ".", ms=3, color="tab:green", label="ICL score")
     sm = smooth(run.tokens, run.series(N.ICL_SCORE), params)
     if sm is not None:
         ax.plot(_grid_tokens(sm), sm.value, "-", color="tab:green", lw=1.2)
     win = result.get("icl_jump", {})
-    _shade(ax, win if win.get("detected") else None, label="ICL jump")
+    shade(ax, win if win.get("detected") else None, label="ICL jump")
     _burn_in(ax, result)
     late, early = _last(run, N.ICL_LATE), _last(run, N.ICL_EARLY)
     ax.set_ylabel(f"ICL score: loss[{late}] - loss[{early}]" if late is not None else "ICL score (nats)")
@@ -117,14 +119,14 @@ def fig_heads(run: Run, result: dict[str, Any]):
     for ax, metric in zip(axes[:, 0], metrics):
         for name, series in run.head_series(metric).items():
             layer, head = N.parse_head_name(name)
-            t, y = _positive(run.tokens, series)
+            t, y = positive(run.tokens, series)
             hot = name in induction
             ax.plot(t, y, ["-", "--", ":", "-."][layer % 4], lw=2.2 if hot else 0.9, alpha=1.0 if hot else 0.6,
                     color=cmap(head % 10),
                     label=f"{name}{' (induction)' if hot else ''}" if hot or n_layers * 4 <= 16 else None)
         win = result.get("window")
         if win:
-            _shade(ax, win, label="phase change")
+            shade(ax, win, label="phase change")
         ax.set_ylabel(metric.replace("_", " "))
         ax.set_xscale("log")
         ax.legend(fontsize=6, ncol=2)
@@ -208,125 +210,13 @@ def fig_labels(run: Run):
     return fig
 
 
-# --------------------------------------------------------------------------- several runs
-
-def pca_trajectories(runs: list[Run]) -> tuple[list[tuple[Run, np.ndarray, np.ndarray]], np.ndarray] | None:
-    """Joint PCA of per-position-loss vectors of all checkpoints of all runs (same length).
-    Returns [(run, tokens, coords [C, 2])] and the explained-variance ratios."""
-    data = []
-    for r in runs:
-        ppl = r.per_position_loss()
-        if ppl is not None:
-            data.append((r, *ppl))
-    if not data:
-        return None
-    n = max(m.shape[1] for _, _, m in data)
-    data = [(r, t, m) for r, t, m in data if m.shape[1] == n]
-    allm = np.concatenate([m for _, _, m in data])
-    ok = np.isfinite(allm).all(1)
-    if ok.sum() < 3:
-        return None
-    mean = allm[ok].mean(0)
-    _, sv, vt = np.linalg.svd(allm[ok] - mean, full_matrices=False)
-    ratio = sv ** 2 / max((sv ** 2).sum(), 1e-30)
-    out = []
-    for r, t, m in data:
-        good = np.isfinite(m).all(1)
-        out.append((r, t[good], (m[good] - mean) @ vt[:2].T))
-    return out, ratio[:2]
-
-
-def fig_pca(runs: list[Run], results: dict[str, dict[str, Any]]):
-    pca = pca_trajectories(runs)
-    if pca is None:
-        return None
-    traj, ratio = pca
-    pos = np.concatenate([t[t > 0] for _, t, _ in traj]) if traj else np.array([1.0])
-    t_min, t_max = (pos.min(), pos.max()) if len(pos) else (1.0, 10.0)
-    fig, ax = plt.subplots(figsize=(6.5, 5.5), dpi=100)
-    cmap = plt.get_cmap("tab10")
-    for i, (r, t, xy) in enumerate(traj):
-        ax.plot(xy[:, 0], xy[:, 1], "-", color=cmap(i % 10), lw=0.8, alpha=0.7,
-                label=r.label if len(traj) <= 12 else None)
-        sc = ax.scatter(xy[:, 0], xy[:, 1], c=np.log10(np.maximum(t, t_min)), cmap="viridis", s=8, zorder=3,
-                        vmin=np.log10(t_min), vmax=np.log10(t_max))
-        win = results.get(str(r.path), {}).get("window")
-        if win:
-            inside = (t >= win["start_tokens"]) & (t <= win["end_tokens"])
-            ax.scatter(xy[inside, 0], xy[inside, 1], s=40, facecolors="none", edgecolors=WINDOW_COLOR, zorder=4,
-                       label="in phase-change window" if i == 0 else None)
-        ax.annotate("start", xy[0], fontsize=6)
-    fig.colorbar(sc, ax=ax, label="log10 tokens")
-    ax.set_xlabel(f"PC1 ({ratio[0]:.1%} of variance)")
-    ax.set_ylabel(f"PC2 ({ratio[1]:.1%} of variance)" if len(ratio) > 1 else "PC2")
-    ax.set_title("PCA of per-token-loss vectors across checkpoints (all runs jointly)", fontsize=9)
-    ax.legend(fontsize=6)
-    fig.tight_layout()
-    return fig
-
-
-def _max_prefix(run: Run) -> np.ndarray:
+def max_prefix(run: Run) -> np.ndarray:
     """Max prefix matching over heads of layers >= 1 (over all heads for 1-layer models)."""
     hs = run.head_series(N.PREFIX_MATCHING)
     later = {k: v for k, v in hs.items() if N.parse_head_name(k)[0] > 0} or hs
     if not later:
         return np.full(len(run.rows), np.nan)
     return np.nanmax(np.vstack(list(later.values())), axis=0)
-
-
-def group_curves(runs: list[Run], getter, n_grid: int = 200) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]]:
-    """Per group (n_layers): a common log-token grid and mean / min / max over the runs."""
-    groups: dict[str, list[Run]] = {}
-    for r in runs:
-        groups.setdefault(r.group, []).append(r)
-    out = {}
-    for g, members in sorted(groups.items()):
-        curves = []
-        for r in members:
-            t, y = _positive(r.tokens, getter(r))
-            ok = np.isfinite(y)
-            if ok.sum() >= 2:
-                curves.append((np.log(t[ok]), y[ok]))
-        if not curves:
-            continue
-        lo, hi = max(c[0][0] for c in curves), min(c[0][-1] for c in curves)
-        if hi <= lo:
-            continue
-        grid = np.linspace(lo, hi, n_grid)
-        ys = np.vstack([np.interp(grid, x, y) for x, y in curves])
-        out[g] = (np.exp(grid), ys.mean(0), ys.min(0), ys.max(0), len(curves))
-    return out
-
-
-def fig_compare(runs: list[Run], results: dict[str, dict[str, Any]]):
-    """Loss, ICL score and max prefix matching of all runs, grouped by n_layers (mean and
-    min-max spread over seeds), phase-change steepest points as ticks."""
-    panels = [("held-out loss", lambda r: r.series(N.LOSS_HELDOUT)), ("ICL score", lambda r: r.series(N.ICL_SCORE)),
-              ("max prefix matching (layers >= 1)", _max_prefix)]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4), dpi=100)
-    cmap = plt.get_cmap("tab10")
-    groups = sorted({r.group for r in runs})
-    for ax, (title, getter) in zip(axes, panels):
-        curves = group_curves(runs, getter)
-        for i, g in enumerate(groups):
-            if g not in curves:
-                continue
-            t, mean, lo, hi, n = curves[g]
-            ax.plot(t, mean, color=cmap(i % 10), label=f"{g} (n={n})")
-            if n > 1:
-                ax.fill_between(t, lo, hi, color=cmap(i % 10), alpha=0.2, lw=0)
-            for r in runs:
-                win = results.get(str(r.path), {}).get("window")
-                if r.group == g and win:
-                    ax.axvline(win["steepest_tokens"], color=cmap(i % 10), lw=0.8, ls=":")
-        ax.set_xscale("log")
-        ax.set_xlabel("tokens")
-        ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=7)
-    fig.suptitle("runs grouped by number of layers: mean, min-max over seeds; dotted = detected steepest point",
-                 fontsize=9)
-    fig.tight_layout()
-    return fig
 
 
 # --------------------------------------------------------------------------- developmental stages
@@ -345,60 +235,77 @@ def fig_stages(run: Run, result: dict[str, Any], stages: dict[str, Any], params:
     the other panels are drawn and the title says so."""
     from analysis import stages as S
 
-    stage_params = stage_params or S.StageParams()
-    tokens = run.tokens
-    llc = run.series(S.LLC_MEAN)
-    has_llc = bool(np.isfinite(llc).any())
+    has_llc = bool(np.isfinite(run.series(S.LLC_MEAN)).any())
     pt_series, _ = S.layer0_previous_token(run)
-    panels = []
-    if has_llc:
-        panels.append("llc")
-    panels += ["loss", "icl", "prefix", "previous"]
+    panels = (["llc"] if has_llc else []) + ["loss", "icl", "prefix", "previous"]
     fig, axes = plt.subplots(len(panels), 1, figsize=(8, 1.9 * len(panels) + 0.6), sharex=True, dpi=100,
                              squeeze=False)
     axes = dict(zip(panels, axes[:, 0]))
-
-    def series_panel(ax, y, color, ylabel, smoothed=True):
-        t, v = _positive(tokens, y)
-        ok = np.isfinite(v)
-        ax.plot(t[ok], v[ok], ".", ms=3, color=color)
-        sm = smooth(tokens, y, params) if smoothed else None
-        if sm is not None:
-            ax.plot(_grid_tokens(sm), sm.value, "-", color=color, lw=1.2)
-        ax.set_ylabel(ylabel, fontsize=8)
-
-    llc_info = stages.get("llc", {})
     if has_llc:
-        ax = axes["llc"]
-        t, v, sd = _positive(tokens, llc, run.series(S.LLC_STD))
-        ok = np.isfinite(v)
-        with_sd = ok & np.isfinite(sd)
-        if with_sd.any():
-            ax.errorbar(t[with_sd], v[with_sd], yerr=sd[with_sd], fmt="o", ms=3, color="k", ecolor="0.5",
-                        capsize=2, lw=0.8, label="LLC (mean +- std)")
-        if (ok & ~with_sd).any():
-            ax.plot(t[ok & ~with_sd], v[ok & ~with_sd], "o", ms=3, color="k", label="LLC")
-        sm = S.smooth_llc(tokens, llc, stage_params, params)
-        if sm is not None:
-            ax.plot(_grid_tokens(sm), sm.value, "-", color="k", lw=1.0, alpha=0.7, label="smoothed")
-        ax.set_ylabel("LLC", fontsize=8)
-    series_panel(axes["loss"], run.series(N.LOSS_HELDOUT), "tab:blue", "held-out loss")
-    series_panel(axes["icl"], run.series(N.ICL_SCORE), "tab:green", "ICL score")
-    series_panel(axes["prefix"], _max_prefix(run), WINDOW_COLOR, "max prefix matching\n(layers >= 1)")
-    series_panel(axes["previous"], pt_series, PREVIOUS_TOKEN_COLOR, "max previous-token\n(layer 0)")
+        _llc_panel(axes["llc"], run, stage_params or S.StageParams(), params)
+    for name, y, color, ylabel in (("loss", run.series(N.LOSS_HELDOUT), "tab:blue", "held-out loss"),
+                                   ("icl", run.series(N.ICL_SCORE), "tab:green", "ICL score"),
+                                   ("prefix", max_prefix(run), WINDOW_COLOR, "max prefix matching\n(layers >= 1)"),
+                                   ("previous", pt_series, PREVIOUS_TOKEN_COLOR, "max previous-token\n(layer 0)")):
+        _series_panel(axes[name], run.tokens, y, color, ylabel, params)
+    _stage_marks(list(axes.values()), stages)
+    top = axes[panels[0]]
+    if top.get_legend_handles_labels()[0]:
+        top.legend(fontsize=6, ncol=2, loc="best")
+    axes[panels[-1]].set_xlabel("tokens")
+    llc_state = stages.get("llc", {}).get("message", "") if has_llc else "LLC not logged"
+    order = textwrap.fill(stages.get("order", {}).get("message", ""), 110)
+    fig.suptitle(f"{run.label}: developmental stages - {llc_state}\n{order}",
+                 fontsize=8)
+    fig.tight_layout()
+    return fig
 
+
+def _series_panel(ax, tokens, y, color, ylabel, params: PhaseParams):
+    """The points of `y` and their smoothed curve (train/core/phase.py smooth)."""
+    t, v = positive(tokens, y)
+    ok = np.isfinite(v)
+    ax.plot(t[ok], v[ok], ".", ms=3, color=color)
+    sm = smooth(tokens, y, params)
+    if sm is not None:
+        ax.plot(_grid_tokens(sm), sm.value, "-", color=color, lw=1.2)
+    ax.set_ylabel(ylabel, fontsize=8)
+
+
+def _llc_panel(ax, run: Run, stage_params, params: PhaseParams):
+    """The LLC with its std over chains as error bars (where logged) and its smoothed curve."""
+    from analysis import stages as S
+
+    tokens, llc = run.tokens, run.series(S.LLC_MEAN)
+    t, v, sd = positive(tokens, llc, run.series(S.LLC_STD))
+    ok = np.isfinite(v)
+    with_sd = ok & np.isfinite(sd)
+    if with_sd.any():
+        ax.errorbar(t[with_sd], v[with_sd], yerr=sd[with_sd], fmt="o", ms=3, color="k", ecolor="0.5",
+                    capsize=2, lw=0.8, label="LLC (mean +- std)")
+    if (ok & ~with_sd).any():
+        ax.plot(t[ok & ~with_sd], v[ok & ~with_sd], "o", ms=3, color="k", label="LLC")
+    sm = S.smooth_llc(tokens, llc, stage_params, params)
+    if sm is not None:
+        ax.plot(_grid_tokens(sm), sm.value, "-", color="k", lw=1.0, alpha=0.7, label="smoothed")
+    ax.set_ylabel("LLC", fontsize=8)
+
+
+def _stage_marks(axes: list, stages: dict[str, Any]) -> None:
+    """On every panel: the previous-token rise and the induction window shaded, the LLC stage
+    boundaries as vertical lines, a log token axis; labels on the first panel only."""
     pt_win = stages.get("previous_token") or {}
     induction = stages.get("induction") or {}
     ind_win = induction.get("prefix_matching") or induction.get("phase_change")
     ind_label = (f"induction: prefix-matching rise ({induction['prefix_matching_head']})"
                  if induction.get("prefix_matching") else "induction: phase-change window")
     seen = set()
-    for i, ax in enumerate(axes.values()):
+    for i, ax in enumerate(axes):
         first = i == 0
-        _shade(ax, pt_win if pt_win.get("detected") else None, label="previous-token rise (layer 0)" if first else None,
-               color=PREVIOUS_TOKEN_COLOR)
-        _shade(ax, ind_win, label=ind_label if first else None)
-        for b in llc_info.get("boundaries", []):
+        shade(ax, pt_win if pt_win.get("detected") else None, label="previous-token rise (layer 0)" if first else None,
+              color=PREVIOUS_TOKEN_COLOR)
+        shade(ax, ind_win, label=ind_label if first else None)
+        for b in stages.get("llc", {}).get("boundaries", []):
             kind = b["kind"]
             label = f"LLC {kind.replace('_', ' ')}" if first and kind not in seen else None
             if first:
@@ -407,16 +314,3 @@ def fig_stages(run: Run, result: dict[str, Any], stages: dict[str, Any], params:
                        label=label)
         ax.set_xscale("log")
         ax.tick_params(labelsize=7)
-    top = axes[panels[0]]
-    if top.get_legend_handles_labels()[0]:
-        top.legend(fontsize=6, ncol=2, loc="best")
-    axes[panels[-1]].set_xlabel("tokens")
-    if not has_llc:
-        llc_state = "LLC not logged"
-    else:
-        llc_state = llc_info.get("message", "")
-    order = textwrap.fill(stages.get("order", {}).get("message", ""), 110)
-    fig.suptitle(f"{run.label}: developmental stages - {llc_state}\n{order}",
-                 fontsize=8)
-    fig.tight_layout()
-    return fig

@@ -4,8 +4,8 @@
         [--n-beta NB ...] [--draws N] [--chains N] [--burnin N] [--batch-size N] [--n-sequences N]
         [--seed N] [--device cpu]
 
-Loads the checkpoint at step N (default: the last one with weights), rebuilds the run's probes
-from the config saved in its meta.json, and runs `train.core.llc.estimate_llc` on the first
+Loads the checkpoint at step N (default: the last one with weights) and the run's probes through
+the run reader (train/core/runs.py Run), and runs `train.core.llc.estimate_llc` on the first
 n-sequences held-out sequences for every combination of --lr, --localization and --n-beta
 ("default": the rule in train/core/llc.py). Settings not given take the defaults of the `llc`
 callback (train.core.callbacks.LLCEstimate). Prints one row per combination: lr, localization, n_beta,
@@ -26,47 +26,10 @@ from pathlib import Path
 import numpy as np
 
 
-class CalibrateError(ValueError):
-    """A user-facing problem (missing run, step or weights): one line, no traceback."""
-
-
 def _defaults() -> dict:
     from train.core.callbacks import LLCEstimate
 
     return {k: p.default for k, p in inspect.signature(LLCEstimate).parameters.items()}
-
-
-def load_checkpoint(run_dir: Path, step: int | None, device: str = "cpu"):
-    """(model, probes, step) of a run's checkpoint (the last one with weights when step is None)."""
-    from hydra.utils import instantiate
-
-    from train.core import checkpoint as ckpt
-    from train.core import rundir
-    from train.core.saved_config import load_saved_config
-    from train.core.probes import probes_from_config
-
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CalibrateError(f"no run directory at {run_dir}")
-    saved = [c for c in rundir.list_checkpoints(run_dir) if (c / rundir.MODEL_FILE).is_file()]
-    if not saved:
-        raise CalibrateError(f"{run_dir} has no checkpoint with weights ({rundir.MODEL_FILE})")
-    if step is None:
-        path = saved[-1]
-    else:
-        found = [c for c in saved if rundir.checkpoint_step(c) == step]
-        if not found:
-            steps = [rundir.checkpoint_step(c) for c in saved]
-            raise CalibrateError(f"{run_dir} has no checkpoint with weights at step {step} "
-                                 f"(steps {steps[0]}..{steps[-1]}, {len(steps)} checkpoints)")
-        path = found[0]
-    meta = rundir.read_meta(path)
-    if "config" not in meta:
-        raise CalibrateError(f"{path / rundir.META_FILE} holds no saved config")
-    cfg = load_saved_config(meta["config"], str(path / rundir.META_FILE))
-    model, _ = ckpt.load_model(path, device)
-    probes = probes_from_config(instantiate(cfg.data), cfg.data.n_ctx, cfg.probes)
-    return model, probes, rundir.checkpoint_step(path)
 
 
 def calibrate(model, tokens, lrs, localizations, n_betas, **settings) -> Iterator[dict]:
@@ -118,16 +81,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=d["seed"])
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
-    from train.core.config import ConfigError
     from train.core.llc import check_settings
-    from train.core.rundir import CheckpointError
+    from train.core.runs import RunError, open_run
 
     try:
         for lr, loc, nb in itertools.product(args.lr, args.localization, args.n_beta):
             check_settings(lr, nb, loc, args.chains, args.draws, args.burnin, args.batch_size)
-        model, probes, step = load_checkpoint(args.run_dir, args.step, args.device)
-        tokens = probes.heldout[: args.n_sequences]
-        print(f"{args.run_dir}: step {step}, {tokens.shape[0]} held-out sequences, {args.chains} chains x "
+        run = open_run(args.run_dir)
+        checkpoint = run.checkpoint(args.step)
+        model, _ = run.load_model(checkpoint, args.device)
+        tokens = run.probes().heldout[: args.n_sequences]
+        print(f"{args.run_dir}: step {checkpoint.step}, {tokens.shape[0]} held-out sequences, {args.chains} chains x "
               f"({args.burnin} burn-in + {args.draws} draws), batch {args.batch_size}", flush=True)
         rows = calibrate(model, tokens, args.lr, args.localization, args.n_beta, num_chains=args.chains,
                          num_draws=args.draws, num_burnin_steps=args.burnin, batch_size=args.batch_size,
@@ -135,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         print(HEADER, flush=True)
         for row in rows:
             print(format_row(row), flush=True)
-    except (CalibrateError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (RunError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

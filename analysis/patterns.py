@@ -22,9 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from train.core.runs import Run
 from train.core import names as N
-from train.core import rundir
+from train.core.runs import Checkpoint, Run
 
 MOMENTS = ("before", "during", "after")
 CAPTIONS = {f"attention_{key}": f"attention patterns on the {name} sequence: the induction heads and their "
@@ -48,33 +47,28 @@ def partner(row: dict[str, Any], head: str) -> str | None:
     return best
 
 
-def moment_checkpoints(run_dir: Path, window: dict[str, Any]) -> dict[str, Path]:
+def moment_checkpoints(run: Run, window: dict[str, Any]) -> dict[str, Checkpoint]:
     """{before, during, after}: saved checkpoints (with weights) around a window (module docstring)."""
-    saved = [(rundir.read_meta(c)["tokens"], c) for c in rundir.list_checkpoints(run_dir)
-             if (c / rundir.MODEL_FILE).is_file()]
+    saved = run.checkpoints(weights=True)
     if not saved:
         return {}
     out = {}
-    before = [c for t, c in saved if t <= window["start_tokens"]]
-    after = [c for t, c in saved if t >= window["end_tokens"]]
+    before = [c for c in saved if c.tokens <= window["start_tokens"]]
+    after = [c for c in saved if c.tokens >= window["end_tokens"]]
     if before:
         out["before"] = before[-1]
-    out["during"] = min(saved, key=lambda tc: abs(np.log(max(tc[0], 1)) - np.log(window["steepest_tokens"])))[1]
+    out["during"] = min(saved, key=lambda c: abs(np.log(max(c.tokens, 1)) - np.log(window["steepest_tokens"])))
     if after:
         out["after"] = after[0]
     return out
 
 
-def probe_inputs(config: dict[str, Any]):
-    """(probe sequence, held-out sequence) [n] of a run, rebuilt from its saved config as in training."""
+def probe_inputs(run: Run):
+    """(probe sequence, held-out sequence) [n] of a run: its first prefix-matching probe and the
+    held-out sequence with the most repeated tokens (Run.probes: as training built them)."""
     import torch
-    from hydra.utils import instantiate
 
-    from train.core.saved_config import load_saved_config
-    from train.core.probes import probes_from_config
-
-    cfg = load_saved_config(config, "the run's config.yaml")
-    probes = probes_from_config(instantiate(cfg.data), cfg.data.n_ctx, cfg.probes)
+    probes = run.probes()
     held = probes.heldout
     repeats = torch.tensor([len(s) - len(set(s.tolist())) for s in held])
     return probes.repeated[0], held[int(repeats.argmax())]
@@ -86,13 +80,12 @@ def collect(run: Run, result: dict[str, Any]) -> dict[str, Any] | None:
     "patterns": {moment: {head: [[...]]}}}}}; None without a window, heads or saved weights."""
     import torch
 
-    from train.core.checkpoint import load_model
     from train.core.metrics import attention_patterns
 
     window = result.get("window")
     if not window or not result.get("induction_heads") or not run.rows:
         return None
-    checkpoints = moment_checkpoints(run.path, window)
+    checkpoints = moment_checkpoints(run, window)
     if not checkpoints:
         return None
     heads: list[str] = []
@@ -100,13 +93,13 @@ def collect(run: Run, result: dict[str, Any]) -> dict[str, Any] | None:
         for name in (head, partner(run.rows[-1], head)):
             if name and name not in heads:
                 heads.append(name)
-    probe, heldout = probe_inputs(run.config)
+    probe, heldout = probe_inputs(run)
     out = {"heads": heads, "partners": {h: partner(run.rows[-1], h) for h in result["induction_heads"]},
            "moments": {}, "inputs": {"probe": {"tokens": probe.tolist(), "patterns": {}},
                                      "held-out": {"tokens": heldout.tolist(), "patterns": {}}}}
-    for moment, ckpt in checkpoints.items():
-        model, meta = load_model(ckpt)
-        out["moments"][moment] = meta["tokens"]
+    for moment, checkpoint in checkpoints.items():
+        model, _ = run.load_model(checkpoint)
+        out["moments"][moment] = checkpoint.tokens
         for name, seq in (("probe", probe), ("held-out", heldout)):
             with torch.no_grad():
                 pats = attention_patterns(model, seq[None])[:, 0]  # [n_layers, n_heads, q, k]

@@ -2,8 +2,8 @@
 
     uv run python -m analysis.recompute RUN_DIR [--callbacks NAME ...] [--out FILE] [--device cpu]
 
-Loads every saved checkpoint (RUN_DIR/checkpoints/step_*/model.safetensors + meta.json), rebuilds
-the probes exactly as training did (``probes_from_config`` on the run's saved config), and
+Loads every saved checkpoint (RUN_DIR/checkpoints/step_*/model.safetensors + meta.json) and the
+probes exactly as training built them, both through the run reader (train/core/runs.py Run), and
 evaluates the named callbacks at each checkpoint with the same code training uses
 (``train.core.callbacks.evaluate_checkpoint``), each at its own `every` cadence over the run's
 checkpoint schedule. Writes one row per checkpoint (step, tokens + metric keys) to
@@ -23,23 +23,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import get_class, instantiate
+from hydra.utils import get_class
 from omegaconf import OmegaConf
 
-from train.core import checkpoint as ckpt
 from train.core import names as N
 from train.core import rundir
 from train.core.callbacks import RunContext, evaluate_checkpoint, instantiate_callbacks, prepare_callbacks, with_providers
 from train.core.config import ConfigError
-from train.core.probes import probes_from_config
-from train.core.saved_config import load_saved_config
+from train.core.runs import RunError, open_run
 from train.core.schedules import run_steps
 
 CALLBACK_CONFIGS = Path(__file__).resolve().parents[1] / "conf" / "callbacks"
 
 
 class RecomputeError(ValueError):
-    """A user-facing problem (missing run, no weights, unknown callback): one line, no traceback."""
+    """A user-facing problem (an unknown callback, a device that is not there): one line, no traceback."""
 
 
 def _entries(path: Path):
@@ -77,43 +75,31 @@ def recompute(run_dir: Path, names: list[str] | None = None, out: Path | None = 
               device: str = "cpu", prefer_defaults: bool = False) -> tuple[list[dict[str, Any]], Path]:
     from train.core.device import select_device
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RecomputeError(f"no run directory at {run_dir}")
+    run = open_run(run_dir)
     try:
         device = select_device(device)
     except (ValueError, RuntimeError) as e:  # a device that is not there, or no device name
         raise RecomputeError(f"--device {device}: {e}") from None
-    checkpoints = rundir.list_checkpoints(run_dir)
-    if not checkpoints:
-        raise RecomputeError(f"{run_dir} has no checkpoints (expected {rundir.checkpoint_dir(run_dir, 0).parent}/step_*)")
-    with_weights = [c for c in checkpoints if (c / rundir.MODEL_FILE).is_file()]
-    if not with_weights:
-        raise RecomputeError(f"no checkpoint of {run_dir} has weights ({rundir.MODEL_FILE}); "
-                             "the run was trained with checkpoint.save_weights=false")
-    meta = rundir.read_meta(with_weights[0])
-    if "config" not in meta:
-        raise RecomputeError(f"{with_weights[0] / rundir.META_FILE} holds no saved config")
-    cfg = load_saved_config(meta["config"], str(with_weights[0] / rundir.META_FILE))
+    with_weights = run.with_weights()
+    cfg = run.saved_config()
     configs = callback_configs(cfg, names, prefer_defaults)
     if names is not None and set(configs) - set(names):
         print(f"also running {', '.join(n for n in configs if n not in names)} (needed by "
               f"{', '.join(names)})", file=sys.stderr)
-    model, _ = ckpt.load_model(with_weights[0], device)
-    probes = probes_from_config(instantiate(cfg.data), cfg.data.n_ctx, cfg.probes).to(device)
-    ctx = RunContext(model, probes)
+    model, _ = run.load_model(with_weights[0], device)
+    ctx = RunContext(model, run.probes().to(device))
     callbacks = prepare_callbacks(instantiate_callbacks(configs), ctx)
     _, _, schedule = run_steps(cfg)
+    all_steps = [c.step for c in run.checkpoints()]
     rows = []
-    for index, path in enumerate(with_weights):
-        ckpt.load_weights(model, path)
+    for c in with_weights:
+        run.load_weights(model, c)
         model.eval()
-        m = rundir.read_meta(path)
         # Checkpoint cadence as in training: the step's index in the run's schedule.
-        ctx.step, ctx.tokens = int(m["step"]), int(m["tokens"])
-        ctx.checkpoint_index = schedule.index(ctx.step) if ctx.step in schedule else checkpoints.index(path)
+        ctx.step, ctx.tokens = c.step, int(c.tokens)
+        ctx.checkpoint_index = schedule.index(c.step) if c.step in schedule else all_steps.index(c.step)
         rows.append({N.STEP: ctx.step, N.TOKENS: ctx.tokens} | evaluate_checkpoint(callbacks, ctx))
-    out = Path(out) if out is not None else run_dir / rundir.RECOMPUTED_FILE
+    out = Path(out) if out is not None else run.path / rundir.RECOMPUTED_FILE
     rundir.write_text_atomic(out, "".join(rundir.format_row(r) for r in rows))
     return rows, out
 
@@ -141,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     try:
         rows, out = recompute(args.run_dir, args.callbacks, args.out, args.device, args.use_defaults)
-    except (RecomputeError, ConfigError, rundir.CheckpointError, FileNotFoundError, ValueError) as e:
+    except (RecomputeError, RunError, ConfigError, rundir.CheckpointError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     behavioral, mechanistic = first_labelled(rows, N.IS_BEHAVIORAL), first_labelled(rows, N.IS_MECHANISTIC)

@@ -12,14 +12,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from analysis import figures
+from analysis import comparison, figures
 from analysis.patterns import CAPTIONS as PATTERN_CAPTIONS, attention_section
-from train.core.phase import PhaseParams, detect_run
 from analysis.plots import plt
-from train.core.runs import AnalysisError, Run
-from analysis.stages import StageParams, detect_stages
+from analysis.stages import AnalysisError, StageParams, detect_stages
 from train.core import names as N
+from train.core.phase import PhaseParams, detect_run
 from train.core.rundir import CONFIG_FILE, METRICS_FILE
+from train.core.runs import Run
 
 
 def analyze_run(run: Run, params: PhaseParams = PhaseParams()) -> dict[str, Any]:
@@ -103,11 +103,11 @@ def build_report(runs: list[Run], out_dir: Path, params: PhaseParams = PhasePara
         pattern_figs, views[str(r.path)] = attention_section(r, results[str(r.path)], fig_dir / slug, f"patterns-{slug}")
         per_run_figs[str(r.path)].update(pattern_figs)
     joint = {}
-    p = _save(figures.fig_pca(runs, results), fig_dir / "pca_per_token_loss.png")
+    p = _save(comparison.fig_pca(runs, results), fig_dir / "pca_per_token_loss.png")
     if p:
         joint["pca"] = p
     if len(runs) > 1:
-        joint["compare"] = _save(figures.fig_compare(runs, results), fig_dir / "compare.png")
+        joint["compare"] = _save(comparison.fig_compare(runs, results), fig_dir / "compare.png")
 
     summary = {"params": params.to_dict(), "stage_params": stage_params.to_dict(),
                "runs": [_summary_row(r, results[str(r.path)]) for r in runs]}
@@ -195,19 +195,12 @@ def _html(runs, results, per_run_figs, joint, params: PhaseParams, stage_params:
 
 # --------------------------------------------------------------------------- wandb
 
-def _wandb_run_dir(run: Run) -> Path | None:
-    wdir = run.path / "wandb"
-    if not run.wandb_run_id or not wdir.is_dir():
-        return None
-    hits = sorted(wdir.glob(f"*run-*-{run.wandb_run_id}"))
-    return hits[-1] if hits else None
-
-
 def attach_to_wandb(run: Run, result: dict[str, Any], figs: dict[str, Path], log=print) -> bool:
     """Log figures and the detected window to the run's wandb run. Online when credentials are
     present, else into a new offline segment of the same run id (upload with `wandb sync`).
     Never raises: on any failure prints a message and returns False."""
-    if _wandb_run_dir(run) is None:
+    wandb_dir = run.wandb_dir
+    if wandb_dir is None:
         return False
     try:
         import wandb
@@ -216,7 +209,7 @@ def attach_to_wandb(run: Run, result: dict[str, Any], figs: dict[str, Path], log
 
         env = os.environ.get("WANDB_MODE")
         online = env not in ("offline", "disabled") and wandb_credentials_present() and \
-            _wandb_run_dir(run).name.startswith("run-")
+            wandb_dir.name.startswith("run-")
         logger_cfg = run.config.get("logger") or {}
         kwargs = dict(id=run.wandb_run_id, project=logger_cfg.get("project") or "induction-heads",
                       entity=logger_cfg.get("entity"), dir=str(run.path), resume="allow",

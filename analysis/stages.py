@@ -93,7 +93,11 @@ import numpy as np
 
 from train.core import names as N
 from train.core.phase import PhaseParams, Smooth, Window, detect_jump, rounded, smooth
-from train.core.runs import AnalysisError
+
+
+class AnalysisError(ValueError):
+    """Bad input to an analysis command (a --set pair, a wandb run): one line, no traceback."""
+
 
 LLC_MEAN, LLC_STD = f"{N.LLC}/mean", f"{N.LLC}/std"  # the LLC's mean and std over SGLD chains (train/core/llc.py)
 

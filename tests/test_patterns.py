@@ -45,7 +45,7 @@ def handbuilt_run(tmp_path):
 
 def test_patterns_before_and_after_the_window(tmp_path):
     run, result = handbuilt_run(tmp_path)
-    assert {m: c.name for m, c in moment_checkpoints(run.path, result["window"]).items()} == {
+    assert {m: c.path.name for m, c in moment_checkpoints(run, result["window"]).items()} == {
         "before": "step_0000001", "during": "step_0000002", "after": "step_0000004"}
     data = collect(run, result)
     assert data["heads"] == ["L1H0", "L0H0"] and data["moments"] == {"before": 1000, "during": 2000, "after": 4000}

@@ -14,12 +14,10 @@ from train.core import names as N
 def detect(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The analysis result (train/core/phase.py `detect_run`) for checkpoint rows, or None when
     they have neither held-out loss nor ICL score."""
-    from pathlib import Path
-
     from train.core.phase import detect_run
     from train.core.runs import Run
 
-    run = Run(Path("."), rows)
+    run = Run(rows=rows)  # the run reader on rows held in memory
     if not (run.has(N.LOSS_HELDOUT) or run.has(N.ICL_SCORE)):
         return None
     return detect_run(run)
