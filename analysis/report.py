@@ -19,7 +19,7 @@ from analysis.stages import AnalysisError, StageParams, detect_stages
 from train.core import names as N
 from train.core.phase import PhaseParams, detect_run
 from train.core.rundir import CONFIG_FILE, METRICS_FILE
-from train.core.runs import Run
+from train.core.runs import Run, RunError
 
 
 def analyze_run(run: Run, params: PhaseParams = PhaseParams()) -> dict[str, Any]:
@@ -100,7 +100,12 @@ def build_report(runs: list[Run], out_dir: Path, params: PhaseParams = PhasePara
             slug += "_"
         used.add(slug)
         per_run_figs[str(r.path)] = run_figures(r, results[str(r.path)], fig_dir / slug, params, stage_params)
-        pattern_figs, views[str(r.path)] = attention_section(r, results[str(r.path)], fig_dir / slug, f"patterns-{slug}")
+        try:
+            pattern_figs, views[str(r.path)] = attention_section(r, results[str(r.path)], fig_dir / slug,
+                                                                 f"patterns-{slug}")
+        except RunError as e:  # the probes or weights cannot be read back: the rest of the report stands
+            log(f"{r.label}: no attention patterns ({e})")
+            pattern_figs, views[str(r.path)] = {}, ""
         per_run_figs[str(r.path)].update(pattern_figs)
     joint = {}
     p = _save(comparison.fig_pca(runs, results), fig_dir / "pca_per_token_loss.png")
