@@ -32,7 +32,7 @@ from train.core.hf_model import register_project_model
 from tests.helpers import compose_config, one_line_error, train_run
 
 TINY_RUN = ["logger=none", "device=cpu", "train.total_tokens=120000", "checkpoint.n_log=5", "checkpoint.n_linear=3",
-            "probes.n_heldout=64", "callbacks.robustness=null"]
+            "probes.n_heldout=64"]
 PER_HEAD = (N.PREFIX_MATCHING, N.PREVIOUS_TOKEN, N.DUPLICATE_TOKEN, N.COPYING, N.OV_COPYING)
 NOT_SCORED = (N.LR, "loss/train")  # training's own row keys
 
@@ -60,12 +60,9 @@ def fake_run(root: Path, overrides: list[str], seed: int = 0) -> tuple[Path, Att
 
 def run_probes(run: Path) -> P.Probes:
     """The probes a run's saved config builds (with the probe token set)."""
-    from hydra.utils import instantiate
+    from train.core.runs import Run
 
-    from train.core.config import load_saved_config
-
-    cfg = load_saved_config(rundir.read_meta(rundir.list_checkpoints(run)[0])["config"], "meta.json")
-    return P.probes_from_config(instantiate(cfg.data), cfg.data.n_ctx, cfg.probes)
+    return Run(run).probes()
 
 
 def tokens(vocab: int = 64, n: int = 3, length: int = 40) -> torch.Tensor:
@@ -75,7 +72,8 @@ def tokens(vocab: int = 64, n: int = 3, length: int = 40) -> torch.Tensor:
 # -- the cross-implementation tests ------------------------------------------------------------
 def test_exported_series_gives_the_runs_own_rows(tiny_run, tmp_path):
     """The project's layout is the project's model: every key the run logged, bit for bit, from the
-    export's own probe file (no --probes); the ablations at the same checkpoints."""
+    export's own probe file (no --probes): the ablations at the same checkpoints, and the
+    robustness variants drawn from the export's probe token set as training drew them."""
     export_run(tiny_run, tmp_path / "export", all_steps=True)
     lines: list[str] = []
     rows = S.run_series(str(tmp_path / "export"), tmp_path / "series", S.Options(), log=lines.append)
@@ -85,9 +83,8 @@ def test_exported_series_gives_the_runs_own_rows(tiny_run, tmp_path):
         theirs = {k: v for k, v in run_rows[row[N.STEP]].items() if not k.startswith(NOT_SCORED)}
         assert {k: row.get(k) for k in theirs} == theirs, row[N.STEP]
     assert N.head_key(N.ablated(N.ICL_SCORE, "zero"), 1, 0) in rows[0]
-    # The export's probe file has no probe token set: the robustness variants are left out, said once.
-    notes = [line for line in lines if line.startswith("note:")]
-    assert len(notes) == 1 and "callbacks.robustness (no probe token set" in notes[0]
+    assert N.head_key(N.prefix_matching_variant("p8x7"), 1, 0) in rows[0]
+    assert not [line for line in lines if line.startswith("note:")]  # nothing was left out
 
 
 def test_gpt2_export_series_reproduces_the_runs_scores_and_window(tiny_run, tmp_path):
