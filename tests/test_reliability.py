@@ -1,15 +1,14 @@
-"""Reliability: exact resume after SIGKILL / SIGTERM, atomic outputs, numerical faults, damaged
-checkpoints (one-line errors, nothing overwritten), wandb without a network, and no code
-execution from checkpoint files. Bad config values and command lines: tests/test_errors.py.
+"""Reliability: exact resume after SIGKILL / SIGTERM (also SLURM-style requeue cycles and a
+signal during the last step), numerical faults, a finished run refused, and wandb without a
+network. Resuming damaged or foreign run directories: tests/test_resume_input.py; bad config
+values and command lines: tests/test_errors.py.
 
 Every training here is tiny and single-threaded (bit-identical CPU results need the same thread
 count in every process)."""
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,49 +22,13 @@ from tests.helpers import cli as _cli
 from tests.helpers import cli_env as _env
 from tests.helpers import compose_config
 from tests.helpers import one_line_error as _one_line_error
+from tests.reliability import SMALL, TINY, checkpoints, drop_extra_callbacks, snapshot, train_in_process, wait_for
 from train.core import checkpoint as ckpt
 from train.core import rundir
 from train.cli import run
 from train.core.rundir import read_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE_CALLBACKS = ("attention", "copying", "heldout")
-TINY = ["logger=none", "device=cpu", "model.d_model=32", "train.total_tokens=300000", "checkpoint.n_log=10",
-        "checkpoint.n_linear=5", "probes.n_heldout=32"]
-# 6 steps of 4096 tokens, checkpoints at a few of them: for the checkpoint-damage tests.
-SMALL = ["logger=none", "device=cpu", "model.d_model=32", "train.total_tokens=24576", "checkpoint.n_log=2",
-         "checkpoint.n_linear=2", "probes.n_heldout=16"]
-
-
-def _drop_extra_callbacks() -> list[str]:
-    """Keep the three basic callbacks only (the tests are about the loop, not the scores)."""
-    return [f"~callbacks.{name}" for name in compose_config().callbacks if name not in BASE_CALLBACKS]
-
-
-def _snapshot(run_dir: Path) -> dict[str, str]:
-    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(run_dir).rglob("*")) if p.is_file()}
-
-
-def _checkpoints(run_dir: Path) -> list[str]:
-    return [d.name for d in rundir.list_checkpoints(run_dir)]
-
-
-def _wait_for(predicate, proc: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if proc.poll() is not None:
-            raise AssertionError(f"training ended (rc={proc.returncode}) before the test could stop it:\n"
-                                 f"{proc.stderr.read()[-3000:]}")
-        if time.monotonic() > deadline:
-            proc.kill()
-            raise AssertionError("training did not reach the expected checkpoint in time")
-        time.sleep(0.02)
-
-
-def _train_in_process(run_dir: Path, overrides: list[str]) -> Path:
-    run(compose_config(overrides), run_dir)
-    return run_dir
 
 
 # -- exact resume ------------------------------------------------------------------------------
@@ -73,7 +36,7 @@ def _train_in_process(run_dir: Path, overrides: list[str]) -> Path:
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, single_thread):
     """The uninterrupted run."""
-    return _train_in_process(tmp_path_factory.mktemp("reference") / "run", TINY + _drop_extra_callbacks())
+    return train_in_process(tmp_path_factory.mktemp("reference") / "run", TINY + drop_extra_callbacks())
 
 
 @pytest.fixture(scope="module")
@@ -82,15 +45,15 @@ def interrupted(tmp_path_factory, single_thread):
     SIGTERM, then resumed again to the end. Returns what was seen along the way."""
     run_dir = tmp_path_factory.mktemp("interrupted") / "run"
     seen: dict = {"run_dir": run_dir}
-    cmd = [sys.executable, "-m", "train", *TINY, *_drop_extra_callbacks(), f"hydra.run.dir={run_dir}"]
+    cmd = [sys.executable, "-m", "train", *TINY, *drop_extra_callbacks(), f"hydra.run.dir={run_dir}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: len(_checkpoints(run_dir)) >= 6, proc)
+    wait_for(lambda: len(checkpoints(run_dir)) >= 6, proc)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     seen["kill_rc"] = proc.returncode
     seen["killed_status"] = json.loads((run_dir / "status.json").read_text())
-    seen["killed_checkpoints"] = _checkpoints(run_dir)
-    seen["hydra_record"] = _snapshot(run_dir / ".hydra")
+    seen["killed_checkpoints"] = checkpoints(run_dir)
+    seen["hydra_record"] = snapshot(run_dir / ".hydra")
     # What a kill in the middle of a write leaves: a torn last metrics line and a half-written
     # checkpoint directory.
     with open(run_dir / "metrics.jsonl", "a") as fh:
@@ -103,7 +66,7 @@ def interrupted(tmp_path_factory, single_thread):
     n_before = len(seen["killed_checkpoints"])
     proc = subprocess.Popen([sys.executable, "-m", "train", f"resume={run_dir}"], cwd=ROOT, env=_env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    _wait_for(lambda: len(_checkpoints(run_dir)) >= max(10, n_before + 2), proc)  # step 30; next is 40
+    wait_for(lambda: len(checkpoints(run_dir)) >= max(10, n_before + 2), proc)  # step 30; next is 40
     time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -114,7 +77,7 @@ def interrupted(tmp_path_factory, single_thread):
     seen["stale_tmp_left"] = (run_dir / "checkpoints" / "step_0099999.tmp").exists()
 
     # And to the end, in process.
-    _train_in_process(run_dir, [f"resume={run_dir}"])
+    train_in_process(run_dir, [f"resume={run_dir}"])
     return seen
 
 
@@ -128,8 +91,8 @@ def test_sigkill_and_sigterm_resume_is_bit_identical(reference, interrupted):
     assert len(ref_rows) == 15
     assert [r["step"] for r in rows] == [r["step"] for r in ref_rows]  # no duplicates, no torn line
     assert rows == ref_rows  # every value, bit for bit (JSON floats round-trip exactly)
-    assert _checkpoints(run_dir) == _checkpoints(reference)  # the interrupt checkpoint is gone again
-    for name in _checkpoints(reference):
+    assert checkpoints(run_dir) == checkpoints(reference)  # the interrupt checkpoint is gone again
+    for name in checkpoints(reference):
         a = (reference / "checkpoints" / name / rundir.MODEL_FILE).read_bytes()
         b = (run_dir / "checkpoints" / name / rundir.MODEL_FILE).read_bytes()
         assert a == b, f"weights differ at {name}"
@@ -154,7 +117,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_143(interrupted):
 
 def test_resume_leaves_the_runs_hydra_record_alone(interrupted):
     run_dir = interrupted["run_dir"]
-    assert _snapshot(run_dir / ".hydra") == interrupted["hydra_record"]
+    assert snapshot(run_dir / ".hydra") == interrupted["hydra_record"]
     overrides = (run_dir / ".hydra" / "overrides.yaml").read_text()
     assert "resume=" not in overrides and "train.total_tokens=300000" in overrides
 
@@ -166,7 +129,7 @@ def test_slurm_style_requeue_cycle_ends_as_an_uninterrupted_run(reference, tmp_p
     mid-training, SIGTERM while a checkpoint is being written; each SIGTERM exits 143. The
     metrics and weights equal the uninterrupted run's."""
     run_dir = tmp_path / "requeued"
-    job = [*TINY, *_drop_extra_callbacks(), "resume=auto", f"hydra.run.dir={run_dir}"]
+    job = [*TINY, *drop_extra_callbacks(), "resume=auto", f"hydra.run.dir={run_dir}"]
 
     def launch():
         return subprocess.Popen([sys.executable, "-m", "train", *job], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
@@ -195,44 +158,25 @@ def test_slurm_style_requeue_cycle_ends_as_an_uninterrupted_run(reference, tmp_p
     assert json.loads((run_dir / "status.json").read_text())["state"] == "interrupted"
 
     # 3. Mid-training.
-    rc, err = stop(launch(), lambda: len(_checkpoints(run_dir)) >= 4)
+    rc, err = stop(launch(), lambda: len(checkpoints(run_dir)) >= 4)
     assert rc == 128 + signal.SIGTERM, err[-2000:]
     assert f"resuming {run_dir} from step 0" in err
 
     # 4. While a checkpoint is being written (its temporary directory exists), or soon after.
-    n = len(_checkpoints(run_dir))
+    n = len(checkpoints(run_dir))
     tmp_dirs = lambda: any(p.name.endswith(rundir.TMP_SUFFIX) for p in (run_dir / "checkpoints").iterdir())
-    rc, err = stop(launch(), lambda: tmp_dirs() or len(_checkpoints(run_dir)) >= n + 3, poll=0.001)
+    rc, err = stop(launch(), lambda: tmp_dirs() or len(checkpoints(run_dir)) >= n + 3, poll=0.001)
     assert rc == 128 + signal.SIGTERM, err[-2000:]
 
-    _train_in_process(run_dir, job[:-1])  # the same config, in process, to the end
+    train_in_process(run_dir, job[:-1])  # the same config, in process, to the end
     assert read_metrics(run_dir / "metrics.jsonl") == read_metrics(reference / "metrics.jsonl")
-    assert _checkpoints(run_dir) == _checkpoints(reference)
-    for name in _checkpoints(reference):
+    assert checkpoints(run_dir) == checkpoints(reference)
+    for name in checkpoints(reference):
         assert (reference / "checkpoints" / name / rundir.MODEL_FILE).read_bytes() == \
             (run_dir / "checkpoints" / name / rundir.MODEL_FILE).read_bytes(), name
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "finished" and status["resumed_from_steps"][0] == 0
     assert len(status["resumed_from_steps"]) == 3
-
-
-def test_resume_auto_refuses_a_run_of_another_config(stopped_copy, capsys):
-    line = _resume_error(stopped_copy, capsys, [*SMALL, *_drop_extra_callbacks(), "seed=5", "resume=auto"])
-    assert "resume=auto" in line and "holds a run of another config" in line and "seed=0 there, 5 here" in line
-
-
-def test_a_run_killed_before_its_first_checkpoint_resumes_from_the_start(small_run, tmp_path, single_thread):
-    """SIGKILL after config.yaml was written but before the first checkpoint (a torn step-0 row
-    left): resume= starts it again from step 0 and ends as the uninterrupted run."""
-    run_dir = tmp_path / "early"
-    run_dir.mkdir()
-    shutil.copy(small_run / rundir.CONFIG_FILE, run_dir / rundir.CONFIG_FILE)
-    rundir.write_status(run_dir, rundir.RUNNING, 0, None)
-    (run_dir / rundir.METRICS_FILE).write_text('{"step": 0, "tokens": 0, "lr": 0.0, "loss/he')
-    _train_in_process(run_dir, [f"resume={run_dir}"])
-    assert read_metrics(run_dir / "metrics.jsonl") == read_metrics(small_run / "metrics.jsonl")
-    assert _checkpoints(run_dir) == _checkpoints(small_run)
-
 
 # -- numerical faults ---------------------------------------------------------------------------
 
@@ -247,7 +191,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, ca
 
     monkeypatch.setattr(Trainer, "loss", nan_at_step_9)
     run_dir = tmp_path / "nan"
-    overrides = SMALL + _drop_extra_callbacks() + ["train.total_tokens=49152"]
+    overrides = SMALL + drop_extra_callbacks() + ["train.total_tokens=49152"]
     with pytest.raises(SystemExit) as exc:
         run(compose_config(overrides), run_dir)
     assert exc.value.code == 3
@@ -288,7 +232,7 @@ def test_deferred_finiteness_check_skips_updates_and_stops_at_the_next_checkpoin
     monkeypatch.setattr(Trainer, "train_step", remember)
     run_dir = tmp_path / "nan"
     with pytest.raises(SystemExit) as exc:
-        run(compose_config(SMALL + _drop_extra_callbacks() + ["train.total_tokens=49152"]), run_dir)
+        run(compose_config(SMALL + drop_extra_callbacks() + ["train.total_tokens=49152"]), run_dir)
     assert exc.value.code == 3
     assert "non-finite loss or gradient norm at step 9" in _one_line_error(capsys.readouterr().err)
     last = read_metrics(run_dir / "metrics.jsonl")[-1]
@@ -301,14 +245,14 @@ def test_deferred_finiteness_check_skips_updates_and_stops_at_the_next_checkpoin
 # -- the command line refuses a finished run ----------------------------------------------------
 
 def test_cli_refuses_a_finished_run_dir_and_resuming_it(reference):
-    before = _snapshot(reference)
+    before = snapshot(reference)
     proc = _cli("logger=none", f"hydra.run.dir={reference}")
     assert proc.returncode == 2
     assert "already holds a run (finished" in _one_line_error(proc.stderr)
     proc = _cli(f"resume={reference}")
     assert proc.returncode == 2
     assert "already finished" in _one_line_error(proc.stderr)
-    assert _snapshot(reference) == before  # Hydra's .hydra/ and log included: nothing written
+    assert snapshot(reference) == before  # Hydra's .hydra/ and log included: nothing written
 
 
 def test_a_signal_during_the_last_step_still_finishes(tmp_path, single_thread, monkeypatch):
@@ -325,135 +269,10 @@ def test_a_signal_during_the_last_step_still_finishes(tmp_path, single_thread, m
 
     monkeypatch.setattr(Trainer, "loss", term_in_last_step)
     run_dir = tmp_path / "last"
-    row = run(compose_config(SMALL + _drop_extra_callbacks()), run_dir)
+    row = run(compose_config(SMALL + drop_extra_callbacks()), run_dir)
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "finished" and row["step"] == status["step"] == 6
     assert all(rundir.read_meta(d)["kind"] == "scheduled" for d in rundir.list_checkpoints(run_dir))
-
-
-# -- bad input: damaged checkpoints (resume of a copy of a small stopped run) -------------------
-
-@pytest.fixture(scope="module")
-def small_run(tmp_path_factory, single_thread):
-    return _train_in_process(tmp_path_factory.mktemp("small") / "run", SMALL + _drop_extra_callbacks())
-
-
-@pytest.fixture
-def stopped_copy(small_run, tmp_path):
-    """A copy of the small run that looks stopped early (so it may be resumed)."""
-    run_dir = tmp_path / "run"
-    shutil.copytree(small_run, run_dir)
-    status = json.loads((run_dir / "status.json").read_text())
-    (run_dir / "status.json").write_text(json.dumps({**status, "state": "interrupted",
-                                                     "wandb_run_id": "abc123xy"}))
-    return run_dir
-
-
-def _newest(run_dir: Path) -> Path:
-    return rundir.list_checkpoints(run_dir)[-1]
-
-
-def _resume_error(run_dir: Path, capsys, overrides: list[str] | None = None) -> str:
-    before = _snapshot(run_dir)
-    with pytest.raises(SystemExit) as exc:
-        run(compose_config(overrides or [f"resume={run_dir}"]), run_dir)
-    assert exc.value.code == 2
-    line = _one_line_error(capsys.readouterr().err)
-    assert _snapshot(run_dir) == before  # nothing overwritten, nothing added
-    return line
-
-
-def test_resume_of_an_intact_copy_works_and_keeps_the_wandb_id(stopped_copy, monkeypatch, capsys):
-    """The control for the damage tests below, and the wandb run id handed back on resume."""
-    from train import loggers
-
-    seen = []
-    monkeypatch.setattr(loggers.NullLogger, "start", lambda self, d, c, run_id=None: seen.append(run_id) or run_id)
-    run(compose_config([f"resume={stopped_copy}"]), stopped_copy)
-    assert seen == ["abc123xy"]
-    status = json.loads((stopped_copy / "status.json").read_text())
-    assert status["state"] == "finished" and status["wandb_run_id"] == "abc123xy"
-
-
-def _truncate(path: Path) -> None:
-    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
-
-
-def _garble(path: Path) -> None:
-    data = bytearray(path.read_bytes())
-    data[:64] = b"\xff" * 64
-    path.write_bytes(bytes(data))
-
-
-DAMAGE = {
-    "truncated weights": (lambda d: _truncate(_newest(d) / rundir.MODEL_FILE), "model.safetensors (missing, truncated"),
-    "corrupted weights": (lambda d: _garble(_newest(d) / rundir.MODEL_FILE), "model.safetensors (missing, truncated"),
-    "truncated state": (lambda d: _truncate(_newest(d) / rundir.STATE_FILE), "cannot read resume state"),
-    "corrupted meta": (lambda d: (_newest(d) / rundir.META_FILE).write_text('{"step": 6, "mo'),
-                       "unreadable checkpoint metadata"),
-    "no resume state": (lambda d: (_newest(d) / rundir.STATE_FILE).unlink(), "has no checkpoint with a resume state"),
-    "other model in config": (
-        lambda d: (d / "config.yaml").write_text((d / "config.yaml").read_text().replace("d_model: 32", "d_model: 48")),
-        "was written by a different model: d_model=32 (config: 48)"),
-    "corrupted metrics": (
-        lambda d: (d / "metrics.jsonl").write_text("{bad\n" + (d / "metrics.jsonl").read_text()),
-        "metrics.jsonl: line 1 is not valid JSON"),
-}
-
-
-@pytest.mark.parametrize("damage", list(DAMAGE))
-def test_damaged_checkpoint_is_refused(stopped_copy, capsys, damage):
-    spoil, message = DAMAGE[damage]
-    spoil(stopped_copy)
-    assert message in _resume_error(stopped_copy, capsys)
-
-
-def test_weights_of_another_shape_are_refused(stopped_copy, capsys):
-    from safetensors.torch import save_file
-
-    from train.core.model import AttnOnlyTransformer
-
-    other = AttnOnlyTransformer(d_vocab=64, n_ctx=64, d_model=48, layernorm=True)  # meta.json still says 32
-    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(_newest(stopped_copy) / rundir.MODEL_FILE))
-    line = _resume_error(stopped_copy, capsys)
-    assert "has shape" in line and "48" in line and "the model expects" in line
-
-
-class _Payload:
-    """Unpickling this runs code: it creates the marker file."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return exec, (f"open({str(self.marker)!r}, 'w').close()",)
-
-
-def test_pickled_code_in_resume_state_is_refused(stopped_copy, tmp_path, capsys):
-    # The payload is live: an unsafe load would run it.
-    probe = tmp_path / "probe_marker"
-    torch.save({"x": _Payload(probe)}, tmp_path / "probe.pt")
-    torch.load(tmp_path / "probe.pt", weights_only=False)
-    assert probe.exists()
-
-    marker = tmp_path / "pwned_marker"
-    state = _newest(stopped_copy) / rundir.STATE_FILE
-    torch.save({"optimizer": _Payload(marker), "scheduler": {}, "rng": {}, "loss_sum": torch.zeros(()),
-                "loss_count": 0}, state)
-    line = _resume_error(stopped_copy, capsys)
-    assert "cannot read resume state" in line and "refused" in line
-    assert "weights_only=False" not in line  # no advice to load it unsafely
-    assert not marker.exists()
-
-
-def test_config_yaml_naming_foreign_code_is_refused(stopped_copy, tmp_path, capsys):
-    marker = tmp_path / "pwned_marker"
-    config = (stopped_copy / "config.yaml").read_text()
-    assert "  copying:\n    _target_: train.core.callbacks.CopyingScores\n" in config
-    (stopped_copy / "config.yaml").write_text(config.replace(
-        "_target_: train.core.callbacks.CopyingScores\n", f"_target_: os.system\n    command: touch {marker}\n"))
-    assert "refusing callbacks.copying._target_='os.system'" in _resume_error(stopped_copy, capsys)
-    assert not marker.exists()
 
 
 # -- wandb without a network --------------------------------------------------------------------

@@ -4,12 +4,12 @@ The stop-signal handler is installed first (train/signals.py), so SIGTERM during
 kept and honoured once the run can be continued. `python -m train resume=RUN_DIR` continues a
 stopped run (Hydra's run directory is set to RUN_DIR here, before Hydra starts);
 `resume=auto` continues the run in the run directory if there is one (the same command again,
-as a requeued job runs it) and starts it otherwise. Hydra writes
-its `.hydra/` record and log into the run directory before the job starts, so the resolved run
-directory is checked and locked before that (train/cli.py `RunDirCheck`, a Hydra callback), and
-a bad one fails with a one-line error before anything is written into it; the job checks it
-again (train/cli.py `prepare`) because sweeps and the compose API do not pass through there. On
-resume Hydra does not rewrite the run's `.hydra/` record of how it was started
+as a requeued job runs it) and starts it otherwise. Hydra writes its `.hydra/` record and log
+into the run directory before the job starts, so the resolved run directory is checked and
+locked before that (train/cli.py `RunDirCheck`, a Hydra callback), and a bad one fails with a
+one-line error before anything is written into it; the job takes what the callback prepared
+(train/startup.py) and prepares itself only where no callback ran (sweep jobs, the compose API).
+On resume Hydra does not rewrite the run's `.hydra/` record of how it was started
 (`hydra.output_subdir=null`).
 
 Under torchrun (WORLD_SIZE > 1, train/distributed.py) every rank runs this command line. Rank 0
@@ -31,9 +31,9 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from train import distributed  # noqa: E402
-from train.cli import RESUME_AUTO  # noqa: E402
 from train.core.config import register_configs  # noqa: E402
 from train.core.rundir import CONFIG_FILE  # noqa: E402
+from train.startup import RESUME_AUTO  # noqa: E402
 
 register_configs()
 

@@ -5,11 +5,9 @@ cuda:LOCAL_RANK), gloo on the CPU.
 A process belongs to a group when the launcher's environment says WORLD_SIZE > 1 (with RANK and
 LOCAL_RANK). Rank 0 is the run: it checks the config and the run directory, reads a resumed
 checkpoint, evaluates the callbacks and writes every file and log. The other ranks compute their
-share of each step's gradient and nothing else; they receive the config, the resumed state and
-the outcome of each of rank 0's checkpoints from it (`broadcast`, `leading`/`follow`), so they
-never read or write the run directory. A failure of rank 0 that the others must know about is
-broadcast to them (they raise `PeerFailed` and exit quietly with its code); whoever reports an
-error to the user is rank 0.
+share of each step's gradient and nothing else, and never read or write the run directory. What
+they wait for and receive from rank 0, from start-up to the end, is train/ranks.py; this module
+holds the process group and its collectives.
 
 No torch at import: the command line reads the environment before anything heavy is imported."""
 from __future__ import annotations
@@ -20,7 +18,7 @@ import datetime
 import os
 import signal
 import time
-from typing import Any, Iterator
+from typing import Any
 
 from train.core.config import ConfigError
 
@@ -29,7 +27,6 @@ REPEAT_WINDOW_S = 3.0  # the same stop signal again within this many seconds cou
 # How long a rank waits in a collective: the others wait there while rank 0 evaluates a
 # checkpoint, or starts wandb, which may take long.
 TIMEOUT_MIN = 60
-_OK, _FAULT, _FAILED = "ok", "fault", "failed"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,15 +64,6 @@ class World:
 
 
 SINGLE = World()
-
-
-class PeerFailed(Exception):
-    """Rank 0 failed at a point where this rank waited for it, and has reported the error; this
-    rank exits with `code` and says nothing."""
-
-    def __init__(self, code: int):
-        super().__init__(f"rank 0 failed (exit {code})")
-        self.code = code
 
 
 def world_from_env(env: Any = None) -> World:
@@ -162,21 +150,6 @@ def finish(world: World, together: bool = True) -> None:
                 signal.signal(sig, signal.SIG_IGN)
 
 
-def refuse(code: int, device: str, env: Any = None) -> None:
-    """Rank 0 refused the run before it started (train/cli.py RunDirCheck, before Hydra's job):
-    join the group only to tell the other ranks, which wait for the config (train/cli.py), to
-    exit with `code`. Nothing in a single process, or when the group cannot be formed."""
-    try:
-        world = world_from_env(env)
-        if not world.enabled:
-            return
-        world = start(world, device)
-        broadcast(world, (_FAILED, code))
-        finish(world)
-    except Exception:  # noqa: BLE001 - the refusal itself is what the user must see
-        pass
-
-
 def broadcast(world: World, obj: Any = None) -> Any:
     """Rank 0's `obj` (any picklable object; tensors in it should be on the CPU) on every rank;
     `obj` itself in a single process."""
@@ -216,69 +189,17 @@ def mean_over_ranks(world: World, value):
     return total / world.size
 
 
-# -- rank 0 leads, the others follow --------------------------------------------------------------
+# -- failures every rank knows of ----------------------------------------------------------------
 def shared(e: BaseException) -> bool:
-    """True when every rank knows of the failure `e` (it came through `leading`/`follow`, or from
-    a value all ranks computed together), so that they may still meet at a barrier."""
+    """True when every rank knows of the failure `e` (it came through a handover of
+    train/ranks.py, or from a value all ranks computed together), so that they may still meet at
+    a barrier."""
     return bool(getattr(e, "peers_told", False))
 
 
 def mark_shared(e: BaseException) -> BaseException:
     e.peers_told = True
     return e
-
-
-def exit_code(e: BaseException) -> int:
-    """The command line's exit code for a failure of rank 0 (train/cli.py), for the others to
-    exit with: 2 bad input, 3 a fault, 4 the file system, 130 a second signal, 1 a bug."""
-    if isinstance(e, PeerFailed):
-        return e.code
-    if hasattr(e, "event"):  # train.loop.TrainingError
-        return 3
-    if isinstance(e, KeyboardInterrupt):
-        return 130
-    if isinstance(e, OSError):
-        return 4
-    if isinstance(e, ValueError) or type(e).__module__.startswith("omegaconf"):
-        return 2
-    return 1
-
-
-class Outbox:
-    """What rank 0 hands the others at the end of a `leading` block (`value`)."""
-
-    value: Any = None
-
-
-@contextlib.contextmanager
-def leading(world: World) -> Iterator[Outbox]:
-    """Rank 0's part of a step the other ranks wait for (in `follow`): when the block ends they
-    receive the outbox's value; when it raises they learn of it first (a fault with an `event`,
-    train.loop.TrainingError, as itself; anything else as PeerFailed with its exit code), and the
-    error goes on marked `shared`. A single process just runs the block."""
-    box = Outbox()
-    try:
-        yield box
-    except BaseException as e:
-        if world.enabled:
-            event = getattr(e, "event", None)
-            with contextlib.suppress(Exception):  # a rank that is gone already: torchrun stops the rest
-                broadcast(world, (_FAULT, str(e), event) if event is not None else (_FAILED, exit_code(e)))
-            mark_shared(e)
-        raise
-    broadcast(world, (_OK, box.value))
-
-
-def follow(world: World, fault: type[Exception] | None = None) -> Any:
-    """The other ranks' side of `leading`: the value rank 0 handed over, or rank 0's failure
-    raised here, marked `shared`: `fault(message, event)` for a fault (PeerFailed(3) without
-    `fault`), PeerFailed with rank 0's exit code for anything else."""
-    kind, *rest = broadcast(world, None)
-    if kind == _OK:
-        return rest[0]
-    if kind == _FAULT:
-        raise mark_shared(fault(rest[0], rest[1]) if fault is not None else PeerFailed(3))
-    raise mark_shared(PeerFailed(rest[0]))
 
 
 # -- signals --------------------------------------------------------------------------------------

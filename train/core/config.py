@@ -179,7 +179,7 @@ class Config:
     callbacks: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
-    resume: Optional[str] = None  # a run directory to continue, or auto (train/cli.py RESUME_AUTO)
+    resume: Optional[str] = None  # a run directory to continue, or auto (train/startup.py RESUME_AUTO)
     name: str = "induction"  # run name (wandb)
     live_detection_every: int = 10  # run the phase-change detector on the rows so far every k checkpoints; 0: off
 
