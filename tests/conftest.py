@@ -29,7 +29,8 @@ def single_thread():
 @pytest.fixture(scope="session")
 def two_layer_run(tmp_path_factory):
     """A real short 2-layer training run (shared by every test that needs one)."""
-    from tests.helpers import SHORT_RUN, train_run
+    from tests.helpers import train_run
+    from tests.presets import SHORT_RUN
 
     return train_run(tmp_path_factory.mktemp("run2L"), SHORT_RUN + ["model.n_layers=2"])
 
@@ -37,6 +38,7 @@ def two_layer_run(tmp_path_factory):
 @pytest.fixture(scope="session")
 def one_layer_run(tmp_path_factory):
     """The 1-layer control of `two_layer_run`, same data and schedule."""
-    from tests.helpers import SHORT_RUN, train_run
+    from tests.helpers import train_run
+    from tests.presets import SHORT_RUN
 
     return train_run(tmp_path_factory.mktemp("run1L"), SHORT_RUN + ["model.n_layers=1"])

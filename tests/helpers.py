@@ -12,15 +12,6 @@ ROOT = Path(__file__).resolve().parents[1]
 CONF_DIR = str(ROOT / "conf")
 register_configs()
 
-# A short CPU run that still shows the phase change (about 30 s for 2 layers on 2 cores).
-SHORT_RUN = [
-    "logger=none",
-    "device=cpu",
-    "train.total_tokens=2500000",
-    "checkpoint.n_log=30",
-    "checkpoint.n_linear=20",
-    "probes.n_heldout=128",
-]
 
 
 def compose_config(overrides: list[str] | None = None):

@@ -13,11 +13,6 @@ from train.cli import run
 from train.core import rundir
 
 BASE_CALLBACKS = ("attention", "copying", "heldout")
-TINY = ["logger=none", "device=cpu", "model.d_model=32", "train.total_tokens=300000", "checkpoint.n_log=10",
-        "checkpoint.n_linear=5", "probes.n_heldout=32"]
-# 6 steps of 4096 tokens, checkpoints at a few of them: for the checkpoint-damage tests.
-SMALL = ["logger=none", "device=cpu", "model.d_model=32", "train.total_tokens=24576", "checkpoint.n_log=2",
-         "checkpoint.n_linear=2", "probes.n_heldout=16"]
 
 
 def drop_extra_callbacks() -> list[str]:

@@ -115,6 +115,7 @@ def test_z_hook_ablates_through_the_output_projection():
         assert (hf(x).logits - ablated).abs().max() < 1e-6  # the hook is gone after the call
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("layout,overrides", [("gpt2", []), ("neox", ["model.positional=rotary"])])
 def test_standard_layouts_score_as_the_project_model(tmp_path, layout, overrides):
     """The project's model and its GPT-2 / GPT-NeoX export through the Hugging Face adapter: the same

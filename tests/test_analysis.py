@@ -16,7 +16,8 @@ from analysis.__main__ import main
 from train.core.phase import burn_in_end, detect_bump, detect_jump, detect_phase_change, smooth
 from train.core.runs import load_run
 from tests.helpers import checkpoint_tokens, sigmoid
-from train.core.rundir import read_metrics
+from train.core import names as N
+from train.core.rundir import format_row, read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -96,6 +97,7 @@ def _detect(run_dir: Path):
                                run.head_series("prefix_matching"))
 
 
+@pytest.mark.slow
 def test_real_two_layer_run_has_phase_change(two_layer_run):
     res = _detect(two_layer_run)
     assert res["phase_change"], res["message"]
@@ -105,6 +107,7 @@ def test_real_two_layer_run_has_phase_change(two_layer_run):
     assert 2e5 < w["start_tokens"] <= w["steepest_tokens"] <= w["end_tokens"] <= 2.5e6
 
 
+@pytest.mark.slow
 def test_real_one_layer_run_has_none(one_layer_run):
     res = _detect(one_layer_run)
     assert not res["phase_change"], res["message"]
@@ -130,6 +133,7 @@ def _copy_run(src: Path, dst: Path, extra: dict | None = None, drop: tuple[str, 
     return dst
 
 
+@pytest.mark.slow
 def test_report_from_sweep_dir(two_layer_run, one_layer_run, tmp_path, capsys):
     sweep = tmp_path / "multirun" / "2026-01-01" / "00-00-00"
     n = len((two_layer_run / "metrics.jsonl").read_text().splitlines())
@@ -161,6 +165,7 @@ def test_report_from_sweep_dir(two_layer_run, one_layer_run, tmp_path, capsys):
     assert len(json.loads((out / "summary.json").read_text())["runs"]) == 2
 
 
+@pytest.mark.slow
 def test_wandb_attach_failure_never_fails(two_layer_run, tmp_path, monkeypatch, capsys):
     run_dir = _copy_run(two_layer_run, tmp_path / "run")
     (run_dir / "status.json").write_text(json.dumps({"state": "finished", "wandb_run_id": "abc123"}))
@@ -198,6 +203,7 @@ def test_bad_input_one_line_error(case, tmp_path, capsys, monkeypatch):
     assert err.startswith("error: ") and "\n" not in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_cli_subprocess_missing_dir_has_no_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "analysis", str(tmp_path / "missing")], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
@@ -220,6 +226,45 @@ def test_recomputed_keys_join_the_runs_rows(tmp_path):
     assert llc[0] == 0.0 and llc[2] == 2.0 and math.isnan(llc[1]) and math.isnan(llc[3])
 
 
+def synthetic_run(run_dir: Path, n_layers: int, seed: int, center: float | None) -> Path:
+    """A run directory with a config.yaml and the rows of a run whose induction head L{n_layers - 1}H0
+    forms at `center` tokens (loss bump, ICL jump, prefix-matching rise), or never (None)."""
+    rng = np.random.default_rng(seed)
+    t = checkpoints()
+    x = np.log(np.maximum(t, 1))
+    step = sigmoid((x - math.log(center)) / 0.08) if center else np.zeros(len(t))
+    cols = {N.LOSS_HELDOUT: smooth_loss(t) - 0.6 * step + rng.normal(0, 0.01, len(t)),
+            N.ICL_SCORE: -0.6 - 0.1 * (x - x[1]) / (x[-1] - x[1]) - 0.8 * step + rng.normal(0, 0.04, len(t)),
+            N.head_key(N.PREFIX_MATCHING, n_layers - 1, 0): 0.06 + 0.6 * step + rng.normal(0, 0.01, len(t)),
+            N.head_key(N.PREFIX_MATCHING, 0, 1): 0.05 + rng.normal(0, 0.003, len(t))}
+    run_dir.mkdir(parents=True)
+    rows = [{N.STEP: i, N.TOKENS: int(t[i])} | {k: float(v[i]) for k, v in cols.items()} for i in range(len(t))]
+    (run_dir / "metrics.jsonl").write_text("".join(format_row(r) for r in rows), encoding="utf-8")
+    (run_dir / "config.yaml").write_text(f"model:\n  n_layers: {n_layers}\nseed: {seed}\n", encoding="utf-8")
+    return run_dir
+
+
+def test_by_config_groups_synthetic_runs(tmp_path, capsys):
+    """analysis.by_config on three synthetic runs: grouped by model.n_layers, the 2-layer runs have their
+    phase changes near where they were made (1.2M and 2.0M tokens, median between), the 1-layer run none."""
+    from analysis.by_config import main as by_config
+
+    sweep = tmp_path / "sweep"
+    synthetic_run(sweep / "a", 2, 0, 1.2e6)
+    synthetic_run(sweep / "b", 2, 1, 2.0e6)
+    synthetic_run(sweep / "c", 1, 0, None)
+    assert by_config([str(sweep), "--key", "model.n_layers"]) == 0
+    rows = [r.split("|")[1:-1] for r in (sweep / "by_config" / "by_config.md").read_text().splitlines()[2:]]
+    assert [c.strip() for c in rows[0][:4]] == ["1", "0/1", "none", "none"]
+    assert rows[1][0].strip() == "2" and rows[1][1].strip() == "2/2"
+    steepest = [float(v.strip().rstrip("M")) * 1e6 for v in rows[1][2].split(",")]
+    assert abs(math.log(steepest[0] / 1.2e6)) < 0.15 and abs(math.log(steepest[1] / 2.0e6)) < 0.15
+    assert 1.2e6 < float(rows[1][3].strip().rstrip("M")) * 1e6 < 2.0e6
+    assert (sweep / "by_config" / "by_config.png").stat().st_size > 10_000
+    capsys.readouterr()
+
+
+@pytest.mark.slow
 def test_sweep_table_groups_runs_by_config_values(two_layer_run, one_layer_run, tmp_path, capsys):
     """analysis.sweep on the real 1- and 2-layer runs, grouped by model.n_layers: the 2-layer group
     has its phase change at the same tokens `analysis` finds, the 1-layer group has none."""

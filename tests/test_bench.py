@@ -2,6 +2,8 @@
 the speeds are the benchmark's to print, not the tests' to judge)."""
 from __future__ import annotations
 
+import pytest
+
 import importlib.util
 import json
 import math
@@ -27,6 +29,7 @@ def positive(value) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
 
 
+@pytest.mark.slow
 def test_quick_benchmark_reports_every_section(tmp_path):
     out = tmp_path / "bench.json"
     proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--quick", "--device", "cpu",
@@ -74,3 +77,34 @@ def test_quick_benchmark_reports_every_section(tmp_path):
     for row in ("| matmul peak", "| probe cost per checkpoint", "| loop / bare step", "| torch.compile gain"):
         assert row in text, row
     assert ("TransformerLens not installed" in text) != tl_installed
+
+
+def test_benchmark_sections_at_tiny_settings():
+    """Each section of the benchmark in this process at the smallest settings (the full `--quick`
+    run above is the slow test): the matmul peak, one training-step size, the probe cost, the
+    loop against the bare step; their numbers positive and their table rows printed."""
+    import dataclasses
+
+    import torch
+
+    from scripts.bench_machine import machine_info, matmul_peak
+    from scripts.bench_report import tables
+    from scripts.bench_steps import bench_size
+    from scripts.bench_timing import settings_for
+    from scripts.bench_trainer import bench_loop, bench_probes
+
+    device = torch.device("cpu")
+    s = dataclasses.replace(settings_for(device, quick=True), matmul_sizes=(64,), matmul_repeats=1, warmup_steps=1,
+                            blocks=1, block_seconds=0.01, probe_repeats=1, step_samples=2, loop_tokens=8192)
+    peak = matmul_peak(device, s.matmul_sizes, s.matmul_repeats)
+    size = bench_size(32, 16, 4, device, s, peak["peak_flops"], None)
+    assert positive(peak["peak_flops"]) and positive(size["tokens_per_second"])
+    assert size["transformer_lens"]["status"] != "measured"
+    probes, loop = bench_probes(device, s), bench_loop(device, s)
+    assert positive(probes["mean_in_train_steps"]) and positive(loop["loop_over_step"])
+    # torch.compile is left out here (its first call compiles for seconds): its row shows given numbers
+    compiled = {"gain": 2.0, "compiled_tokens_per_second": 2e5, "eager_tokens_per_second": 1e5, "first_call_seconds": 3.0}
+    text = tables({"machine": machine_info(device), "matmul_peak": peak, "sizes": [size], "probes": probes,
+                   "loop": loop, "compile": compiled})
+    assert "| 32 / 16 / 4 |" in text and "| probe cost per checkpoint" in text and "| loop / bare step" in text
+    assert "| torch.compile gain (median of paired blocks) | 2.00x | 200 ktok/s vs eager 100 ktok/s" in text

@@ -335,6 +335,7 @@ def _final_model_and_probes(run_dir):
     return model, probes_from_config(instantiate(cfg.data), cfg.data.n_ctx, cfg.probes)
 
 
+@pytest.mark.slow
 def test_two_layer_run_has_a_behavioral_and_mechanistic_head(two_layer_run):
     rows = [r for r in read_metrics(two_layer_run / "metrics.jsonl") if "event" not in r]
     last = rows[-1]
@@ -365,6 +366,7 @@ def test_two_layer_run_has_a_behavioral_and_mechanistic_head(two_layer_run):
         assert row[f"icl_removed_zero/{name}"] < 0.3
 
 
+@pytest.mark.slow
 def test_one_layer_run_has_no_induction_head(one_layer_run):
     rows = [r for r in read_metrics(one_layer_run / "metrics.jsonl") if "event" not in r]
     assert all(r["induction_heads/both"] == 0 and r["induction_heads/mechanistic"] == 0 for r in rows)
@@ -372,6 +374,7 @@ def test_one_layer_run_has_no_induction_head(one_layer_run):
     assert not any(k.startswith("k_composition") for k in rows[-1])  # no earlier layer to compose with
 
 
+@pytest.mark.slow
 def test_recompute_reproduces_the_training_labels(two_layer_run, tmp_path, capsys):
     from analysis.recompute import main
 

@@ -10,10 +10,10 @@ import torch
 from safetensors import safe_open
 
 from tests.helpers import compose_config
+from tests.presets import SMOKE
 from train.core import rundir
 from train.cli import run
 
-SMOKE = ["experiment=smoke", "logger=none", "device=cpu"]  # 49 steps, 13 checkpoints
 
 
 def _keys(checkpoint) -> list[str]:
@@ -40,6 +40,7 @@ def runs(tmp_path_factory, single_thread):
     return root / "plain", root / "compiled", compiled
 
 
+@pytest.mark.slow
 def test_compiled_run_trains_like_the_plain_one(runs):
     plain, compiled, modules = runs
     assert len(modules) == 1 and type(modules[0]).__name__ == "AttnOnlyTransformer"  # the model, once
@@ -53,6 +54,7 @@ def test_compiled_run_trains_like_the_plain_one(runs):
     assert rundir.read_status(compiled)["state"] == "finished"
 
 
+@pytest.mark.slow
 def test_compiled_run_saves_the_plain_models_weights(runs):
     plain, compiled, _ = runs
     names = [d.name for d in rundir.list_checkpoints(plain)]

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import cli_env, compose_config
+from tests.presets import DISTRIBUTED
 from train import distributed as D
 from train.core import rundir
 from train.cli import run
@@ -24,8 +25,6 @@ from train.core.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 # 146 steps of 4096 tokens, 19 checkpoints: long enough to be stopped part-way.
-RUN = ["logger=none", "device=cpu", "model.d_model=32", "train.total_tokens=600000", "checkpoint.n_log=10",
-       "checkpoint.n_linear=10", "probes.n_heldout=32"]
 TOLERANCE = 1e-4  # relative and absolute: the gradient all-reduce sums in another order
 
 
@@ -65,7 +64,7 @@ def _assert_rows_agree(rows: list[dict], reference: list[dict]) -> None:
 def single(tmp_path_factory, single_thread):
     """The run in one process (the same global batch)."""
     run_dir = tmp_path_factory.mktemp("single") / "run"
-    run(compose_config(RUN), run_dir)
+    run(compose_config(DISTRIBUTED), run_dir)
     return run_dir
 
 
@@ -75,11 +74,12 @@ def two_ranks(tmp_path_factory):
     where = tmp_path_factory.mktemp("two_ranks")
     (where / "cwd").mkdir()
     (where / "tmp").mkdir()
-    proc = _torchrun(*RUN, cwd=where / "cwd", tmpdir=where / "tmp")
+    proc = _torchrun(*DISTRIBUTED, cwd=where / "cwd", tmpdir=where / "tmp")
     assert proc.returncode == 0, proc.stderr[-3000:]
     return where, proc
 
 
+@pytest.mark.slow
 def test_two_ranks_train_what_one_process_trains(single, two_ranks):
     where, proc = two_ranks
     run_dirs = [p.parent for p in (where / "cwd").rglob(rundir.METRICS_FILE)]
@@ -92,6 +92,7 @@ def test_two_ranks_train_what_one_process_trains(single, two_ranks):
     assert proc.stdout.count("run directory:") == 1  # rank 0 alone reports
 
 
+@pytest.mark.slow
 def test_other_ranks_create_no_directory(two_ranks):
     where, _ = two_ranks
     # Their Hydra "run directory" is TMPDIR itself, without a .hydra/ record or a log; torchrun
@@ -100,10 +101,11 @@ def test_other_ranks_create_no_directory(two_ranks):
     assert len(list((where / "cwd").rglob(".hydra"))) == 1
 
 
+@pytest.mark.slow
 def test_sigterm_to_one_rank_stops_both_and_the_run_resumes(single, tmp_path):
     run_dir = tmp_path / "run"
     (tmp_path / "tmp").mkdir()
-    proc = _torchrun(*RUN, f"hydra.run.dir={run_dir}", cwd=ROOT, tmpdir=tmp_path / "tmp", popen=True)
+    proc = _torchrun(*DISTRIBUTED, f"hydra.run.dir={run_dir}", cwd=ROOT, tmpdir=tmp_path / "tmp", popen=True)
     deadline = time.monotonic() + 150
     while len(rundir.list_checkpoints(run_dir)) < 8:
         assert proc.poll() is None, f"ended (rc={proc.returncode}) before the signal:\n{proc.stderr.read()[-3000:]}"
@@ -139,11 +141,12 @@ REFUSED = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(REFUSED))
 def test_a_refused_run_is_one_error_line_and_every_rank_exits_2(tmp_path, case):
     override, message = REFUSED[case]
     (tmp_path / "tmp").mkdir()
-    proc = _torchrun(*RUN, override, f"hydra.run.dir={tmp_path / 'run'}", cwd=ROOT, tmpdir=tmp_path / "tmp")
+    proc = _torchrun(*DISTRIBUTED, override, f"hydra.run.dir={tmp_path / 'run'}", cwd=ROOT, tmpdir=tmp_path / "tmp")
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors == [f"error: {message}"], proc.stderr[-3000:]  # said once, by rank 0
     # Both exit 2 themselves: neither is left waiting for torchrun to kill it (-15, or -9 after 30 s).
@@ -168,7 +171,7 @@ def test_each_rank_trains_its_block_of_the_global_batch():
     import torch
     from hydra.utils import instantiate
 
-    batch = instantiate(compose_config(RUN).data).batch(7, 64)
+    batch = instantiate(compose_config(DISTRIBUTED).data).batch(7, 64)
     shares = [batch[D.World(rank=r, size=4).rows(64)] for r in range(4)]
     assert [len(s) for s in shares] == [16] * 4
     assert torch.equal(torch.cat(shares), batch)

@@ -92,6 +92,7 @@ def test_cli_bad_value_exits_2_without_traceback(tmp_path):
 @pytest.mark.parametrize("override,message", [("model.n_layer=3", "Could not override 'model.n_layer'"),
                                               ("model.n_layers=two", "could not be converted to Integer"),
                                               ("data.path=tokens.npy", "Key 'path' not in 'RepeatsDataConfig'")])
+@pytest.mark.slow
 def test_cli_composition_error_exits_nonzero_without_traceback(tmp_path, override, message):
     proc = cli("logger=none", override, f"hydra.run.dir={tmp_path / 'run'}")
     assert proc.returncode != 0
@@ -99,6 +100,7 @@ def test_cli_composition_error_exits_nonzero_without_traceback(tmp_path, overrid
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_cli_resume_of_a_missing_dir(tmp_path):
     proc = cli(f"resume={tmp_path / 'nothing'}")
     assert proc.returncode == 2
@@ -106,6 +108,7 @@ def test_cli_resume_of_a_missing_dir(tmp_path):
     assert not (tmp_path / "nothing").exists()  # Hydra did not create it
 
 
+@pytest.mark.slow
 def test_cli_unwritable_output_dir(tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory")

@@ -23,24 +23,20 @@ import torch
 from omegaconf import OmegaConf
 
 from tests.helpers import ROOT, cli_env, compose_config, one_line_error
+from tests.presets import FAULTS
 from train.core import rundir
 from train.cli import EXIT_FAULT, EXIT_IO, EXIT_USAGE, run
 from train.core.rundir import read_metrics
 
 # A one-layer model small enough that its metrics rows, not its checkpoints, are the largest
 # file: 60 steps of 1024 tokens, about 45 checkpoints.
-TINY = ["logger=none", "device=cpu", "model.d_model=8", "model.n_heads=1", "model.d_head=8", "model.n_layers=1",
-        "data.vocab_size=40", "data.n_ctx=128", "train.batch_size=8", "train.total_tokens=61440",
-        "checkpoint.n_log=30", "checkpoint.n_linear=30", "checkpoint.first_tokens=1024", "probes.n_heldout=16",
-        "callbacks.attention.n_heldout=16", "~callbacks.circuits", "~callbacks.robustness", "~callbacks.induction",
-        "~callbacks.ablation"]
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory, single_thread) -> Path:
     """The uninterrupted tiny run."""
     run_dir = tmp_path_factory.mktemp("tiny") / "run"
-    run(compose_config(TINY), run_dir)
+    run(compose_config(FAULTS), run_dir)
     return run_dir
 
 
@@ -125,6 +121,7 @@ def test_resume_never_builds_what_a_saved_config_names(name, tmp_path, victim, c
     assert _files(run_dir) == before
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(PAYLOADS))
 def test_recompute_never_builds_what_a_checkpoint_names(name, tiny_run, tmp_path, victim, capsys):
     from analysis.recompute import main as recompute
@@ -142,6 +139,7 @@ def test_recompute_never_builds_what_a_checkpoint_names(name, tiny_run, tmp_path
     assert dst.read_text() == "precious" and not (run_dir / rundir.RECOMPUTED_FILE).exists()
 
 
+@pytest.mark.slow
 def test_recompute_refuses_a_cuda_device_that_is_not_there(tiny_run, capsys):
     from analysis.recompute import main as recompute
 
@@ -193,6 +191,7 @@ def test_bad_input_is_one_line_and_leaves_no_directory(case, tmp_path, capsys):
     assert not (tmp_path / "outputs").exists()  # the stub its start made is gone, parents included
 
 
+@pytest.mark.slow
 def test_cli_error_after_hydra_started_leaves_nothing(tmp_path):
     """Through the command line Hydra writes `.hydra/` and its log before the job runs; a job
     that then fails on its data removes them, and the dated default directory too."""
@@ -216,12 +215,13 @@ def test_default_run_directory_is_unique_per_process():
     assert re.fullmatch(rf"outputs/\d{{4}}-\d\d-\d\d/\d\d-\d\d-\d\d-{os.getpid()}", str(cfg.hydra.run.dir))
 
 
+@pytest.mark.slow
 def test_jobs_started_together_in_one_directory(tmp_path):
     """Two jobs handed the same directory at the same moment: one trains, the other is refused
     and writes nothing there (Hydra's record keeps the winner's seed). A third job whose
     interpolated directory resolves to that run is refused before Hydra writes anything."""
     run_dir = tmp_path / "shared"
-    short = [*TINY, "train.total_tokens=8192"]
+    short = [*FAULTS, "train.total_tokens=8192"]
     procs = {seed: subprocess.Popen([sys.executable, "-m", "train", *short, f"seed={seed}", f"hydra.run.dir={run_dir}"],
                                     cwd=ROOT, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for seed in (1, 2)}
@@ -246,7 +246,7 @@ def test_jobs_started_together_in_one_directory(tmp_path):
 def test_divergence_stops_the_run_with_an_event(tmp_path, capsys, single_thread):
     run_dir = tmp_path / "lr100"
     with pytest.raises(SystemExit) as exc:
-        run(compose_config(TINY + ["optim.lr=100"]), run_dir)
+        run(compose_config(FAULTS + ["optim.lr=100"]), run_dir)
     assert exc.value.code == EXIT_FAULT
     assert "diverged: held-out loss" in one_line_error(capsys.readouterr().err)
     rows = read_metrics(run_dir)
@@ -259,6 +259,7 @@ def test_divergence_stops_the_run_with_an_event(tmp_path, capsys, single_thread)
     assert status["state"] == "failed" and status["step"] == event["step"]
 
 
+@pytest.mark.slow
 def test_the_tiny_run_stays_below_the_divergence_line(tiny_run):
     line = math.log(40) + 1.0
     assert max(r["loss/heldout"] for r in read_metrics(tiny_run)) < line
@@ -266,6 +267,7 @@ def test_the_tiny_run_stays_below_the_divergence_line(tiny_run):
 
 # -- the file system fails mid-run ----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_full_disk_stops_with_exit_4_and_the_run_resumes(tiny_run, tmp_path, single_thread, capsys):
     """A file-size limit (RLIMIT_FSIZE) makes writes past it fail as on a full disk, in a real
     subprocess; the limit is set so that checkpoints fit and metrics.jsonl breaks mid-row."""
@@ -280,7 +282,7 @@ def test_a_full_disk_stops_with_exit_4_and_the_run_resumes(tiny_run, tmp_path, s
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
     run_dir = tmp_path / "full"
-    proc = subprocess.run([sys.executable, "-m", "train", *TINY, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=cli_env(),
+    proc = subprocess.run([sys.executable, "-m", "train", *FAULTS, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=cli_env(),
                           capture_output=True, text=True, timeout=300, preexec_fn=limit_file_size)
     assert proc.returncode == EXIT_IO, proc.stderr[-2000:]
     line = one_line_error(proc.stderr)
@@ -295,6 +297,7 @@ def test_a_full_disk_stops_with_exit_4_and_the_run_resumes(tiny_run, tmp_path, s
 
 # -- analysis of very short runs -------------------------------------------------------------------
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n_rows", [1, 2])
 def test_analysis_of_one_or_two_checkpoints_says_what_it_cannot_show(two_layer_run, tmp_path, n_rows, capsys):
     from analysis.__main__ import main
@@ -310,6 +313,7 @@ def test_analysis_of_one_or_two_checkpoints_says_what_it_cannot_show(two_layer_r
     assert summary["runs"][0]["phase_change"] is False and summary["runs"][0]["n_checkpoints"] == n_rows
 
 
+@pytest.mark.slow
 def test_analysis_error_leaves_no_partial_report(two_layer_run, tmp_path, capsys):
     from analysis.__main__ import main
 

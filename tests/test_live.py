@@ -1,3 +1,4 @@
+import pytest
 """Live phase-change detection during training: the analysis detector on the rows so far, announced
 once (console, wandb summary and alert) at a checkpoint after the window; never without a jump."""
 import math
@@ -70,6 +71,7 @@ def test_never_announced_without_a_jump_or_when_off():
     assert all(off.update(row) is None for row in rows(jump=True)) and off.finish() is None and said == []
 
 
+@pytest.mark.slow
 def test_wandb_summary_and_alert_in_the_offline_run(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     logger = WandbLogger(mode="offline")

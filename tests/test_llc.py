@@ -56,6 +56,7 @@ REGRESSION = dict(lr=4e-4, n_beta=None, localization=1.0, num_chains=4, num_draw
                   batch_size=2000, seed=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("d", [4, 16])
 def test_llc_of_a_regular_model_is_half_its_dimension(d):
     model, rows, loss_fn = regression(d)
@@ -96,6 +97,7 @@ def tiny():
     return tiny_model()
 
 
+@pytest.mark.slow
 def test_estimate_on_a_tiny_model_is_finite_repeatable_and_leaves_the_model(tiny):
     model, tokens = tiny
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -112,6 +114,7 @@ def test_estimate_on_a_tiny_model_is_finite_repeatable_and_leaves_the_model(tiny
     assert other["per_chain"] != a["per_chain"]
 
 
+@pytest.mark.slow
 def test_diverged_chains_are_counted_and_warned_about(tiny):
     model, tokens = tiny
     with warnings.catch_warnings(record=True) as caught:
@@ -131,6 +134,7 @@ def hand_probes(heldout: torch.Tensor) -> Probes:
     return Probes(repeated_random_tokens(4, 5, 3, allowed, g), 5, 3, allowed.clone(), heldout, allowed)
 
 
+@pytest.mark.slow
 def test_callback_writes_the_llc_keys(tiny):
     model, tokens = tiny
     cb = LLCEstimate(every=1, n_sequences=16, **TINY)
@@ -164,14 +168,13 @@ def test_callback_needs_a_batch_of_heldout_sequences(tiny):
 
 
 # -- the calibration command -------------------------------------------------------------------------
+@pytest.mark.slow
 def test_calibrate_prints_a_table_for_every_combination(tmp_path, capsys):
     from analysis.llc_calibrate import main
     from tests.helpers import train_run
+    from tests.presets import EXTRA_CALLBACKS_OFF, SIX_STEPS
 
-    run = train_run(tmp_path / "run", ["logger=none", "device=cpu", "model.d_model=32", "train.total_tokens=24576",
-                                       "checkpoint.n_log=2", "checkpoint.n_linear=2", "probes.n_heldout=16",
-                                       *(f"callbacks.{c}=null" for c in ("circuits", "robustness", "induction",
-                                                                         "ablation"))])
+    run = train_run(tmp_path / "run", [*SIX_STEPS, *EXTRA_CALLBACKS_OFF])
     capsys.readouterr()
     args = [str(run), "--step", "6", "--lr", "1e-3", "1e6", "--localization", "100", "--draws", "4", "--chains",
             "2", "--burnin", "2", "--batch-size", "4", "--n-sequences", "8"]

@@ -1,3 +1,4 @@
+import pytest
 """Attention patterns for the report, on hand-built checkpoints with known patterns: uniform
 attention before the window, the textbook induction circuit after it (the induction head attends
 to the token after the previous occurrence, its partner to the previous position)."""
@@ -43,6 +44,7 @@ def handbuilt_run(tmp_path):
     return Run(tmp_path, [row], config), result
 
 
+@pytest.mark.slow
 def test_patterns_before_and_after_the_window(tmp_path):
     run, result = handbuilt_run(tmp_path)
     assert {m: c.path.name for m, c in moment_checkpoints(run, result["window"]).items()} == {

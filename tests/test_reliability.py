@@ -22,7 +22,8 @@ from tests.helpers import cli as _cli
 from tests.helpers import cli_env as _env
 from tests.helpers import compose_config
 from tests.helpers import one_line_error as _one_line_error
-from tests.reliability import SMALL, TINY, checkpoints, drop_extra_callbacks, snapshot, train_in_process, wait_for
+from tests.presets import SIX_STEPS, TINY
+from tests.reliability import checkpoints, drop_extra_callbacks, snapshot, train_in_process, wait_for
 from train.core import checkpoint as ckpt
 from train.core import rundir
 from train.cli import run
@@ -81,6 +82,7 @@ def interrupted(tmp_path_factory, single_thread):
     return seen
 
 
+@pytest.mark.slow
 def test_sigkill_and_sigterm_resume_is_bit_identical(reference, interrupted):
     run_dir = interrupted["run_dir"]
     assert interrupted["kill_rc"] == -signal.SIGKILL
@@ -102,6 +104,7 @@ def test_sigkill_and_sigterm_resume_is_bit_identical(reference, interrupted):
     assert not interrupted["stale_tmp_left"]
 
 
+@pytest.mark.slow
 def test_sigterm_writes_a_checkpoint_and_exits_143(interrupted):
     err = interrupted["term_err"]
     assert interrupted["term_rc"] == 128 + signal.SIGTERM, err[-2000:]
@@ -115,6 +118,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_143(interrupted):
     assert step > int(interrupted["killed_checkpoints"][-1][5:])
 
 
+@pytest.mark.slow
 def test_resume_leaves_the_runs_hydra_record_alone(interrupted):
     run_dir = interrupted["run_dir"]
     assert snapshot(run_dir / ".hydra") == interrupted["hydra_record"]
@@ -122,6 +126,7 @@ def test_resume_leaves_the_runs_hydra_record_alone(interrupted):
     assert "resume=" not in overrides and "train.total_tokens=300000" in overrides
 
 
+@pytest.mark.slow
 def test_slurm_style_requeue_cycle_ends_as_an_uninterrupted_run(reference, tmp_path, single_thread):
     """A preempted job requeued again and again runs the same command (resume=auto), here with
     real subprocesses and signals: SIGKILL during start-up (nothing trained: the command then
@@ -180,6 +185,7 @@ def test_slurm_style_requeue_cycle_ends_as_an_uninterrupted_run(reference, tmp_p
 
 # -- numerical faults ---------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, capsys, single_thread, monkeypatch):
     from train.loop import Trainer
 
@@ -191,7 +197,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, ca
 
     monkeypatch.setattr(Trainer, "loss", nan_at_step_9)
     run_dir = tmp_path / "nan"
-    overrides = SMALL + drop_extra_callbacks() + ["train.total_tokens=49152"]
+    overrides = SIX_STEPS + drop_extra_callbacks() + ["train.total_tokens=49152"]
     with pytest.raises(SystemExit) as exc:
         run(compose_config(overrides), run_dir)
     assert exc.value.code == 3
@@ -207,6 +213,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, ca
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_deferred_finiteness_check_skips_updates_and_stops_at_the_next_checkpoint(tmp_path, capsys, single_thread,
                                                                                   monkeypatch):
     """The CUDA path, run on the CPU: no host sync per step; fused AdamW skips the update of the
@@ -232,7 +239,7 @@ def test_deferred_finiteness_check_skips_updates_and_stops_at_the_next_checkpoin
     monkeypatch.setattr(Trainer, "train_step", remember)
     run_dir = tmp_path / "nan"
     with pytest.raises(SystemExit) as exc:
-        run(compose_config(SMALL + drop_extra_callbacks() + ["train.total_tokens=49152"]), run_dir)
+        run(compose_config(SIX_STEPS + drop_extra_callbacks() + ["train.total_tokens=49152"]), run_dir)
     assert exc.value.code == 3
     assert "non-finite loss or gradient norm at step 9" in _one_line_error(capsys.readouterr().err)
     last = read_metrics(run_dir / "metrics.jsonl")[-1]
@@ -244,6 +251,7 @@ def test_deferred_finiteness_check_skips_updates_and_stops_at_the_next_checkpoin
 
 # -- the command line refuses a finished run ----------------------------------------------------
 
+@pytest.mark.slow
 def test_cli_refuses_a_finished_run_dir_and_resuming_it(reference):
     before = snapshot(reference)
     proc = _cli("logger=none", f"hydra.run.dir={reference}")
@@ -255,6 +263,7 @@ def test_cli_refuses_a_finished_run_dir_and_resuming_it(reference):
     assert snapshot(reference) == before  # Hydra's .hydra/ and log included: nothing written
 
 
+@pytest.mark.slow
 def test_a_signal_during_the_last_step_still_finishes(tmp_path, single_thread, monkeypatch):
     """SIGTERM while the last step runs: the run completes its final checkpoint and is finished
     (exit 0), not interrupted (a preempted job must not be requeued for nothing)."""
@@ -269,7 +278,7 @@ def test_a_signal_during_the_last_step_still_finishes(tmp_path, single_thread, m
 
     monkeypatch.setattr(Trainer, "loss", term_in_last_step)
     run_dir = tmp_path / "last"
-    row = run(compose_config(SMALL + drop_extra_callbacks()), run_dir)
+    row = run(compose_config(SIX_STEPS + drop_extra_callbacks()), run_dir)
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "finished" and row["step"] == status["step"] == 6
     assert all(rundir.read_meta(d)["kind"] == "scheduled" for d in rundir.list_checkpoints(run_dir))
@@ -277,6 +286,7 @@ def test_a_signal_during_the_last_step_still_finishes(tmp_path, single_thread, m
 
 # -- wandb without a network --------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_wandb_unreachable_falls_back_offline_quickly(tmp_path, monkeypatch, capsys):
     from train.loggers import WandbLogger
 

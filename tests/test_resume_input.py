@@ -16,7 +16,8 @@ import torch
 
 from tests.helpers import compose_config
 from tests.helpers import one_line_error as _one_line_error
-from tests.reliability import SMALL, checkpoints, drop_extra_callbacks, snapshot, train_in_process
+from tests.presets import SIX_STEPS
+from tests.reliability import checkpoints, drop_extra_callbacks, snapshot, train_in_process
 from train.core import rundir
 from train.cli import run
 from train.core.rundir import read_metrics
@@ -24,7 +25,7 @@ from train.core.rundir import read_metrics
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory, single_thread):
-    return train_in_process(tmp_path_factory.mktemp("small") / "run", SMALL + drop_extra_callbacks())
+    return train_in_process(tmp_path_factory.mktemp("small") / "run", SIX_STEPS + drop_extra_callbacks())
 
 
 @pytest.fixture
@@ -54,8 +55,9 @@ def _resume_error(run_dir: Path, capsys, overrides: list[str] | None = None) -> 
 
 # -- another config, a run killed before its first checkpoint -----------------------------------
 
+@pytest.mark.slow
 def test_resume_auto_refuses_a_run_of_another_config(stopped_copy, capsys):
-    line = _resume_error(stopped_copy, capsys, [*SMALL, *drop_extra_callbacks(), "seed=5", "resume=auto"])
+    line = _resume_error(stopped_copy, capsys, [*SIX_STEPS, *drop_extra_callbacks(), "seed=5", "resume=auto"])
     assert "resume=auto" in line and "holds a run of another config" in line and "seed=0 there, 5 here" in line
 
 
@@ -112,6 +114,7 @@ DAMAGE = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_damaged_checkpoint_is_refused(stopped_copy, capsys, damage):
     spoil, message = DAMAGE[damage]

@@ -10,13 +10,12 @@ import pytest
 import torch
 
 from tests.helpers import ROOT, compose_config, one_line_error, train_run
+from tests.presets import EXTRA_CALLBACKS_OFF, SIX_STEPS
 from train.core import names as N
 from train.core import rundir
 from train.core.runs import Run, RunError, load_run, open_run
 
-TINY = ["logger=none", "device=cpu", "model.d_model=32", "train.total_tokens=24576", "checkpoint.n_log=2",
-        "checkpoint.n_linear=2", "probes.n_heldout=16",
-        *(f"callbacks.{c}=null" for c in ("circuits", "robustness", "induction", "ablation"))]
+TINY = [*SIX_STEPS, *EXTRA_CALLBACKS_OFF]
 NO_WEIGHTS = TINY + ["checkpoint.save_weights=false"]
 
 
@@ -77,6 +76,7 @@ def test_a_run_without_weights_keeps_them_only_for_resuming(no_weights):
                             f"steps: {everything[-1].step}")
 
 
+@pytest.mark.slow
 def test_probes_are_the_ones_training_built(tiny, text_run, tmp_path):
     from train.loop import Trainer
 

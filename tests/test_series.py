@@ -30,16 +30,15 @@ from train.core.model import AttnOnlyTransformer
 from train.core.rundir import read_metrics
 from train.core.hf_model import register_project_model
 from tests.helpers import compose_config, one_line_error, train_run
+from tests.presets import SERIES_RUN
 
-TINY_RUN = ["logger=none", "device=cpu", "train.total_tokens=120000", "checkpoint.n_log=5", "checkpoint.n_linear=3",
-            "probes.n_heldout=64"]
 PER_HEAD = (N.PREFIX_MATCHING, N.PREVIOUS_TOKEN, N.DUPLICATE_TOKEN, N.COPYING, N.OV_COPYING)
 NOT_SCORED = (N.LR, "loss/train")  # training's own row keys
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory) -> Path:
-    return train_run(tmp_path_factory.mktemp("run") / "run", TINY_RUN)
+    return train_run(tmp_path_factory.mktemp("run") / "run", SERIES_RUN)
 
 
 def fake_run(root: Path, overrides: list[str], seed: int = 0) -> tuple[Path, AttnOnlyTransformer]:
@@ -70,6 +69,7 @@ def tokens(vocab: int = 64, n: int = 3, length: int = 40) -> torch.Tensor:
 
 
 # -- the cross-implementation tests ------------------------------------------------------------
+@pytest.mark.slow
 def test_exported_series_gives_the_runs_own_rows(tiny_run, tmp_path):
     """The project's layout is the project's model: every key the run logged, bit for bit, from the
     export's own probe file (no --probes): the ablations at the same checkpoints, and the
@@ -87,6 +87,7 @@ def test_exported_series_gives_the_runs_own_rows(tiny_run, tmp_path):
     assert not [line for line in lines if line.startswith("note:")]  # nothing was left out
 
 
+@pytest.mark.slow
 def test_gpt2_export_series_reproduces_the_runs_scores_and_window(tiny_run, tmp_path):
     export_run(tiny_run, tmp_path / "export", "hf", "gpt2", all_steps=True)
     assert (tmp_path / "export" / "step_0000000" / P.PROBES_FILE).is_file()
@@ -117,6 +118,7 @@ def test_gpt2_export_series_reproduces_the_runs_scores_and_window(tiny_run, tmp_
     assert S.run_series(str(tmp_path / "export"), out, opts, log=lambda m: None) == []
 
 
+@pytest.mark.slow
 def test_native_export_loads_without_the_project(tiny_run, tmp_path):
     """The project's own model type loads with trust_remote_code from the export alone (the
     package `train` made unimportable) and gives the project's logits."""
@@ -170,6 +172,7 @@ def test_inexact_standard_layouts_are_refused_in_one_line(tmp_path, capsys, layo
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:HookedTransformer is deprecated:DeprecationWarning")  # 3.x says so
 def test_transformer_lens_export_gives_the_projects_logits(tmp_path):
     tl = pytest.importorskip("transformer_lens")  # the transformer-lens extra (installed in CI)
@@ -220,6 +223,7 @@ def tiny_family(kind: str, seed: int):
     return model.eval()
 
 
+@pytest.mark.slow
 def test_series_of_other_families(tmp_path):
     """Two-checkpoint series of tiny GPT-2, GPT-NeoX, Llama, Qwen2, Mistral and OPT models: every
     default callback's scores for the families the adapter maps, the behavioural ones and one note

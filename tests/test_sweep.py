@@ -6,23 +6,23 @@ import sys
 import pytest
 
 from tests.helpers import ROOT, cli_env
+from tests.presets import SWEEP_JOB
 from tests.wandb_files import read_offline_records
 from train.core import rundir
 from train.sweep import job_device, job_outcome, summary_lines
 
-TINY = ["experiment=smoke", "device=cpu", "train.total_tokens=12000", "train.batch_size=16",
-        "checkpoint.n_log=2", "checkpoint.n_linear=1", "probes.n_heldout=8", "callbacks.ablation=null"]
 
 
 def sweep(tmp_path, launcher: str, *grid: str) -> tuple[subprocess.CompletedProcess, list[str]]:
     sweep_dir = tmp_path / launcher
     proc = subprocess.run([sys.executable, "-m", "train", "-m", f"hydra/launcher={launcher}",
-                           f"hydra.sweep.dir={sweep_dir}", *TINY, *grid], cwd=ROOT, env=cli_env(),
+                           f"hydra.sweep.dir={sweep_dir}", *SWEEP_JOB, *grid], cwd=ROOT, env=cli_env(),
                           capture_output=True, text=True, timeout=300)
     summary = proc.stderr[proc.stderr.index("sweep summary:"):].strip().splitlines()
     return proc, summary
 
 
+@pytest.mark.slow
 def test_joblib_sweep_runs_jobs_in_parallel_processes_and_lists_them(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     proc, summary = sweep(tmp_path, "parallel", "hydra.launcher.n_jobs=2", "logger=none", "model.n_layers=1,2",
@@ -39,6 +39,7 @@ def test_joblib_sweep_runs_jobs_in_parallel_processes_and_lists_them(tmp_path):
     assert "model.n_layers=2" in jobs[3] and "seed=1" in jobs[3]
 
 
+@pytest.mark.slow
 def test_submitit_local_sweep_reports_failed_jobs_with_their_reason(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     proc, summary = sweep(tmp_path, "slurm_local", "logger=wandb", "logger.mode=offline", "model.n_layers=1,2",
@@ -82,12 +83,13 @@ def test_one_gpu_per_job_only_with_auto_and_several_gpus():
     assert job_device("cpu", 3, 4) == "cpu"
 
 
+@pytest.mark.slow
 def test_a_requeued_slurm_job_resumes_its_own_run(tmp_path, monkeypatch):
     """SLURM requeues a preempted job with the same overrides into the same run directory: it
     continues the unfinished run there instead of refusing the directory."""
     from tests.helpers import train_run
 
-    overrides = [*TINY, "logger=none"]
+    overrides = [*SWEEP_JOB, "logger=none"]
     train_run(tmp_path, overrides)
     last_step = rundir.read_status(tmp_path)["step"]
     rundir.write_status(tmp_path, rundir.INTERRUPTED, last_step, None)  # as if preempted at its last checkpoint

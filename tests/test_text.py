@@ -66,6 +66,7 @@ def test_bpe_shards_decode_back_to_the_corpus_and_are_reused(corpus, cache, monk
     torch.testing.assert_close(again.batch(5, 4), data.batch(5, 4))
 
 
+@pytest.mark.slow
 def test_shards_split_at_the_size_limit_and_windows_cover_every_shard(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr(text, "SHARD_TOKENS", 4096)
     data = _corpus_data(corpus, tmp_path)
@@ -157,6 +158,7 @@ def test_icl_score_standard_error_has_its_known_value():
     assert M.icl_score(losses.mean(0), 2, 8, window=1).item() == pytest.approx(2.5 / 3)  # 7..9 averaged
 
 
+@pytest.mark.slow
 def test_text_run_logs_plain_and_mixture_scores_and_resumes_exactly(corpus, cache, tmp_path, monkeypatch):
     """A text run with the repetition knob: the tokenizer goes into the run, both held-out sets are
     scored, and a run stopped by SIGTERM and resumed writes the same rows as an uninterrupted one."""
@@ -208,6 +210,7 @@ def test_text_run_logs_plain_and_mixture_scores_and_resumes_exactly(corpus, cach
     assert exported("The statement")["input_ids"] == tok("The statement")["input_ids"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["hoogland_2l", "olsson_small", "text_cpu"])
 def test_presets_run_a_few_steps_on_cpu_with_sizes_overridden(preset, corpus, cache, tmp_path):
     cfg = compose_config([f"experiment={preset}", f"data.source={corpus}", f"data.cache_dir={cache}",
@@ -230,6 +233,7 @@ def test_presets_run_a_few_steps_on_cpu_with_sizes_overridden(preset, corpus, ca
 
 @pytest.mark.parametrize("case", ["missing_column", "empty", "small_vocab", "ids_outside", "hub_offline",
                                   "float_tokens", "no_source"])
+@pytest.mark.slow
 def test_text_errors_are_one_line_exit_2(case, corpus, tmp_path, capsys):
     args = ["logger=none", "device=cpu", f"hydra.run.dir={tmp_path / 'run'}", f"data.cache_dir={tmp_path / 'c'}",
             "data=text", "data.vocab_size=300"]
@@ -271,6 +275,7 @@ def test_text_errors_are_one_line_exit_2(case, corpus, tmp_path, capsys):
         assert not cache.exists() or not [p for p in cache.iterdir() if p.suffix != ".lock"]
 
 
+@pytest.mark.slow
 def test_mixture_set_has_its_own_size(corpus, cache):
     """probes.n_heldout_mixture sizes the held-out set with the training repetition on its own
     (null: as many as the plain held-out set); the plain set keeps probes.n_heldout."""

@@ -4,6 +4,7 @@ import pytest
 
 from tests.wandb_files import read_offline_history
 from tests.helpers import train_run
+from tests.presets import WANDB_OFFLINE
 from train.core.rundir import read_metrics
 
 
@@ -13,10 +14,10 @@ def wandb_run(tmp_path_factory):
 
     os.environ["WANDB_MODE"] = "offline"
     run_dir = tmp_path_factory.mktemp("wandb_run")
-    return train_run(run_dir, ["experiment=smoke", "device=cpu", "logger=wandb", "logger.mode=offline",
-                               "train.total_tokens=80000"])
+    return train_run(run_dir, WANDB_OFFLINE)
 
 
+@pytest.mark.slow
 def test_offline_history_has_prefix_matching_keys(wandb_run):
     history = [h for h in read_offline_history(wandb_run / "wandb") if "step" in h]  # not the final charts
     rows = read_metrics(wandb_run / "metrics.jsonl")
@@ -28,6 +29,7 @@ def test_offline_history_has_prefix_matching_keys(wandb_run):
     assert "heads/prefix_matching/_type" in keys  # the heads x layers heatmap image
 
 
+@pytest.mark.slow
 def test_offline_run_is_finished(wandb_run):
     from wandb.proto import wandb_internal_pb2 as pb
 
@@ -41,6 +43,7 @@ def test_offline_run_is_finished(wandb_run):
     assert "exit" in kinds  # run.finish() was called
 
 
+@pytest.mark.slow
 def test_workspace_reads_well(wandb_run):
     """What the workspace shows: key scalars in the overview section, one chart per per-head
     family with every head a line (the single per-head keys get no panel), and the final detection
