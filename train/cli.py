@@ -158,6 +158,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
 
 
 def _run(cfg: DictConfig, run_dir: Path, ranks: Ranks) -> dict:
+    from train.loop import Trainer
+
     start = _configure(cfg, run_dir, ranks)
     if _multirun() and start.cfg.device == "auto":  # one GPU per job where there are several
         from train.core.device import cuda_count
@@ -166,8 +168,9 @@ def _run(cfg: DictConfig, run_dir: Path, ranks: Ranks) -> dict:
     trainer = None
     try:
         with rundir.lock(start.run_dir) if ranks.main else contextlib.nullcontext():
-            trainer, checkpoint = ranks.start(lambda: startup.begin(start, ranks.world),
-                                              lambda: (startup.build_trainer(start.cfg, start.run_dir, ranks.world), None))
+            trainer, checkpoint = ranks.start(lambda: startup.begin(Trainer, start, ranks.world),
+                                              lambda: (startup.build_trainer(Trainer, start.cfg, start.run_dir,
+                                                                             ranks.world), None))
             row = trainer.run(checkpoint, start.status)
     except BaseException as e:
         _stopped(e, start.run_dir, ranks, trainer)

@@ -134,15 +134,14 @@ def prepared(cfg: DictConfig, run_dir: Path, n_ranks: int = 1) -> Start:
     return kept if kept is not None else prepare(cfg, run_dir, n_ranks)
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, world: distributed.World):
-    """The Trainer of a prepared config (building the model, data, probes and callbacks checks
-    the remaining values); ConfigError for a user's mistake."""
+def build_trainer(trainer: type, cfg: DictConfig, run_dir: Path, world: distributed.World):
+    """The trainer (train/loop.py Trainer, given by the command line) of a prepared config:
+    building the model, data, probes and callbacks checks the remaining values; ConfigError for
+    a user's mistake."""
     from hydra.errors import InstantiationException
 
-    from train.loop import Trainer
-
     try:
-        return Trainer(cfg, run_dir, world, checked=True)
+        return trainer(cfg, run_dir, world, checked=True)
     except InstantiationException as e:  # unwrap the user's mistake from Hydra's wrapper
         cause = e.__cause__
         raise ConfigError(user_error(cause) if isinstance(cause, (ValueError, OSError)) else str(e)) from None
@@ -150,13 +149,13 @@ def build_trainer(cfg: DictConfig, run_dir: Path, world: distributed.World):
         raise ConfigError(str(e)) from None
 
 
-def begin(start: Start, world: distributed.World):
+def begin(trainer: type, start: Start, world: distributed.World):
     """Rank 0's start (train/ranks.py, 2): the checkpoint to resume from (None: from the start),
     the trainer, and the run's config.yaml for a new run, or a line on where it resumes. Returns
     (trainer, checkpoint)."""
     run_dir = start.run_dir
     checkpoint = rundir.resume_point(run_dir) if start.resuming else None
-    trainer = build_trainer(start.cfg, run_dir, world)
+    built = build_trainer(trainer, start.cfg, run_dir, world)
     if not start.resuming:
         rundir.write_text_atomic(run_dir / rundir.CONFIG_FILE, OmegaConf.to_yaml(start.cfg, resolve=True))
     elif checkpoint is None:  # stopped before its first checkpoint: start it again
@@ -165,7 +164,7 @@ def begin(start: Start, world: distributed.World):
         rundir.remove_stale_temporaries(run_dir)
     else:
         print(f"resuming {run_dir} from step {rundir.read_meta(checkpoint)['step']}", file=sys.stderr)
-    return trainer, checkpoint
+    return built, checkpoint
 
 
 def user_error(e: BaseException) -> str:
