@@ -10,6 +10,7 @@ import torch
 
 from train.core import causal as K
 from train.core import circuits as C
+from train.core import metrics as M
 from train.core import names as N
 from train.core.callbacks import AttentionScores, RunContext, evaluate_checkpoint, prepare_callbacks
 from train.core.model import AttnOnlyTransformer
@@ -159,6 +160,49 @@ def test_activation_patching_is_the_z_hook_replacement_head_by_head():
                 patched = C.ablated_logits(model, probes.repeated, [(l, h)], bad.z)
                 assert batched[l, h] == pytest.approx(float(K.repeat_losses(patched, probes.repeated, PERIOD, 1) - base),
                                                       abs=1e-5)
+
+
+def test_batched_path_patching_is_the_pair_by_pair_patch():
+    """A 3-layer random model with norms: every (later, earlier) pair, input and measure of the
+    batched implementation against one patched forward pass per pair, and the K share against the
+    previous-token heads patched together."""
+    torch.manual_seed(3)
+    model = AttnOnlyTransformer(16, 32, n_layers=3, n_heads=2, d_model=32, d_head=8, init_std=0.3).eval()
+    probes = hand_probes()
+    tokens, mask = probes.repeated, M.prefix_matching_mask(probes.repeated)
+    previous = torch.tensor([[True, False], [False, True], [False, False]])
+    with torch.no_grad():
+        _, clean = model.run_with_cache(tokens)
+        _, bad = model.run_with_cache(K.corrupted_probe(probes, 2718))
+        drops, share = K.path_patching(model, tokens, clean, bad, PERIOD, mask, previous)
+
+        def patched(l2, delta, c):
+            x = clean.resid_pre[l2]
+            z0, pattern0 = model.run_layer_split(l2, x, x, x)
+            z, pattern = model.run_layer_split(l2, *(x + delta if c == i else x for i in "qkv"))
+            prefix0, prefix = (M.masked_attention_score(p[None], mask)[0] for p in (pattern0, pattern))
+            return z0, z, prefix0, prefix
+
+        def logit(l2, z):
+            return float(K.correct_logits(model.run_from(l2, clean.resid_pre[l2], z=z).logits, tokens, PERIOD, 1))
+
+        for l2 in (1, 2):
+            for l1 in range(l2):
+                for h1 in range(2):
+                    delta = torch.einsum("bpe,ed->bpd", bad.z[l1][:, h1] - clean.z[l1][:, h1], model.blocks[l1].attn.W_O[h1])
+                    for c in "qkv":
+                        z0, z, prefix0, prefix = patched(l2, delta, c)
+                        for h2 in range(2):
+                            one = z0.clone()
+                            one[:, h2] = z[:, h2]
+                            assert drops[("logit", c)][(l2, l1)][h2, h1] == pytest.approx(logit(l2, z0) - logit(l2, one), abs=1e-4)
+                            if c != "v":
+                                assert drops[("attention", c)][(l2, l1)][h2, h1] == pytest.approx(float(prefix0[h2] - prefix[h2]), abs=1e-5)
+            joint = sum(torch.einsum("bpe,ed->bpd", bad.z[l][:, h] - clean.z[l][:, h], model.blocks[l].attn.W_O[h])
+                        for l, h in ((0, 0), (1, 1)) if l < l2)
+            _, _, prefix0, prefix = patched(l2, joint, "k")
+            assert share[l2] == pytest.approx((prefix0 - prefix) / prefix0, abs=1e-5)
+        assert torch.isnan(share[0]).all()
 
 
 def test_hugging_face_models_get_activation_patching_with_one_note():
