@@ -52,6 +52,9 @@ DISAGREEING, BOTH_HEADS = "disagreeing", "both_heads"
 PREVIOUS_TOKEN_HEADS = "previous_token_heads"  # a list of head names
 ABLATION, REPEAT_LOSS = "ablation", "repeat_loss"
 LLC = "llc"  # local learning coefficient: its named parts (train/core/llc.py)
+# causal scores (train/core/causal.py): per head, per head pair (path_patching), named parts
+ACTIVATION_PATCHING, CAUSAL_K_SHARE, IS_CAUSAL = "activation_patching", "causal_k_share", "is_causal"
+CAUSAL_THRESHOLDS, ATTRIBUTION_AGREEMENT = "causal_thresholds", "attribution_agreement"
 
 VECTOR_DECIMALS = 5
 
@@ -84,6 +87,16 @@ def of_induction_heads(metric: str) -> str:
     "icl_score_zero_ablated" -> "icl_score_zero_induction_heads", "icl_removed_zero" ->
     "icl_removed_zero_induction_heads"."""
     return metric.removesuffix("_ablated") + "_induction_heads"
+
+
+def path_patching(measure: str, kind: str) -> str:
+    """A path-patching metric: "attention" (or "logit"), "k" (or "q", "v") -> "path_patching_attention_k"."""
+    return f"path_patching_{measure}_{kind}"
+
+
+def attribution(metric: str) -> str:
+    """Its attribution-patching estimate: "activation_patching" -> "attribution_activation_patching"."""
+    return f"attribution_{metric}"
 
 
 def part_key(name: str, part: str) -> str:
