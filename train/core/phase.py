@@ -61,8 +61,8 @@ but that is unfinished (`unfinished: true`). The verdict:
   * "still rising at the end": no "yes", but the same rule holds once unfinished windows count:
     `unfinished_window` spans them up to the last checkpoint; `window` is null;
   * "too short to tell": nothing detected, and the run has fewer than MIN_POINTS usable
-    checkpoints or ends less than `min_analysed_span` ln tokens (default 1, a factor of 2.7;
-    the default run's window is about 0.6 wide) after the burn-in;
+    checkpoints, or its loss is still in the initial descent at the last checkpoint (the smoothed
+    slope there is at least `burn_in_relax` times the steepest slope: the burn-in never ended);
   * "no" otherwise (with what was found, not coinciding).
 """
 from __future__ import annotations
@@ -94,7 +94,6 @@ class PhaseParams:
     bump_min_nats: float = 0.05
     bump_min_depth: float = 1.0
     coincide_tol: float = 0.1
-    min_analysed_span: float = 1.0
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -122,7 +121,7 @@ class Window:
 
 
 def rounded(v: float) -> float | None:
-    return None if not math.isfinite(v) else float(f"{v:.6g}")
+    return float(f"{v:.6g}") if math.isfinite(v) else None
 
 
 def smooth(tokens, values, params: PhaseParams = PhaseParams()) -> Smooth | None:
@@ -293,8 +292,7 @@ def _combine(icl: Window, bump: Window, heads: dict[str, Window], tol: float, co
     return pairs, window, rising
 
 
-YES, NO, STILL_RISING, TOO_SHORT = "yes", "no", "still rising at the end", "too short to tell"
-VERDICTS = (YES, NO, STILL_RISING, TOO_SHORT)
+YES, NO, STILL_RISING, TOO_SHORT = "yes", "no", "still rising at the end", "too short to tell"  # the verdicts
 
 
 def fmt_tokens(v) -> str:
@@ -303,7 +301,8 @@ def fmt_tokens(v) -> str:
         return "-"
     for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
         if abs(v) >= scale * 0.9995:
-            return f"{v / scale:.3g}{unit}" if abs(v) < scale * 99.95 else f"{v / scale:.0f}{unit}"
+            x = v / scale
+            return f"{x:.{2 if abs(x) < 9.995 else 1 if abs(x) < 99.95 else 0}f}{unit}"
     return f"{v:.0f}"
 
 
@@ -313,17 +312,20 @@ def _names(icl: Window, bump: Window, heads: dict[str, Window], counts) -> str:
     return ", ".join(found + ([f"prefix-matching rise ({', '.join(rising)})"] if rising else []))
 
 
-def _too_short(tokens, loss, icl, loss_sm, icl_sm, x0, params: PhaseParams) -> str | None:
+def _too_short(tokens, loss, icl, loss_sm, icl_sm, params: PhaseParams) -> str | None:
     """Why the run ends before anything could form (module docstring, Verdict), or None."""
     if loss_sm is None and icl_sm is None:
         n = max(len(clean_xy(tokens, loss)[0]), len(clean_xy(tokens, icl)[0]))
         return (f"cannot tell: {n} usable checkpoint{'' if n == 1 else 's'} after step 0, and detection needs "
                 f"{MIN_POINTS}; the figures show the points there are")
-    last = max(sm.x[-1] for sm in (loss_sm, icl_sm) if sm is not None)
-    if x0 is not None and last - x0 < params.min_analysed_span:
-        return (f"too short to tell: the initial loss descent ends at {fmt_tokens(math.exp(x0))} tokens and the "
-                f"run at {fmt_tokens(math.exp(last))}, {last - x0:.2f} ln tokens later; a window needs "
-                f"{params.min_analysed_span:g} (a factor of {math.exp(params.min_analysed_span):.2g} in tokens)")
+    if loss_sm is None:
+        return None
+    slope = np.where(np.isfinite(loss_sm.slope), loss_sm.slope, 0.0)
+    steepest = float(slope.min())
+    if steepest < 0 and slope[-1] <= params.burn_in_relax * steepest:
+        return (f"too short to tell: at the last checkpoint ({fmt_tokens(math.exp(loss_sm.x[-1]))} tokens) the loss "
+                f"is still in its initial descent, falling at {slope[-1] / steepest:.0%} of its fastest rate "
+                f"(the descent is over below {params.burn_in_relax:.0%}); train longer")
     return None
 
 
@@ -345,10 +347,10 @@ def detect_phase_change(tokens, loss, icl, heads: dict[str, Any] | None = None,
                                       min_level=params.pm_min_level, require_complete=False)
     tol = params.coincide_tol
     pairs, window, _ = _combine(icl_win, bump, head_wins, tol, finished)
-    _, unfinished, _ = (None, None, None) if window else _combine(icl_win, bump, head_wins, tol, found_or_unfinished)
+    unfinished = None if window else _combine(icl_win, bump, head_wins, tol, found_or_unfinished)[1]
     found = _names(icl_win, bump, head_wins, lambda w: w.detected)
     short = None if window or unfinished or any(w.detected for w in head_wins.values()) else \
-        _too_short(tokens, loss, icl, loss_sm, icl_sm, x0, params)
+        _too_short(tokens, loss, icl, loss_sm, icl_sm, params)
     if window:
         verdict = YES
         message = (f"phase change between {fmt_tokens(window['start_tokens'])} and {fmt_tokens(window['end_tokens'])}"
@@ -386,9 +388,7 @@ def summary_entries(result: dict[str, Any], provisional: bool) -> dict[str, Any]
     `python -m analysis` writes the final ones."""
     out: dict[str, Any] = {"detected": bool(result["phase_change"]), "verdict": result.get("verdict", ""),
                            "message": result["message"], "induction_heads": ",".join(result["induction_heads"]),
-                           "provisional": provisional}
-    for key, value in (result.get("window") or {}).items():
-        out[key] = value
+                           "provisional": provisional, **(result.get("window") or {})}
     return {N.phase_change_key(k): v for k, v in out.items()}
 
 
