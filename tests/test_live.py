@@ -44,11 +44,11 @@ class Recorder(NullLogger):
 
 def test_announced_once_after_the_window_with_the_analysis_window():
     said, logger, data = [], Recorder(), rows(jump=True)
-    live = LiveDetection(5, logger, said.append)
+    live = LiveDetection(3, logger, said.append)
     found = [i for i, row in enumerate(data) if live.update(row) is not None]
     assert len(found) == 1 and len(said) == 1
     i = found[0]
-    assert (i + 1) % 5 == 0  # only every 5th checkpoint runs the detector
+    assert (i + 1) % 3 == 0  # only every 3rd checkpoint runs the detector
     assert data[i][N.TOKENS] > CENTER  # found once the jump has happened, not before
     assert data[i][N.TOKENS] < 4_000_000 * 0.9  # ... and well before the end of training
     expected = detect_run(Run(None, data[: i + 1]))  # the analysis on the same rows

@@ -9,7 +9,9 @@ import math
 import numpy as np
 
 from tests.helpers import checkpoint_tokens, sigmoid
-from train.core.phase import STILL_RISING, TOO_SHORT, YES, detect_phase_change, fmt_tokens
+from train.core import names as N
+from train.core.phase import STILL_RISING, TOO_SHORT, YES, detect_phase_change, detect_run, fmt_tokens
+from train.core.runs import Run
 
 
 def synthetic(t, center: float, width: float = 0.08, late_head: tuple[float, float] | None = None, seed: int = 0):
@@ -62,3 +64,21 @@ def test_a_run_that_ends_during_the_initial_descent_is_too_short_to_tell():
 def test_token_counts_read_the_same_everywhere():
     assert [fmt_tokens(v) for v in (512, 99_582, 100_000, 1_249_230, 16_000_000, 999_700, None)] == [
         "512", "99.6k", "100k", "1.25M", "16.0M", "1.00M", "-"]
+
+
+def test_no_yes_without_an_icl_jump_and_the_mixture_score_where_logged():
+    """Induction heads and a loss bump without an ICL jump are "no"; a run with the repetition
+    knob is read through icl_score_mixture (held-out text with the training repetition)."""
+    t = checkpoint_tokens(4_000_000, 20_000, 70, 40)
+    loss, icl, heads = synthetic(t, 1.5e6)
+    flat = -0.6 + np.random.default_rng(3).normal(0, 0.02, len(t))
+    res = detect_phase_change(t, loss, flat, heads)
+    assert res["verdict"] == "no" and res["coincide"]["bump_prefix_matching"], res["message"]
+    assert "no ICL jump coinciding" in res["message"]
+    rows = [{N.TOKENS: int(t[i]), N.LOSS_HELDOUT: float(loss[i]), N.ICL_SCORE: float(flat[i]),
+             N.ICL_SCORE_MIXTURE: float(icl[i])} | {N.head_key(N.PREFIX_MATCHING, *N.parse_head_name(k)): float(v[i])
+                                                     for k, v in heads.items()} for i in range(len(t))]
+    mixed = detect_run(Run(rows=rows))
+    assert mixed["icl_key"] == N.ICL_SCORE_MIXTURE and mixed["verdict"] == YES, mixed["message"]
+    plain = detect_run(Run(rows=[{k: v for k, v in r.items() if k != N.ICL_SCORE_MIXTURE} for r in rows]))
+    assert plain["icl_key"] == N.ICL_SCORE and plain["verdict"] == "no"

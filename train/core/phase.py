@@ -55,9 +55,10 @@ Two windows coincide when their [start, end] intervals, each widened by `coincid
 checkpoint (rate or excess slope below the edge threshold there); one that passes every test
 but that is unfinished (`unfinished: true`). The verdict:
   * "yes" (`phase_change: true`): among the finished windows, the ICL jump coincides with a
-    prefix-matching rise or with the bump, or a prefix-matching rise coincides with the bump.
-    `window`: start = the earliest start and end = the latest end of the coinciding windows,
-    steepest = the ICL jump's (else the largest rise's, else the bump's);
+    prefix-matching rise or with the bump (Olsson et al.: in-context learning improves as
+    induction heads form, with the bump in the loss). `window`: from the earliest start to the
+    latest end of the ICL jump and the windows coinciding with it (the bump, and the rises that
+    coincide with the jump or that bump); steepest = the ICL jump's;
   * "still rising at the end": no "yes", but the same rule holds once unfinished windows count:
     `unfinished_window` spans them up to the last checkpoint; `window` is null;
   * "too short to tell": nothing detected, and the run has fewer than MIN_POINTS usable
@@ -275,21 +276,17 @@ def found_or_unfinished(w: Window) -> bool:
 
 
 def _combine(icl: Window, bump: Window, heads: dict[str, Window], tol: float, counts):
-    """(coinciding pairs, member windows, counted head rises) among the windows that `counts`."""
+    """(coinciding pairs, the window or None) among the windows that `counts` (docstring: verdict)."""
     rising = {k: w for k, w in heads.items() if counts(w)}
     co = lambda a, b: coincide(a, b, tol, counts)  # noqa: E731
     pairs = {"icl_bump": co(icl, bump), "icl_prefix_matching": any(co(icl, w) for w in rising.values()),
              "bump_prefix_matching": any(co(bump, w) for w in rising.values())}
-    members = [w for w, ok in ((icl, pairs["icl_bump"] or pairs["icl_prefix_matching"]),
-                               (bump, pairs["icl_bump"] or pairs["bump_prefix_matching"])) if ok]
-    members += [w for w in rising.values() if co(w, icl) or co(w, bump)]
-    if not members:
-        return pairs, None, rising
-    main = max(rising.values(), key=lambda w: w.size) if rising else None
-    steepest = icl.steepest if counts(icl) else (main.steepest if main else bump.steepest)
-    window = {"start_tokens": rounded(min(w.start for w in members)), "steepest_tokens": rounded(steepest),
-              "end_tokens": rounded(max(w.end for w in members))}
-    return pairs, window, rising
+    if not (pairs["icl_bump"] or pairs["icl_prefix_matching"]):  # the ICL jump is required
+        return pairs, None
+    members = [icl] + ([bump] if pairs["icl_bump"] else [])
+    members += [w for w in rising.values() if co(w, icl) or (pairs["icl_bump"] and co(w, bump))]
+    return pairs, {"start_tokens": rounded(min(w.start for w in members)), "steepest_tokens": rounded(icl.steepest),
+                   "end_tokens": rounded(max(w.end for w in members))}
 
 
 YES, NO, STILL_RISING, TOO_SHORT = "yes", "no", "still rising at the end", "too short to tell"  # the verdicts
@@ -341,12 +338,11 @@ def detect_phase_change(tokens, loss, icl, heads: dict[str, Any] | None = None,
     x0 = burn_in_end(loss_sm, params) if loss_sm is not None else None
     icl_win = detect_jump(icl_sm, -1, params.icl_min_jump, params, x_from=x0)
     bump = detect_bump(loss_sm, params, x_from=x0)
-    head_wins = {}
-    for name, series in (heads or {}).items():
-        head_wins[name] = detect_jump(smooth(tokens, series, params), +1, params.pm_min_rise, params,
-                                      min_level=params.pm_min_level, require_complete=False)
+    head_wins = {name: detect_jump(smooth(tokens, series, params), +1, params.pm_min_rise, params,
+                                   min_level=params.pm_min_level, require_complete=False)
+                 for name, series in (heads or {}).items()}
     tol = params.coincide_tol
-    pairs, window, _ = _combine(icl_win, bump, head_wins, tol, finished)
+    pairs, window = _combine(icl_win, bump, head_wins, tol, finished)
     unfinished = None if window else _combine(icl_win, bump, head_wins, tol, found_or_unfinished)[1]
     found = _names(icl_win, bump, head_wins, lambda w: w.detected)
     short = None if window or unfinished or any(w.detected for w in head_wins.values()) else \
@@ -364,20 +360,17 @@ def detect_phase_change(tokens, loss, icl, heads: dict[str, Any] | None = None,
         verdict, message = TOO_SHORT, short
     else:
         verdict = NO
-        message = "no phase change" + (f" (only {found}, not coinciding)" if found else "")
+        message = "no phase change" + (f" (only {found}: no ICL jump coinciding with a rise or the bump)"
+                                       if found else "")
     return {
-        "phase_change": verdict == YES,
-        "verdict": verdict,
-        "message": message,
-        "window": window,
-        "unfinished_window": unfinished,
+        "phase_change": verdict == YES, "verdict": verdict, "message": message,
+        "window": window, "unfinished_window": unfinished,
         "burn_in_end_tokens": rounded(float(np.exp(x0))) if x0 is not None else None,
         "icl_jump": icl_win.to_dict(),
         "loss_bump": bump.to_dict(),
         "prefix_matching": {k: w.to_dict() for k, w in head_wins.items()},
         "induction_heads": sorted(k for k, w in head_wins.items() if w.detected),
-        "coincide": pairs,
-        "params": params.to_dict(),
+        "coincide": pairs, "params": params.to_dict(),
     }
 
 
@@ -392,9 +385,16 @@ def summary_entries(result: dict[str, Any], provisional: bool) -> dict[str, Any]
     return {N.phase_change_key(k): v for k, v in out.items()}
 
 
+def icl_key(run) -> str:
+    """The ICL score the detector reads: `icl_score_mixture` (held-out text with the training
+    repetition) where the run logs it, else `icl_score`."""
+    return N.ICL_SCORE_MIXTURE if run.has(N.ICL_SCORE_MIXTURE) else N.ICL_SCORE
+
+
 def detect_run(run, params: PhaseParams = PhaseParams()) -> dict[str, Any]:
-    """`detect_phase_change` on a run's rows (an train.core.runs.Run): held-out loss, ICL score and
-    every head's prefix-matching score against tokens. The analysis and live detection during
-    training (train/live.py) both call this."""
-    return detect_phase_change(run.tokens, run.series(N.LOSS_HELDOUT), run.series(N.ICL_SCORE),
-                               run.head_series(N.PREFIX_MATCHING), params)
+    """`detect_phase_change` on a run's rows (a train.core.runs.Run): held-out loss, the ICL score
+    of `icl_key` and every head's prefix-matching score against tokens; the result names the ICL
+    key (`icl_key`). The analysis and live detection during training (train/live.py) call this."""
+    key = icl_key(run)
+    return {**detect_phase_change(run.tokens, run.series(N.LOSS_HELDOUT), run.series(key),
+                                  run.head_series(N.PREFIX_MATCHING), params), "icl_key": key}
