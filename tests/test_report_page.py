@@ -148,3 +148,41 @@ def test_the_report_page_loads_without_a_javascript_error(report, tmp_path):
     n_tokens = dom.count('class="pv-tok"')
     assert n_tokens >= 3 * 2 * 17  # the script ran: every moment x head row holds the probe's tokens
     assert dom.count('class="pv-lab"') == 3 * 2 and "BOS" in dom
+
+
+@pytest.mark.slow
+def test_repeated_offline_analyses_leave_one_segment_with_the_final_window(tmp_path, monkeypatch, capsys):
+    """Training logs offline (provisional phase_change/*); each `python -m analysis` writes the
+    final entries into one analysis segment, replacing the previous one; `wandb sync RUN_DIR/wandb`
+    is the one line that uploads them all."""
+    from analysis.__main__ import main
+    from tests.wandb_files import find_run_file, read_offline_summary
+    from train.live import LiveDetection
+    from train.loggers import WandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    logger = WandbLogger(mode="offline")
+    run_id = logger.start(run_dir, {"name": "synthetic"})
+    live = LiveDetection(10, logger, lambda line: None)
+    for row in rows():
+        logger.log(row)
+        live.update(row)
+    live.finish()
+    logger.finish()
+    assert f"wandb sync {run_dir / 'wandb'}" in capsys.readouterr().err
+    (run_dir / "metrics.jsonl").write_text("".join(format_row(r) for r in rows()), encoding="utf-8")
+    (run_dir / "status.json").write_text(json.dumps({"state": "finished", "wandb_run_id": run_id}))
+    assert read_offline_summary(find_run_file(run_dir / "wandb"))["phase_change/provisional"] is True
+    for _ in range(2):
+        assert main([str(run_dir), "--out", str(tmp_path / "report")]) == 0
+    segments = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(segments) == 2  # training's and the latest analysis's
+    err = capsys.readouterr().err
+    assert err.count(f"wandb sync {run_dir / 'wandb'}") == 2
+    final = read_offline_summary(find_run_file(segments[-1]))
+    window = json.loads((tmp_path / "report" / "summary.json").read_text())["runs"][0]["window"]
+    assert final["phase_change/provisional"] is False and final["phase_change/verdict"] == "yes"
+    assert [final[f"phase_change/{k}"] for k in ("start_tokens", "steepest_tokens", "end_tokens")] == [
+        window["start_tokens"], window["steepest_tokens"], window["end_tokens"]]
