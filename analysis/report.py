@@ -241,7 +241,8 @@ def attach_to_wandb(run: Run, result: dict[str, Any], figs: dict[str, Path], log
         env = os.environ.get("WANDB_MODE")
         online = env not in ("offline", "disabled") and wandb_credentials_present() and \
             wandb_dir.name.startswith("run-")
-        earlier = [d for d in wandb_dir.parent.glob(f"offline-run-*-{run.wandb_run_id}") if (d / ANALYSIS_MARK).exists()]
+        before = set(wandb_dir.parent.glob(f"*run-*-{run.wandb_run_id}"))
+        earlier = [d for d in before if (d / ANALYSIS_MARK).exists()]
         logger_cfg = run.config.get("logger") or {}
         kwargs = dict(id=run.wandb_run_id, project=logger_cfg.get("project") or "induction-heads",
                       entity=logger_cfg.get("entity"), dir=str(run.path), resume="allow",
@@ -259,9 +260,10 @@ def attach_to_wandb(run: Run, result: dict[str, Any], figs: dict[str, Path], log
         if online:
             log(f"wandb: attached the figures and the phase change to run {run.wandb_run_id}")
             return True
-        (new_dir / ANALYSIS_MARK).write_text("written by python -m analysis\n", encoding="utf-8")
-        for old in earlier:  # superseded by this analysis
-            shutil.rmtree(old, ignore_errors=True)
+        if new_dir not in before:  # a segment of its own (not one that wandb reused within the same second)
+            (new_dir / ANALYSIS_MARK).write_text("written by python -m analysis\n", encoding="utf-8")
+            for old in earlier:  # superseded by this analysis
+                shutil.rmtree(old, ignore_errors=True)
         log(f"wandb: offline; the figures and the phase change are in {new_dir} (upload the run's every "
             f"segment with: wandb sync {new_dir.parent})")
         return True
