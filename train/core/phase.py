@@ -343,7 +343,7 @@ def detect_phase_change(tokens, loss, icl, heads: dict[str, Any] | None = None,
                  for name, series in (heads or {}).items()}
     tol = params.coincide_tol
     pairs, window = _combine(icl_win, bump, head_wins, tol, finished)
-    unfinished = None if window else _combine(icl_win, bump, head_wins, tol, found_or_unfinished)[1]
+    open_pairs, unfinished = (pairs, None) if window else _combine(icl_win, bump, head_wins, tol, found_or_unfinished)
     found = _names(icl_win, bump, head_wins, lambda w: w.detected)
     short = None if window or unfinished or any(w.detected for w in head_wins.values()) else \
         _too_short(tokens, loss, icl, loss_sm, icl_sm, params)
@@ -370,7 +370,7 @@ def detect_phase_change(tokens, loss, icl, heads: dict[str, Any] | None = None,
         "loss_bump": bump.to_dict(),
         "prefix_matching": {k: w.to_dict() for k, w in head_wins.items()},
         "induction_heads": sorted(k for k, w in head_wins.items() if w.detected),
-        "coincide": pairs, "params": params.to_dict(),
+        "coincide": open_pairs if unfinished else pairs, "params": params.to_dict(),
     }
 
 
