@@ -70,6 +70,12 @@ def config_groups(runs: list[Run]) -> dict[str, str]:
     return out
 
 
+def group_numbers(groups: dict[str, str]) -> dict[str, int]:
+    """{group label: its number, 1, 2, ...}: the legends name groups by number, the report's table
+    gives each number its label."""
+    return {label: i + 1 for i, label in enumerate(sorted(set(groups.values())))}
+
+
 def _option_name(target: Any) -> str:
     from train.core.config import DATA_OPTIONS
 
@@ -165,7 +171,8 @@ def fig_compare(runs: list[Run], results: dict[str, dict[str, Any]], groups: dic
     panels = [("held-out loss", lambda r: r.series(N.LOSS_HELDOUT)),
               ("ICL score (icl_score_mixture where logged, as detected)", icl),
               ("max prefix matching, layers >= 1 (1-layer runs: layer 0)", max_prefix)]
-    labels = sorted(set(groups.values()))
+    numbers = group_numbers(groups)
+    labels = sorted(numbers, key=numbers.get)
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.4), dpi=100)
     for ax, (title, getter) in zip(axes, panels):
         curves = group_curves(runs, getter, groups)
@@ -174,7 +181,7 @@ def fig_compare(runs: list[Run], results: dict[str, dict[str, Any]], groups: dic
                 continue
             color = COLORS[i % len(COLORS)]
             t, mean, lo, hi, n = curves[g]
-            ax.plot(t, mean, color=color, label=f"{g} (n={n})")
+            ax.plot(t, mean, color=color, label=f"group {numbers[g]} (n={n})")
             if n > 1:
                 ax.fill_between(t, lo, hi, color=color, alpha=0.2, lw=0)
             for r in runs:
@@ -187,8 +194,8 @@ def fig_compare(runs: list[Run], results: dict[str, dict[str, Any]], groups: dic
     handles, names = axes[0].get_legend_handles_labels()
     handles.append(plt.Line2D([], [], color="0.3", lw=0.8, ls=":"))
     names.append("a run's steepest point (phase change)")
-    fig.legend(handles, names, fontsize=7, loc="lower center", ncol=min(len(names), 3), frameon=False)
-    fig.suptitle("runs grouped by the config values that differ between them: mean, min-max over the runs of a "
-                 "group (seeds)", fontsize=9)
-    fig.tight_layout(rect=(0, 0.06 + 0.03 * (len(names) // 3), 1, 1))
+    fig.legend(handles, names, fontsize=7, loc="lower center", ncol=min(len(names), 6), frameon=False)
+    fig.suptitle("runs grouped by the config values that differ between them (the groups: the report's table): "
+                 "mean, min-max over the runs of a group (seeds)", fontsize=9)
+    fig.tight_layout(rect=(0, 0.06 + 0.03 * (len(names) // 6), 1, 1))
     return fig

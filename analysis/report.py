@@ -185,10 +185,12 @@ def _html(runs, results, per_run_figs, joint, params: PhaseParams, stage_params:
              "<b>yes</b> (a complete window), <b>still rising at the end</b> (the changes coincide but run up "
              "to the last checkpoint), <b>too short to tell</b> (the run ends before anything could form), "
              "<b>no</b>. Token counts: k = thousand, M = million.</p>",
-             "<h2>Verdicts</h2><table><tr><th>run</th><th>config (what differs)</th><th>phase change</th>"
+             "<h2>Verdicts</h2><table><tr><th>run</th><th class='l'>group: config values that differ</th><th>phase change</th>"
              "<th>start</th><th>steepest</th><th>end</th><th>ICL jump (nats)</th><th>ICL steepest</th>"
              "<th>bump (nats)</th><th>bump steepest</th><th>prefix-matching heads</th><th>burn-in end</th></tr>"]
-    parts += [_table_row(r, results[str(r.path)], groups[str(r.path)]) for r in runs]
+    numbers = comparison.group_numbers(groups)
+    parts += [_table_row(r, results[str(r.path)], f"{numbers[groups[str(r.path)]]}: {groups[str(r.path)]}")
+              for r in runs]
     parts.append("</table>")
     if joint.get("compare"):
         parts.append("<h2>Comparison</h2>" + _img(joint["compare"], "runs overlaid, grouped by the config values "
