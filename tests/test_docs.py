@@ -53,6 +53,12 @@ def project_commands(prefix: str) -> list[tuple[str, str, list[str]]]:
             if module and module.startswith(prefix)]
 
 
+def anchors(page: Path) -> set[str]:
+    """The anchors of a page's headings, as GitHub makes them."""
+    headings = re.findall(r"^#+ (.+)$", page.read_text(encoding="utf-8"), re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
 class Parsed(BaseException):
     """Raised right after a command's own parser accepted its arguments (nothing is run)."""
 
@@ -91,8 +97,11 @@ def test_every_script_link_and_preset_named_exists():
             if key in usage.groups():
                 assert set(value.split(",")) <= set(usage.options(key)), (page, arg)
     for page in PAGES:
-        for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", page.read_text(encoding="utf-8")):
-            assert (page.parent / target).exists(), (page.name, target)
+        for target, anchor in re.findall(r"\]\(([^)#:]*)(?:#([^)]*))?\)", page.read_text(encoding="utf-8")):
+            linked = page.parent / target if target else page
+            assert linked.exists(), (page.name, target)
+            if anchor and linked.suffix == ".md":
+                assert anchor in anchors(linked), (page.name, target, anchor)
     assert presets >= {"smoke", "text_cpu"}
 
 
