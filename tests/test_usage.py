@@ -32,9 +32,8 @@ def _refused(overrides: list[str]) -> str:
     return str(e.value)
 
 
-def test_a_misspelled_key_and_a_misspelled_preset_are_refused_with_a_suggestion():
-    assert _refused(["model.nlayers=3"]) == "model.nlayers: no key 'nlayers' in model; did you mean n_layers?"
-    assert "did you mean text_cpu?" in _refused(["experiment=text_cpuu"])
+def test_a_misspelled_preset_is_refused_with_a_suggestion():
+    assert _refused(["experiment=text_cpuu"]).startswith("unknown experiment option 'text_cpuu'; did you mean text_cpu?")
     usage.check(["model.n_layers=1", "logger=none", "hydra.run.dir=/nowhere"])  # fine: no error
 
 
