@@ -331,10 +331,10 @@ def test_analysis_error_leaves_no_partial_report(two_layer_run, tmp_path, capsys
 # -- the README's list of faults -------------------------------------------------------------------
 
 def test_readme_list_of_faults_names_tests_that_exist():
-    """Each row of the README's faults table names the test that reproduces it; the exit codes
-    it gives are the command line's."""
-    text = (ROOT / "README.md").read_text()
-    section = text.split("### Faults and what each leaves behind")[1].split("\n## ")[0]
+    """Each row of the faults table (docs/faults.md) names the test that reproduces it; the exit
+    codes it gives are the command line's."""
+    text = (ROOT / "docs" / "faults.md").read_text()
+    section = text.split("## Faults and what each leaves behind")[1].split("\n## ")[0]
     rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in section.splitlines()
             if line.startswith("| ") and not line.startswith(("| fault", "| ---"))]
     assert len(rows) >= 20

@@ -15,7 +15,11 @@ On resume Hydra does not rewrite the run's `.hydra/` record of how it was starte
 Under torchrun (WORLD_SIZE > 1, train/distributed.py) every rank runs this command line. Rank 0
 is the run; the other ranks give Hydra the system's temporary directory as run directory, with
 no `.hydra/` record and no log file, so they create and write no directory; a sweep (-m) is
-refused there."""
+refused there.
+
+Before any of this, `train/usage.py` answers `--help` with the tool's own help and refuses, with
+one line and exit 2, overrides that do not compose (unknown group options and keys, missing
+groups, wrong types); the run's console lines also go to its Hydra log (train/console_log.py)."""
 from __future__ import annotations
 
 from train.signals import STOP
@@ -83,12 +87,17 @@ def precheck(argv: list[str], env=None) -> list[str]:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     from train.cli import run
+    from train.console_log import console_to_log
 
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    with console_to_log():  # the run's lines also go to its Hydra log, RUN_DIR/__main__.log
+        run(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
 if __name__ == "__main__":
     if distributed.env_world_size() > 1:  # torchrun forwards the signals its ranks got already
         distributed.merge_repeated_signals()
+    from train import usage
+
+    usage.handle(sys.argv[1:], main_rank=distributed.env_rank() == 0)  # --help; overrides that do not compose
     sys.argv[1:] = precheck(sys.argv[1:])
     main()

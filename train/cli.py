@@ -6,8 +6,8 @@ trained, nothing overwritten and no directory left behind; 3 a numerical fault (
 or gradient, divergence) stopped training; 4 the file system failed (disk full, quota,
 permissions: the message names the path); 128 + N stopped by signal N (SIGTERM 143, SIGINT 130)
 after writing a checkpoint. After 3, 4 and 128 + N the last good checkpoint is kept and
-status.json names its step. Hydra's own composition errors (misspelled key, wrong type) exit 1
-with Hydra's message.
+status.json names its step. Overrides that do not compose (misspelled key or option, wrong type)
+are refused with exit 2 before Hydra starts (train/usage.py).
 
 Start-up runs once (train/startup.py): the Hydra callback `RunDirCheck` prepares before Hydra
 writes into the run directory and hands the result to the job (`run`), which prepares itself only
