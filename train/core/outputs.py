@@ -204,10 +204,10 @@ def staged(path: Path, kind: str, force: bool = False, what: str | None = None) 
     try:
         yield tmp
         publish(tmp, path, kind, force)
-    except OSError as e:  # a full disk, a quota: name the output where the library did not
-        if e.filename:
-            raise
-        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+    except OSError as e:  # a full disk, a quota: name the output (not its temporary) where it failed
+        name = str(e.filename or tmp)
+        shown = str(path) + name[len(str(tmp)):] if name.startswith(str(tmp)) else name
+        raise OSError(e.errno, e.strerror or str(e), shown) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
