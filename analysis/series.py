@@ -218,6 +218,8 @@ def run_series(source: str, out: Path, opts: Options, log=print, force: bool = F
         if ck.path is not None:
             check_remote_code(ck.path, opts.trust_remote_code)
     if opts.probes is not None:
+        if Path(opts.probes).exists() and not (Path(opts.probes).is_dir() or Path(opts.probes).is_file()):
+            raise SeriesError(f"--probes {opts.probes} is neither a regular file nor a directory; refusing to read it")
         P.probes_from_file(opts.probes)
     documents = read_text(opts.text, opts.text_split) if opts.text and opts.probes is None else None
     per_step = opts.tokens_per_step or (PYTHIA_TOKENS_PER_STEP if "pythia" in source.lower() else None)

@@ -361,7 +361,7 @@ def refused_start(cfg, run_dir: Path, capsys, message: str) -> None:
 CALLBACK_SETTINGS = {  # a setting, and the line that refuses it
     "icl_window_negative": ("callbacks.heldout.icl_window", -1, "callbacks.heldout: icl_window must be an integer >= 0"),
     "induction_threshold_nan": ("callbacks.induction.prefix_matching", float("nan"),
-                                "callbacks.induction: prefix_matching must be"),
+                                "callbacks.induction: prefix_matching must be a finite number, got nan"),
     "baseline_samples_zero": ("callbacks.circuits.baseline_samples", 0, "callbacks.circuits: baseline_samples must be"),
     "attention_n_heldout_zero": ("callbacks.attention.n_heldout", 0, "callbacks.attention: n_heldout must be"),
 }

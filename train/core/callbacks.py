@@ -199,8 +199,8 @@ class InductionClassification(Callback):
         except TypeError:
             known = ", ".join(f.name for f in dataclasses.fields(C.Thresholds))
             raise ValueError(f"unknown induction threshold(s) {', '.join(sorted(thresholds))}; known: {known}") from None
-        for name, value in dataclasses.asdict(self.thresholds).items():  # scores in [0, 1]; the others any number
-            check(name, value, *((0, 1) if name in ("prefix_matching", "copying", "previous_token") else ()))
+        for name, value in dataclasses.asdict(self.thresholds).items():  # any level (above 1: never), not nan
+            check(name, value)
 
     def __call__(self, ctx: RunContext) -> dict[str, Any]:
         s = ctx.scores

@@ -269,7 +269,7 @@ def token_file(path: str, n_ctx: int, vocab_size: int, seed: int = 0, heldout_fr
     A stream's last `heldout_fraction` is the held-out split."""
     path = os.path.expanduser(path)
     if not (os.path.isdir(path) or os.path.isfile(path)):  # missing, or a FIFO or device: a read would block
-        raise FileNotFoundError(f"data.path is neither a regular file nor a directory: {path}")
+        raise FileNotFoundError(f"data.path {'is no regular file' if os.path.exists(path) else 'does not exist'}: {path}")
     if os.path.isdir(path):
         import datasets
 
