@@ -1,7 +1,8 @@
-"""Victim files for the tests of where tools may write (tests/test_outputs.py, tests/test_hostile.py):
-a user's files whose content, and links whose targets, must not change, and a tiny run directory
-built by hand (no training): a 1-layer model of width 16 at three checkpoints, the rows of a run
-whose induction head forms at 1M tokens, its config and status."""
+"""Victim files for the tests of where tools may write (tests/test_outputs.py, tests/test_hostile*.py):
+a user's files whose content, and links whose targets, must not change; a tiny run directory
+built by hand (no training: a 1-layer model of width 16 at three checkpoints, the rows of a run
+whose induction head forms at 1M tokens, its config and status; conftest.py's `made_run`); and
+the tools called in-process as their command lines are."""
 from __future__ import annotations
 
 import hashlib
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from tests.helpers import checkpoint_tokens, compose_config, sigmoid
+from tests.helpers import checkpoint_tokens, compose_config, one_line_error, sigmoid
 from train.core import names as N
 from train.core import rundir
 from train.core.checkpoint import save_checkpoint
@@ -76,3 +77,25 @@ def edit_json(path: Path, change) -> None:
     data = json.loads(Path(path).read_text())
     change(data)
     Path(path).write_text(json.dumps(data))
+
+
+def export(*argv) -> int:
+    from analysis.export import main
+
+    return main([str(a) for a in argv])
+
+
+def report(*argv) -> int:
+    from analysis.__main__ import main
+
+    return main([str(a) for a in argv] + ["--no-wandb"])
+
+
+def refused(code: int, capsys, message: str) -> None:
+    assert code == 2
+    assert message in one_line_error(capsys.readouterr().err)
+
+
+def leftovers(root: Path) -> list[str]:
+    """The temporaries of this project's writers (hidden names) left under `root`."""
+    return sorted(p.name for p in Path(root).rglob(".*") if p.name.endswith((".partial", ".tmp", ".old")))
