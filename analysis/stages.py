@@ -93,6 +93,7 @@ import numpy as np
 
 from train.core import names as N
 from train.core.phase import PhaseParams, Smooth, Window, detect_jump, fmt_tokens, rounded, smooth
+from train.core.settings import check
 
 
 class AnalysisError(ValueError):
@@ -375,8 +376,8 @@ def detect_stages(run, phase_result: dict[str, Any], params: StageParams = Stage
 
 
 def detection_params(pairs: list[str]) -> tuple[PhaseParams, StageParams]:
-    """--set KEY=VALUE pairs: keys of PhaseParams (train/core/phase.py) or StageParams
-    (analysis/stages.py); int fields take ints, the others floats."""
+    """--set KEY=VALUE pairs: keys of PhaseParams (train/core/phase.py) or StageParams (analysis/stages.py);
+    int fields take ints > 0, the others floats >= 0 (bandwidths > 0; `*_frac`, `burn_in_*` <= 1)."""
     phase_fields = {f.name: type(f.default) for f in fields(PhaseParams)}
     stage_fields = {f.name: type(f.default) for f in fields(StageParams)}
     known = phase_fields | stage_fields
@@ -387,7 +388,9 @@ def detection_params(pairs: list[str]) -> tuple[PhaseParams, StageParams]:
             raise AnalysisError(f"--set {pair!r}: expected KEY=VALUE with KEY one of {', '.join(known)}")
         try:
             number = int(value) if known[key] is int else float(value)
-        except ValueError:
-            raise AnalysisError(f"--set {pair!r}: {value!r} is not a number") from None
+            fraction = key.endswith("_frac") or key.startswith("burn_in_")  # shares of a range or a drop
+            check(key, number, 0, 1 if fraction else None, above=key.endswith("bandwidth") or known[key] is int)
+        except ValueError as e:
+            raise AnalysisError(f"--set {pair!r}: {e if 'must be' in str(e) else f'{value!r} is not a number'}") from None
         (phase_values if key in phase_fields else stage_values)[key] = number
     return PhaseParams(**phase_values), StageParams(**stage_values)

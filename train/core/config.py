@@ -232,6 +232,8 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 WANDB_MODES = ("auto", "online", "offline")  # auto: online if logged in, else offline
 DEVICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N
 REPEAT_FORMS = ("tile", "copy")  # data.repeat.form
+REPEATS_MAX_VOCAB = 1 << 16  # data=repeats draws one permutation of the vocabulary per token
+MAX_STEP, MAX_CHECKPOINTS = 1e3, 1_000_000  # optim.lr and weight_decay; checkpoints of a schedule
 
 
 class ConfigError(ValueError):
@@ -277,6 +279,12 @@ def validate(cfg: Any) -> None:
     for name, cb in (cfg.get("callbacks") or {}).items():
         if cb is not None and "every" in cb:
             _need(cb.every >= 1, f"callbacks.{name}.every must be >= 1, got {cb.every}")
+    from train.core import limits  # the model and a step's tensors fit the machine (a lower bound)
+
+    try:
+        limits.check_training(cfg.model, cfg.data, cfg.train)
+    except limits.LimitError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _validate_model(cfg: Any) -> None:
@@ -313,6 +321,8 @@ def _validate_data(cfg: Any) -> None:
 
 def _validate_repeats(cfg: Any) -> None:
     d = cfg.data
+    _need(d.vocab_size <= REPEATS_MAX_VOCAB, f"data.vocab_size={d.vocab_size} is above {REPEATS_MAX_VOCAB}, the most "
+                                             f"data=repeats makes (its chain takes time quadratic in the vocabulary)")
     _need(1 <= d.min_period <= d.max_period,
           f"need 1 <= data.min_period <= data.max_period, got {d.min_period}, {d.max_period}")
     _need(d.max_period < d.n_ctx - 1,
@@ -344,6 +354,8 @@ def _validate_training(cfg: Any) -> None:
     o, t = cfg.optim, cfg.train
     _positive(cfg, "optim", "lr")
     _non_negative(cfg, "optim", "weight_decay", "grad_clip", "warmup_tokens")
+    for name in ("lr", "weight_decay"):  # float32 steps overflow far below the largest float
+        _need(o[name] <= MAX_STEP, f"optim.{name}={o[name]} is above {MAX_STEP:g}, more than any AdamW step can use")
     _need(all(0.0 <= b < 1.0 for b in o.betas), f"optim.betas must lie in [0, 1), got {list(o.betas)}")
     _need(o.lr_schedule in LR_SCHEDULES,
           f"unknown optim.lr_schedule {o.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
@@ -356,6 +368,8 @@ def _validate_training(cfg: Any) -> None:
     _positive(cfg, "train", "divergence_margin")
     _non_negative(cfg, "train", "divergence_checkpoints")
     _non_negative(cfg, "checkpoint", "n_log", "n_linear", "keep_resume_states")
+    _need(cfg.checkpoint.n_log + cfg.checkpoint.n_linear <= MAX_CHECKPOINTS,
+          f"checkpoint.n_log + checkpoint.n_linear must be at most {MAX_CHECKPOINTS:,}")
     _positive(cfg, "checkpoint", "first_tokens")
 
 

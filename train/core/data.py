@@ -27,8 +27,7 @@ from types import MappingProxyType
 import numpy as np
 import torch
 
-from train.core.config import RepeatConfig as _Repeat
-from train.core.config import RepeatsDataConfig as _Data
+from train.core.config import REPEATS_MAX_VOCAB, ConfigError, RepeatConfig as _Repeat, RepeatsDataConfig as _Data
 from train.core.config import TextDataConfig as _Text
 from train.core.config import TokensDataConfig as _Tokens
 
@@ -58,8 +57,8 @@ class RepeatsLanguage:
         max_period: int = _Data.max_period,
         branching: int = _Data.branching,
     ):
-        if vocab_size < 8:
-            raise ValueError(f"data.vocab_size must be at least 8, got {vocab_size}")
+        if not 8 <= vocab_size <= REPEATS_MAX_VOCAB:  # a permutation per token: time quadratic in the vocabulary
+            raise ValueError(f"data.vocab_size must lie in [8, {REPEATS_MAX_VOCAB}] for data=repeats, got {vocab_size}")
         if not 1 <= min_period <= max_period:
             raise ValueError(f"need 1 <= data.min_period <= data.max_period, got {min_period}, {max_period}")
         if max_period >= n_ctx - 1:
@@ -72,7 +71,8 @@ class RepeatsLanguage:
         self.min_period, self.max_period = min_period, max_period
         g = generator(seed, 0xC4A1)
         n = vocab_size - 1  # regular tokens are 1..vocab_size-1
-        self.successors = torch.stack([torch.randperm(n, generator=g)[:branching] for _ in range(n)]) + 1
+        # copies: a view would keep its whole permutation alive (memory quadratic in the vocabulary)
+        self.successors = torch.stack([torch.randperm(n, generator=g)[:branching].clone() for _ in range(n)]) + 1
         w = -torch.log(torch.rand(n, branching, generator=g))  # Dirichlet(1) via normalised exponentials
         self.cum_probs = (w / w.sum(1, keepdim=True)).cumsum(1)
         self.cum_probs[:, -1] = 1.0
@@ -188,6 +188,8 @@ class TokenStream:
             offsets = starts - (ends - counts)[which]
             seqs = torch.from_numpy(np.stack([np.asarray(streams[w][o : o + body], dtype=np.int64)
                                               for w, o in zip(which.tolist(), offsets.tolist())]))
+            if n_seq and int(seqs.max()) >= self.vocab_size:  # shards are verified on open: the last word
+                raise ConfigError(f"token id {int(seqs.max())} >= data.vocab_size: the token cache is damaged")
         return torch.cat([torch.full((n_seq, 1), BOS, dtype=torch.long), seqs], dim=1)
 
     def batch(self, step: int, batch_size: int) -> torch.Tensor:
@@ -266,8 +268,8 @@ def token_file(path: str, n_ctx: int, vocab_size: int, seed: int = 0, heldout_fr
     directory saved by `datasets.Dataset.save_to_disk` with an ``input_ids`` column (a stream).
     A stream's last `heldout_fraction` is the held-out split."""
     path = os.path.expanduser(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"data.path does not exist: {path}")
+    if not (os.path.isdir(path) or os.path.isfile(path)):  # missing, or a FIFO or device: a read would block
+        raise FileNotFoundError(f"data.path {'is no regular file' if os.path.exists(path) else 'does not exist'}: {path}")
     if os.path.isdir(path):
         import datasets
 
@@ -294,26 +296,23 @@ def token_file(path: str, n_ctx: int, vocab_size: int, seed: int = 0, heldout_fr
 
 
 class TextCorpus(TokenStream):
-    """Natural text from the token shards of a cache entry (train/core/text.py): documents joined with
-    the end-of-document id, held-out documents in their own shards; `tokenizer_dir` holds the
+    """Natural text from the token shards of a cache entry (train/core/token_cache.py): documents joined
+    with the end-of-document id, held-out documents in their own shards; `tokenizer_dir` holds the
     tokenizer that decodes the ids."""
 
     def __init__(self, entry, n_ctx: int, vocab_size: int, seed: int = 0):
-        from train.core import text
+        from train.core import token_cache
 
-        meta = text.read_meta(entry)
+        meta = token_cache.read_meta(entry)
         if meta["vocab_size"] > vocab_size:
-            raise ValueError(f"the tokenizer has {meta['vocab_size']} tokens but data.vocab_size={vocab_size}; "
-                             f"set data.vocab_size={meta['vocab_size']}")
-        train, heldout = text.open_shards(entry, "train"), text.open_shards(entry, "heldout")
-        body = n_ctx - 1
+            raise ValueError(f"the tokenizer has {meta['vocab_size']} tokens; set data.vocab_size={meta['vocab_size']}")
+        train, heldout = token_cache.open_shards(entry, "train"), token_cache.open_shards(entry, "heldout")
         for name, streams in (("training", train), ("held-out", heldout)):
-            if not any(len(s) > body for s in streams):
+            if not any(len(s) > n_ctx - 1 for s in streams):
                 raise ValueError(f"the corpus's {name} split has fewer tokens than one context "
                                  f"(data.n_ctx={n_ctx}); give more text or a shorter context")
         super().__init__(train, heldout, n_ctx, vocab_size, seed)
-        self.entry, self.meta = entry, meta
-        self.tokenizer_dir = entry / text.TOKENIZER_DIR
+        self.entry, self.meta, self.tokenizer_dir = entry, meta, entry / token_cache.TOKENIZER_DIR
 
 
 class Repetition:
@@ -389,12 +388,13 @@ def build_text(source: str | None = _Text.source, source_config: str | None = _T
                tokenizer_documents: int = _Text.tokenizer_documents, heldout_every: int = _Text.heldout_every,
                cache_dir: str = _Text.cache_dir, vocab_size: int = _Text.vocab_size, n_ctx: int = _Text.n_ctx,
                seed: int = _Text.seed, repeat: Mapping = NO_REPEAT):
-    """`data=text`: natural text, tokenized once into cached shards (train/core/text.py)."""
-    from train.core import text
+    """`data=text`: natural text, tokenized once into cached shards (train/core/token_cache.py)."""
+    from train.core import token_cache
 
     if not source:
         raise ValueError("data=text needs data.source")
-    entry = text.build_shards(source, cache_dir, source_config=source_config, split=split, text_column=text_column,
-                              streaming=streaming, max_documents=max_documents, tokenizer=tokenizer,
-                              vocab_size=vocab_size, sample_documents=tokenizer_documents, heldout_every=heldout_every)
+    entry = token_cache.build_shards(source, cache_dir, source_config=source_config, split=split,
+                                     text_column=text_column, streaming=streaming, max_documents=max_documents,
+                                     tokenizer=tokenizer, vocab_size=vocab_size, sample_documents=tokenizer_documents,
+                                     heldout_every=heldout_every)
     return with_repetition(TextCorpus(entry, n_ctx=n_ctx, vocab_size=vocab_size, seed=seed), repeat)

@@ -136,6 +136,21 @@ def _upgrade(saved: dict[str, Any]) -> dict[str, Any]:
     return saved
 
 
+def read_config_file(path: Any) -> Any:
+    """A config.yaml read as plain data within the bounds of train/core/limits.py (a regular file,
+    a size, a number of YAML nodes with aliases expanded); ValueError or OSError when it cannot be."""
+    import yaml
+
+    from train.core import limits
+
+    text = limits.read_text(path)
+    limits.check_yaml(text, str(path))
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path} is not valid YAML: {' '.join(str(e).split())[:200]}") from None
+
+
 def load_saved_config(saved: Any, where: str) -> DictConfig:
     """A config saved by a run (its config.yaml, or a checkpoint's meta.json), read as data: every
     `_target_` must be the registry's own for its place (`known_components`), no other Hydra
