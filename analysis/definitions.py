@@ -102,14 +102,16 @@ def part_of(tokens: float, window: dict | None) -> str:
 def observations(run: Run, window: dict | None, settings: Settings) -> list[dict[str, Any]]:
     """One per head of the population at every checkpoint with OOD rows: run, tokens, head, part of
     the window, `defs` {definition key: value (NaN: undefined for this head)} for the definitions
-    the row has, `effects` {set: ablation effect}."""
+    whose callback ran at this checkpoint (it logged the key for some head of some definition of
+    the same source), `effects` {set: ablation effect}."""
     out = []
     one_layer = (run.n_layers or 1) == 1
     for row in run.rows:
         sets = ood_sets(row, settings.ablation)
         if not sets:
             continue
-        present = [d.key for d in DEFINITIONS if N.heads_in(row, d.key)]
+        ran = {d.source for d in DEFINITIONS if N.heads_in(row, d.key)}  # a callback that ran leaves no head out
+        present = [d.key for d in DEFINITIONS if d.source in ran]
         for l, h in N.heads_in(row, N.ood_ablation(settings.ablation, sets[0])):
             if l == 0 and not (one_layer or settings.all_layers):
                 continue

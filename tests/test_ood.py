@@ -194,3 +194,45 @@ def test_reserved_tokens_are_checked():
     cfg.data.reserved_tokens = 40
     with pytest.raises(ConfigError, match=r"data.reserved_tokens must lie in \[0, 31\]"):
         validate(cfg)
+
+
+# -- through training, recompute and the Hugging Face adapter ------------------------------------
+@pytest.mark.slow
+def test_training_logs_the_suite_and_recompute_gives_the_same_rows(tmp_path, single_thread):
+    from analysis.recompute import recompute
+    from tests.helpers import train_run
+    from tests.presets import DEFINITIONS_SMOKE
+    from train.core import names as N
+    from train.core.rundir import read_metrics
+
+    run = train_run(tmp_path / "run", DEFINITIONS_SMOKE)
+    rows = [r for r in read_metrics(run) if N.EVENT not in r]
+    with_ood = [i for i, r in enumerate(rows) if "ood_loss/short" in r]
+    assert with_ood == [0, 10] and len(rows) == 13
+    last = rows[10]
+    sets = sorted(k.split("/")[1] for k in last if k.startswith("ood_loss/"))
+    assert sets == ["conflict", "fuzzy", "long", "reserved", "short", "text"]
+    assert len([k for k in last if k.startswith("ood_ablation_mean_")]) == 6 * 8
+    again, _ = recompute(run, ["ood"], out=tmp_path / "ood.jsonl")
+    for i in with_ood:
+        ood = {k: v for k, v in rows[i].items() if k.startswith("ood_")}
+        assert {k: v for k, v in again[i].items() if k.startswith("ood_")} == pytest.approx(ood, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_gpt2_export_scores_as_the_project_model(tmp_path):
+    """The suite through the Hugging Face adapter (full forward passes with the z hook, no cache)
+    gives the project's model's rows (from the cache), up to float rounding."""
+    from transformers import AutoModelForCausalLM
+
+    from analysis.export import export_run
+    from train.core import adapter as A
+    from tests.test_series import fake_run, run_probes
+
+    run, model = fake_run(tmp_path / "run", ["probes.n_heldout=24"])
+    out = export_run(run, tmp_path / "out", "hf", "gpt2")[0]
+    hf = A.adapt(AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval())
+    rows = [run_callbacks(m, run_probes(run), [O.OODSuite(every=1, n_probes=4)]) for m in (model, hf)]
+    assert set(rows[0]) == set(rows[1]) and "ood_ablation_mean_conflict/L1H3" in rows[0]
+    for key, value in rows[0].items():
+        assert rows[1][key] == pytest.approx(value, abs=1e-4), key
