@@ -115,10 +115,16 @@ def figure(result: dict[str, Any]):
     colours = {k: plt.cm.tab10(i % 10) for i, k in enumerate(KINDS)}
     for row, (name, g) in zip(axes, groups.items()):
         for ax, s in zip(row, sets):
+            ax.set_title(s, fontsize=9)
+            if s not in g["sets"]:
+                ax.text(0.5, 0.5, "not in these runs", ha="center", va="center", fontsize=8, color="grey",
+                        transform=ax.transAxes)
+                ax.set_axis_off()
+                continue
             for w in g["windows"].values():
                 if w:
                     ax.axvspan(w["start_tokens"], w["end_tokens"], color="orange", alpha=0.12, lw=0)
-            for key in g["definitions"] if s in g["sets"] else []:
+            for key in g["definitions"]:
                 points: dict[float, list[float]] = {}
                 for run_curves in g["curves"].values():
                     for tokens, auc in run_curves.get(s, {}).get(key, []):
@@ -133,9 +139,9 @@ def figure(result: dict[str, Any]):
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _tokens(v)))
             ax.xaxis.set_minor_formatter(NullFormatter())
             ax.set_ylim(-0.02, 1.02)
-            ax.set_title(s, fontsize=9)
             ax.tick_params(labelsize=7)
-        row[0].set_ylabel(f"{name}\nROC AUC", fontsize=8)
+        first = next(ax for ax, s in zip(row, sets) if s in g["sets"])
+        first.set_ylabel(name.replace(", ", "\n") + "\nROC AUC", fontsize=7)
     handles = {h.get_label(): h for ax in axes.flat for h in ax.get_lines() if not h.get_label().startswith("_")}
     fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(5, len(handles)), fontsize=7)
     fig.supxlabel("tokens", fontsize=8, y=0.09 if len(groups) == 1 else 0.05)
