@@ -16,7 +16,7 @@ over all of them, over the runs of a group (same layers, positions, keys, data).
 heads that one label marks and another does not, with what they did out of distribution.
 Population: the heads of layers >= 1 (unless --all-layers, or the model has one layer).
 Writes definitions.md, definitions.json and definitions.png to --out (default: RUN_DIR/definitions,
-or the runs' common parent/definitions). Exact definitions: docs/METRICS.md section 15."""
+or the runs' common parent/definitions). Exact definitions: docs/METRICS.md section 16."""
 from __future__ import annotations
 
 import argparse

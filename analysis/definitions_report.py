@@ -82,7 +82,7 @@ def settings_line(settings: dict[str, Any]) -> str:
     return (f"A head *matters* on a set when its {settings['ablation']}-ablation effect there (ablated minus clean loss "
             f"of the set's scored predictions) is at least {settings['threshold']:g} nats. Population: {population}; "
             f"one observation per head and checkpoint with OOD rows. Definitions are measured on the training "
-            f"distribution's probes only (docs/METRICS.md sections 5-8, 14, 15).")
+            f"distribution's probes only (docs/METRICS.md sections 5-8, 14-16).")
 
 
 def markdown(result: dict[str, Any]) -> str:

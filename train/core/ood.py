@@ -2,7 +2,7 @@
 sets that training never shows, and on each, per head, the prefix-matching score and the change
 of the loss of the set's scored predictions when the head is ablated (zero and mean): the ground
 truth of "this head matters out of distribution" against which analysis/definitions.py tests the
-induction-head definitions. Exact definitions: docs/METRICS.md, section 14.
+induction-head definitions. Exact definitions: docs/METRICS.md, section 15.
 
 The sets (`SETS`), each `n_probes` sequences of the probes' length (the context), seeded per set:
 
@@ -296,7 +296,7 @@ def score(model, batch: Batch, kinds: Sequence[str]) -> dict[str, Any]:
 
 
 class OODSuite(Callback):
-    """The out-of-distribution suite (module docstring; docs/METRICS.md section 14): per set,
+    """The out-of-distribution suite (module docstring; docs/METRICS.md section 15): per set,
     `ood_loss/{set}`, and per head `ood_prefix_matching_{set}`, `ood_ablation_{kind}_{set}` (the
     ablated minus the clean loss of the set's targets) and, on the conflict set,
     `ood_conflict_recent`. `min_period`, `max_period`: the training range of repeat periods.
