@@ -70,6 +70,7 @@ class RepeatsDataConfig(DataConfig):
     min_period: int = 4
     max_period: int = 20
     branching: int = 4
+    reserved_tokens: int = 0  # the last N regular ids never appear in a repeated segment (data.py)
 
 
 @dataclass
@@ -332,6 +333,8 @@ def _validate_repeats(cfg: Any) -> None:
           f"data.branching={d.branching} exceeds the {d.vocab_size - 1} regular tokens")
     for name in ("p_repeat", "p_uniform_segment"):
         _need(0.0 <= d[name] <= 1.0, f"data.{name} must lie in [0, 1], got {d[name]}")
+    _need(0 <= d.reserved_tokens <= (d.vocab_size - 1) // 2,
+          f"data.reserved_tokens must lie in [0, {(d.vocab_size - 1) // 2}] (half the regular tokens), got {d.reserved_tokens}")
 
 
 def _validate_tokens(cfg: Any) -> None:

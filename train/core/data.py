@@ -10,7 +10,8 @@ The embedded language ("repeats") mixes two kinds of structure:
   (``min_period``..``max_period``) tiled to fill the context. A segment is uniform random tokens
   with probability ``p_uniform_segment``, else a run of the bigram chain. Only copying from
   context (an induction head) predicts the repeats, and the random period means no fixed
-  positional offset does.
+  positional offset does. ``reserved_tokens`` N > 0 keeps the last N regular ids out of every
+  repeated segment (replaced there by ids 1..N; the OOD suite's held-out tokens, train/core/ood.py).
 
 Every sequence starts with BOS (token id 0). ``batch(step)`` is a pure function of
 (seed, step), so a resumed run sees exactly the data an uninterrupted one would.
@@ -19,6 +20,7 @@ The probes are built from a data source in train/core/probes.py. Constructor def
 config schema's (train/core/config.py: RepeatsDataConfig, TokensDataConfig, TextDataConfig)."""
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -56,6 +58,7 @@ class RepeatsLanguage:
         min_period: int = _Data.min_period,
         max_period: int = _Data.max_period,
         branching: int = _Data.branching,
+        reserved_tokens: int = _Data.reserved_tokens,
     ):
         if not 8 <= vocab_size <= REPEATS_MAX_VOCAB:  # a permutation per token: time quadratic in the vocabulary
             raise ValueError(f"data.vocab_size must lie in [8, {REPEATS_MAX_VOCAB}] for data=repeats, got {vocab_size}")
@@ -66,9 +69,13 @@ class RepeatsLanguage:
         for name, p in dict(p_repeat=p_repeat, p_uniform_segment=p_uniform_segment).items():
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"data.{name} must lie in [0, 1], got {p}")
+        if not 0 <= reserved_tokens <= (vocab_size - 1) // 2:
+            raise ValueError(f"data.reserved_tokens must lie in [0, {(vocab_size - 1) // 2}], got {reserved_tokens}")
         self.vocab_size, self.n_ctx, self.seed = vocab_size, n_ctx, seed
         self.p_repeat, self.p_uniform_segment = p_repeat, p_uniform_segment
         self.min_period, self.max_period = min_period, max_period
+        self.reserved_ids = tuple(range(vocab_size - reserved_tokens, vocab_size))  # kept out of repeated segments
+        self._keep = torch.cat([torch.arange(vocab_size - reserved_tokens), torch.arange(1, reserved_tokens + 1)])
         g = generator(seed, 0xC4A1)
         n = vocab_size - 1  # regular tokens are 1..vocab_size-1
         # copies: a view would keep its whole permutation alive (memory quadratic in the vocabulary)
@@ -111,6 +118,7 @@ class RepeatsLanguage:
     def _assemble(self, chain: torch.Tensor, uniform, period, is_repeat, is_uniform) -> torch.Tensor:
         body = self.n_ctx - 1
         segment = torch.where(is_uniform[:, None], uniform, chain[:, : self.max_period])
+        segment = self._keep[segment] if self.reserved_ids else segment
         idx = torch.arange(body)[None] % period[:, None]
         tiled = segment.gather(1, idx)
         seqs = torch.where(is_repeat[:, None], tiled, chain)
@@ -141,8 +149,7 @@ class RepeatsLanguage:
         return self.sample(n_seq, generator(self.seed, 2, seed))
 
     def token_frequencies(self, n_seq: int = 256) -> torch.Tensor:
-        sample = self.sample(n_seq, generator(self.seed, 3))
-        return torch.bincount(sample.flatten(), minlength=self.vocab_size).float()
+        return torch.bincount(self.sample(n_seq, generator(self.seed, 3)).flatten(), minlength=self.vocab_size).float()
 
     # -- the same generator as Hugging Face `datasets` objects ---------------------------------
     def as_iterable_dataset(self, batch_size: int = 64):
@@ -150,11 +157,9 @@ class RepeatsLanguage:
         import datasets
 
         def rows():
-            step = 0
-            while True:
+            for step in itertools.count():
                 for seq in self.batch(step, batch_size):
                     yield {"input_ids": seq.tolist()}
-                step += 1
 
         return datasets.IterableDataset.from_generator(rows)
 
@@ -162,8 +167,7 @@ class RepeatsLanguage:
         """A fixed `datasets.Dataset` from the generator (the held-out set), torch-formatted."""
         import datasets
 
-        ds = datasets.Dataset.from_dict({"input_ids": self.heldout(n_seq, seed).tolist()})
-        return ds.with_format("torch")
+        return datasets.Dataset.from_dict({"input_ids": self.heldout(n_seq, seed).tolist()}).with_format("torch")
 
 
 class TokenStream:
@@ -233,12 +237,10 @@ class TokenRows:
         self.train_rows, self.heldout_rows = tensor[:-n_heldout], tensor[-n_heldout:]
 
     def batch(self, step: int, batch_size: int) -> torch.Tensor:
-        g = generator(self.seed, 1, step)
-        return self.train_rows[torch.randint(0, self.train_rows.shape[0], (batch_size,), generator=g)]
+        return self.train_rows[torch.randint(0, len(self.train_rows), (batch_size,), generator=generator(self.seed, 1, step))]
 
     def heldout(self, n_seq: int, seed: int) -> torch.Tensor:
-        g = generator(self.seed, 2, seed)
-        return self.heldout_rows[torch.randint(0, self.heldout_rows.shape[0], (n_seq,), generator=g)]
+        return self.heldout_rows[torch.randint(0, len(self.heldout_rows), (n_seq,), generator=generator(self.seed, 2, seed))]
 
     def token_frequencies(self) -> torch.Tensor:
         return torch.bincount(self.train_rows.flatten(), minlength=self.vocab_size).float()
