@@ -258,6 +258,15 @@ def analyse(runs: list[Run], settings: Settings, windows: dict[str, dict | None]
     return out
 
 
+def for_report(runs: list[Run], results: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """`analyse` with the default settings and the windows `python -m analysis` detected
+    ({run path: {"window": ...}}); None when no run has rows of the suite."""
+    try:
+        return analyse(runs, Settings(), {path: r["window"] for path, r in results.items()})
+    except DefinitionsError:
+        return None
+
+
 def main(argv: list[str] | None = None) -> int:
     from analysis.definitions_report import markdown, save_figure
 

@@ -11,7 +11,6 @@ from typing import Any
 
 import numpy as np
 
-from analysis.definitions import KINDS, LABEL, PARTS, DefinitionsError, Settings, analyse
 from analysis.plots import plt
 from matplotlib.ticker import FuncFormatter, NullFormatter
 
@@ -28,6 +27,11 @@ def _window(w: dict | None) -> str:
     return f"window {_tokens(w['start_tokens'])}-{_tokens(w['end_tokens'])}" if w else "no phase change found"
 
 
+def kinds_of(result: dict[str, Any]) -> dict[str, str]:
+    """{definition key: "label" or "score"} as definitions.json lists them."""
+    return {d["key"]: d["kind"] for d in result["definitions"]}
+
+
 def auc_rows(group: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the AUC table: a definition per row, a set per column, each cell
     `before / during / after / all`; the first row counts the heads that matter (of all)."""
@@ -36,22 +40,23 @@ def auc_rows(group: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
     def counts(s: str) -> str:
         cells = []
-        for part in PARTS:
+        for part in t:
             res = next((r for r in t[part][s].values() if r), None)
             cells.append(f"{res['n_matter']}/{res['n']}" if res else "-")
         return " / ".join(cells)
 
     rows = [["heads that matter", *(counts(s) for s in sets)]]
     for key in group["definitions"]:
-        rows.append([key, *(" / ".join(_f((t[p][s][key] or {}).get("auc")) for p in PARTS) for s in sets)])
+        rows.append([key, *(" / ".join(_f((t[p][s][key] or {}).get("auc")) for p in t) for s in sets)])
     return head, rows
 
 
-def label_rows(group: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    """Precision / recall of each label on each set, over all checkpoints."""
+def label_rows(group: dict[str, Any], kinds: dict[str, str]) -> tuple[list[str], list[list[str]]]:
+    """Precision / recall of each label on each set, over all checkpoints (`kinds`: {definition:
+    "label" or "score"}, from `kinds_of`)."""
     t = group["table"]["all"]
     rows = [[k, *(f"{_f((t[s][k] or {}).get('precision'))} / {_f((t[s][k] or {}).get('recall'))}" for s in group["sets"])]
-            for k in group["definitions"] if KINDS[k] == LABEL]
+            for k in group["definitions"] if kinds[k] == "label"]
     return ["label", *group["sets"]], rows
 
 
@@ -93,7 +98,7 @@ def markdown(result: dict[str, Any]) -> str:
         parts += [f"## {name}\n", f"Runs: {runs}. Observations: {g['n_observations']}.\n",
                   "ROC AUC against \"matters\", before / during / after the phase-change window / all checkpoints "
                   "(first row: heads that matter / observations):\n", _md(*auc_rows(g)),
-                  "Labels, all checkpoints: precision / recall:\n", _md(*label_rows(g)),
+                  "Labels, all checkpoints: precision / recall:\n", _md(*label_rows(g, kinds_of(result))),
                   "Spearman rank correlation with the ablation effect, all checkpoints:\n", _md(*spearman_rows(g))]
         if g["disagreements"]:
             parts += ["Disagreements, all checkpoints: per set, the share of the head-checkpoints that mattered "
@@ -112,7 +117,8 @@ def figure(result: dict[str, Any]):
         return None
     fig, axes = plt.subplots(len(groups), len(sets), figsize=(2.6 * len(sets) + 1.5, 2.3 * len(groups) + 0.6),
                              squeeze=False, sharey=True, sharex=True)
-    colours = {k: plt.cm.tab10(i % 10) for i, k in enumerate(KINDS)}
+    kinds = kinds_of(result)
+    colours = {k: plt.cm.tab10(i % 10) for i, k in enumerate(kinds)}
     for row, (name, g) in zip(axes, groups.items()):
         for ax, s in zip(row, sets):
             ax.set_title(s, fontsize=9)
@@ -133,7 +139,7 @@ def figure(result: dict[str, Any]):
                 if points:
                     x = sorted(points)
                     ax.plot(x, [np.mean(points[t]) for t in x], color=colours[key], marker=".", ms=3,
-                            ls="-" if KINDS[key] == LABEL else "--", lw=1.6 if KINDS[key] == LABEL else 1.0, label=key)
+                            ls="-" if kinds[key] == "label" else "--", lw=1.6 if kinds[key] == "label" else 1.0, label=key)
             ax.axhline(0.5, color="grey", lw=0.6, ls=":")
             ax.set_xscale("log")
             ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _tokens(v)))
@@ -166,12 +172,10 @@ def _html_table(head: list[str], rows: list[list[str]]) -> str:
     return f"<table><tr>{cells}</tr>{body}</table>"
 
 
-def report_section(runs, results: dict[str, dict[str, Any]]) -> str:
+def report_section(result: dict[str, Any] | None) -> str:
     """The section of `python -m analysis`'s report (analysis/report.py): per group the AUC table
-    and the figure, with the report's detected windows; "" when no run has OOD rows."""
-    try:
-        result = analyse(runs, Settings(), {path: r["window"] for path, r in results.items()})
-    except DefinitionsError:
+    and the figure of `result` (what analysis.definitions.analyse returns); "" when None."""
+    if result is None:
         return ""
     parts = ["<h2>Which definition predicts which heads matter out of distribution</h2>",
              f"<p>{html.escape(settings_line(result['settings']))} ROC AUC before / during / after the window / all "

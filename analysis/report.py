@@ -15,6 +15,7 @@ from typing import Any
 
 from analysis import comparison, figures
 from analysis.explain import VERDICT_WORDS, phase_lines, stage_lines, verdict
+from analysis.definitions import for_report as definitions_for_report
 from analysis.definitions_report import report_section as definitions_section
 from analysis.patterns import CAPTIONS as PATTERN_CAPTIONS, attention_section
 from analysis.plots import plt
@@ -211,7 +212,7 @@ def _html(runs, results, per_run_figs, joint, params: PhaseParams, stage_params:
         for name, path in per_run_figs[str(r.path)].items():
             parts.append(_img(path, CAPTIONS.get(name, PATTERN_CAPTIONS.get(name, name))))
         parts.append((views or {}).get(str(r.path), ""))
-    parts.append(definitions_section(runs, results))  # runs with the out-of-distribution suite's rows only
+    parts.append(definitions_section(definitions_for_report(runs, results)))  # runs with the OOD suite's rows only
     parts.append("<h2>Detection parameters</h2><p>See <code>train/core/phase.py</code> for the method.</p><pre>"
                  + html.escape(json.dumps(params.to_dict(), indent=1)) + "</pre>")
     if stage_params is not None:

@@ -138,8 +138,8 @@ def test_synthetic_runs_before_during_after(tmp_path, capsys):
     md = (out / "definitions.md").read_text()
     assert "## 2 layers, embedded data" in md and "| is_behavioral | is_mechanistic |" in md
     assert (out / "definitions.png").stat().st_size > 10_000
-    html = R.report_section(D.load_runs([tmp_path / "sweep"]), {str(p): {"window": w} for p, w in zip(
-        [r.path for r in D.load_runs([tmp_path / "sweep"])], group["windows"].values())})
+    html = R.report_section(D.for_report(D.load_runs([tmp_path / "sweep"]), {str(p): {"window": w} for p, w in zip(
+        [r.path for r in D.load_runs([tmp_path / "sweep"])], group["windows"].values())}))
     assert "Which definition predicts" in html and "data:image/png;base64," in html
 
 
@@ -150,4 +150,4 @@ def test_runs_without_ood_rows_are_one_line_errors(tmp_path, capsys):
     assert D.main([str(tmp_path / "plain")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: no run has rows of the out-of-distribution suite") and err.count("\n") == 1
-    assert R.report_section(D.load_runs([tmp_path / "plain"]), {str(tmp_path / "plain"): {"window": None}}) == ""
+    assert R.report_section(D.for_report(D.load_runs([tmp_path / "plain"]), {str(tmp_path / "plain"): {"window": None}})) == ""

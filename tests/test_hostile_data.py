@@ -68,7 +68,7 @@ def test_a_damaged_token_cache_is_refused(damage, corpus, cache):
 def test_token_batches_refuse_ids_outside_the_vocabulary():
     """The last word after the shards' digests (a large shard is hashed by sampled blocks)."""
     from train.core.config import ConfigError
-    from train.core.data import TokenStream
+    from train.core.tokens import TokenStream
 
     stream = np.arange(1000, dtype=np.uint16) % 50
     stream[500:] = 999
@@ -196,7 +196,7 @@ def test_a_bpe_vocabulary_beyond_the_machine_is_refused_before_it_is_trained(cor
 def test_the_embedded_datas_draws_are_unchanged():
     """The bigram chain's successor table (copied row by row now: memory linear in the vocabulary)
     is the one the earlier code drew, row views of whole permutations."""
-    from train.core.data import RepeatsLanguage, generator
+    from train.core.language import RepeatsLanguage, generator
 
     lang = RepeatsLanguage()
     g, n = generator(lang.seed, 0xC4A1), lang.vocab_size - 1

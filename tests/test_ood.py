@@ -13,7 +13,7 @@ import torch
 from train.core import circuits as C
 from train.core import ood as O
 from train.core import probes as P
-from train.core.data import RepeatsLanguage
+from train.core.language import RepeatsLanguage
 from train.core.model import AttnOnlyTransformer, next_token_loss
 from tests.test_circuits import PERIOD, V, hand_built, hand_probes, run_callbacks
 

@@ -12,7 +12,9 @@ import torch
 from tests.helpers import cli, compose_config, one_line_error
 from train.core import rundir, text, token_cache
 from train.cli import run
-from train.core.data import BOS, Repetition, TextCorpus, build_text, build_tokens
+from train.core.language import BOS
+from train.core.tokens import TextCorpus
+from train.core.data import Repetition, build_text, build_tokens
 from train.core.rundir import read_metrics
 
 VOCAB = 300

@@ -14,7 +14,7 @@ from train.console_log import console_to_log
 
 CASES = [  # (overrides, the one line's text)
     (["experiment=text_cpuu", "data.source=corpus.txt"], "unknown experiment option 'text_cpuu'; did you mean text_cpu?"),
-    (["experiment=foo"], "unknown experiment option 'foo' (experiment: hoogland_2l"),
+    (["experiment=foo"], "unknown experiment option 'foo' (experiment: definitions, hoogland_2l"),
     (["model.nlayers=3"], "model.nlayers: no key 'nlayers' in model; did you mean n_layers?"),
     (["+model.nlayers=3"], "model.nlayers: no key 'nlayers' in model; did you mean n_layers?"),
     (["modell=attn_only"], "no group or key 'modell'; did you mean model?"),

@@ -34,7 +34,7 @@ from train.core import names as N
 from train.core import probes as P
 from train.core.adapter import LOGITS, PATTERNS, RUN_FROM, Z
 from train.core.callbacks import LOGITS_BUDGET
-from train.core.data import generator
+from train.core.language import generator
 from train.core.model import AttnOnlyTransformer, Rotary, next_token_loss
 from train.core.scoring import Callback, RunContext
 

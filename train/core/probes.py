@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from train.core.config import ProbeConfig as _Probes
-from train.core.data import BOS, Repetition, generator
+from train.core.language import BOS, generator
+from train.core.data import Repetition
 
 PROBES_FILE = "probes.safetensors"  # an export's probe token ids (analysis/export.py)
 
