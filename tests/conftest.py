@@ -1,7 +1,14 @@
 import os
+import sys
 
-import pytest
-import torch
+# Compiled bytecode is cached (Python's default) even where the environment turns it off: the
+# tests start about a hundred Python processes, and each would otherwise compile torch's and
+# transformers' modules from source again (seconds per process on a 2-core machine).
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 # Tests never reach the network: wandb stays offline, Hugging Face stays offline.
 os.environ.setdefault("WANDB_MODE", "offline")
