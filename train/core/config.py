@@ -21,6 +21,8 @@ from typing import Any, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig
 
+from train.core.schedules import AdaptiveConfig, adaptive_problem
+
 
 @dataclass
 class ModelConfig:
@@ -132,13 +134,15 @@ class TrainConfig:
 @dataclass
 class CheckpointConfig:
     """When to evaluate and save (in tokens seen: the union of log-spaced and linearly spaced
-    points, train/core/schedules.py), and what each checkpoint keeps."""
+    points, or with `adaptive.enabled` a sparser one plus checkpoints where the model changes:
+    train/core/schedules.py), and what each checkpoint keeps."""
 
     n_log: int = 70
     n_linear: int = 40
     first_tokens: int = 20_000  # first log-spaced point after step 0
     save_weights: bool = True  # model.safetensors at every checkpoint (for later re-analysis)
     keep_resume_states: int = 1  # newest checkpoints that keep optimizer state for resuming
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
 
 
 @dataclass
@@ -179,6 +183,7 @@ class Config:
     callbacks: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
+    threads: str = "auto"  # torch's CPU threads: auto (train/threads.py) or a number
     resume: Optional[str] = None  # a run directory to continue, or auto (train/startup.py RESUME_AUTO)
     name: str = "induction"  # run name (wandb)
     live_detection_every: int = 10  # run the phase-change detector on the rows so far every k checkpoints; 0: off
@@ -277,6 +282,9 @@ def validate(cfg: Any) -> None:
     for name, cb in (cfg.get("callbacks") or {}).items():
         if cb is not None and "every" in cb:
             _need(cb.every >= 1, f"callbacks.{name}.every must be >= 1, got {cb.every}")
+    threads = str(cfg.get("threads", "auto"))
+    _need(threads == "auto" or (threads.isdigit() and int(threads) >= 1),
+          f"threads must be auto or a positive number, got {threads!r}")
 
 
 def _validate_model(cfg: Any) -> None:
@@ -357,6 +365,8 @@ def _validate_training(cfg: Any) -> None:
     _non_negative(cfg, "train", "divergence_checkpoints")
     _non_negative(cfg, "checkpoint", "n_log", "n_linear", "keep_resume_states")
     _positive(cfg, "checkpoint", "first_tokens")
+    problem = adaptive_problem(cfg.checkpoint.get("adaptive"), cfg.probes.n_probes)
+    _need(problem is None, problem)
 
 
 def _validate_probes(cfg: Any) -> None:

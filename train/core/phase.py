@@ -10,7 +10,11 @@ least squares with Gaussian weights exp(-d^2 / 2h^2) (d = distance in ln tokens)
 is the smoothed value and its slope the derivative d y / d ln(tokens). The bandwidth h is
 `PhaseParams.bandwidth` (default 0.12, i.e. about +-12 % in tokens), widened locally to the
 distance of the `min_neighbors`-th nearest checkpoint where checkpoints are sparse. Noise level
-sigma = standard deviation of the residuals of the raw points around the smooth curve.
+sigma = standard deviation of the residuals of the raw points around the smooth curve. With
+`spacing_weights` (on for runs under adaptive checkpoint density, whose rows say why each
+checkpoint was taken) each checkpoint's weight is also multiplied by the stretch of x it stands
+for (half the distance to each neighbour), so that a cluster of checkpoints counts for the
+stretch it covers, not for its number.
 
 Burn-in
 -------
@@ -61,7 +65,7 @@ bump coincide; otherwise "no phase change" (with what was and was not found).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -86,6 +90,7 @@ class PhaseParams:
     bump_min_nats: float = 0.05
     bump_min_depth: float = 1.0
     coincide_tol: float = 0.1
+    spacing_weights: bool = False
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -127,13 +132,17 @@ def clean_xy(tokens, values) -> tuple[np.ndarray, np.ndarray]:
     return np.log(t[keep][order]), y[keep][order]
 
 
-def local_linear(x, y, grid, bandwidth: float, min_neighbors: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """Gaussian-weighted local linear regression: (smoothed value, slope) at each grid point."""
+def local_linear(x, y, grid, bandwidth: float, min_neighbors: int = 4,
+                 weights=None) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian-weighted local linear regression: (smoothed value, slope) at each grid point;
+    `weights`: each point's weight besides the kernel's (None: all 1)."""
     x, y, grid = (np.asarray(a, dtype=float) for a in (x, y, grid))
     d = x[None, :] - grid[:, None]  # [G, N]
     k = min(max(min_neighbors, 2), len(x)) - 1
     h = np.maximum(bandwidth, np.sort(np.abs(d), axis=1)[:, k])
     w = np.exp(-0.5 * (d / h[:, None]) ** 2)
+    if weights is not None:
+        w = w * np.asarray(weights, dtype=float)[None, :]
     s0, s1, s2 = w.sum(1), (w * d).sum(1), (w * d * d).sum(1)
     t0, t1 = (w * y).sum(1), (w * d * y).sum(1)
     det = s0 * s2 - s1 * s1
@@ -160,8 +169,9 @@ def smooth(tokens, values, params: PhaseParams = PhaseParams()) -> Smooth | None
     if len(x) < MIN_POINTS or x[-1] - x[0] <= 0:
         return None
     grid = np.linspace(x[0], x[-1], params.grid_points)
-    value, slope = local_linear(x, y, grid, params.bandwidth, params.min_neighbors)
-    at_points, _ = local_linear(x, y, x, params.bandwidth, params.min_neighbors)
+    weights = np.diff(np.concatenate([[x[0]], (x[1:] + x[:-1]) / 2, [x[-1]]])) if params.spacing_weights else None
+    value, slope = local_linear(x, y, grid, params.bandwidth, params.min_neighbors, weights)
+    at_points, _ = local_linear(x, y, x, params.bandwidth, params.min_neighbors, weights)
     resid = y - at_points
     sigma = float(np.sqrt(np.nanmean(resid ** 2))) if len(resid) else 0.0
     return Smooth(x, y, grid, value, slope, sigma)
@@ -361,6 +371,9 @@ def detect_phase_change(tokens, loss, icl, heads: dict[str, Any] | None = None,
 def detect_run(run, params: PhaseParams = PhaseParams()) -> dict[str, Any]:
     """`detect_phase_change` on a run's rows (an train.core.runs.Run): held-out loss, ICL score and
     every head's prefix-matching score against tokens. The analysis and live detection during
-    training (train/live.py) both call this."""
+    training (train/live.py) both call this. A run under adaptive checkpoint density (its rows
+    say why each checkpoint was taken) is smoothed with `spacing_weights`."""
+    if not params.spacing_weights and run.has(N.CHECKPOINT_REASON):
+        params = replace(params, spacing_weights=True)
     return detect_phase_change(run.tokens, run.series(N.LOSS_HELDOUT), run.series(N.ICL_SCORE),
                                run.head_series(N.PREFIX_MATCHING), params)
