@@ -84,7 +84,7 @@ def precheck(argv: list[str], env=None) -> list[str]:
 def main(cfg: DictConfig) -> None:
     from train.cli import run
 
-    run(cfg, Path(HydraConfig.get().runtime.output_dir))
+    run(cfg, Path(HydraConfig.get().runtime.output_dir), set_threads=True)
 
 
 if __name__ == "__main__":
