@@ -112,6 +112,12 @@ def test_a_channel_without_a_floor_is_watched_but_never_a_trigger():
     assert any(d.reason == ZOOM and d.channel == "loss/train" for _, d in with_loss)
 
 
+def test_the_watch_interval_doubles_with_the_run():
+    w = watch()  # watch_every 2, watch_gap 0.005
+    assert [w.interval(s) for s in (0, 100, 799, 800, 1600, 3200, 50_000)] == [2, 2, 2, 4, 8, 16, 128]
+    assert w.due(6) and not w.due(7) and w.due(100) and w.due(804) and not w.due(802) and w.due(500)  # 500: base
+
+
 def test_no_lead_in_without_kept_weights():
     series = sigmoid_series(600, centre=330, width=12, noise=0.003)
     w = watch(lead_in=0)

@@ -62,7 +62,7 @@ class Watch:
         values = {N.head_name(l, h): v for l, row in enumerate(scores.tolist()) for h, v in enumerate(row)}
         if self.watches_loss:
             values[N.LOSS_TRAIN] = self.loss_sum / max(self.loss_count, 1)
-        if step % self.decide.s.watch_every == 0:
+        if step % self.decide.interval(step) == 0:
             self.loss_sum, self.loss_count = 0.0, 0
         return values
 

@@ -95,7 +95,8 @@ class AdaptiveConfig:
     enabled: bool = False
     n_log: int = 10  # the base schedule (at most checkpoint.n_log / n_linear; with checkpoint.first_tokens)
     n_linear: int = 4
-    watch_every: int = 2  # steps
+    watch_every: int = 2  # steps, at least
+    watch_gap: float = 0.005  # relative: the watch interval doubles while it is below this share of the steps so far
     watch_probes: int = 4  # the first of the main repeated-token probes
     noise_window: int = 16  # watches
     noise_multiple: float = 3.0
@@ -110,14 +111,15 @@ def adaptive_problem(a: Any, n_probes: int) -> str | None:
     """What is wrong with the values of an enabled `checkpoint.adaptive` (None: nothing)."""
     if a is None or not a.enabled:
         return None
-    bad = [f"{k}={a[k]}" for k in ("n_log", "n_linear", "min_change", "min_gap", "lead_in") if not 0 <= a[k] < math.inf]
+    bad = [f"{k}={a[k]}" for k in ("n_log", "n_linear", "min_change", "min_gap", "watch_gap", "lead_in")
+           if not 0 <= a[k] < math.inf]
     bad += [f"{k}={a[k]}" for k in ("watch_every", "watch_probes") if a[k] < 1]
     bad += [f"noise_window={a.noise_window}"] * (a.noise_window < MIN_INCREMENTS)
     bad += [f"{k}={a[k]}" for k in ("noise_multiple", "loss_change") if a[k] is not None and not 0 < a[k] < math.inf]
     bad += [f"growth={a.growth}"] * (not 1 < a.growth < math.inf)
     if bad:
-        return (f"checkpoint.adaptive: {', '.join(bad)} out of range (n_log, n_linear, min_change, min_gap, lead_in "
-                f">= 0; watch_every, watch_probes >= 1; noise_window >= {MIN_INCREMENTS}; noise_multiple, "
+        return (f"checkpoint.adaptive: {', '.join(bad)} out of range (n_log, n_linear, min_change, min_gap, watch_gap, "
+                f"lead_in >= 0; watch_every, watch_probes >= 1; noise_window >= {MIN_INCREMENTS}; noise_multiple, "
                 f"loss_change > 0; growth > 1)")
     if a.watch_probes > n_probes:
         return f"checkpoint.adaptive.watch_probes={a.watch_probes} exceeds probes.n_probes={n_probes}"
@@ -140,7 +142,9 @@ class Decision:
 class DensityWatch:
     """The decisions of adaptive checkpoint density: a pure function of the watched steps and values.
 
-    Every `watch_every` steps, and at every step of the base schedule, the run hands `decide` its
+    At every step that is a multiple of the watch interval (`interval`: `watch_every` steps,
+    doubled as long as it stays within `watch_gap` times the step, so that a long run is watched
+    about evenly in ln tokens), and at every step of the base schedule, the run hands `decide` its
     watched values: {channel: value} (the trainer's: each head's prefix-matching score on the
     first `watch_probes` main probes, and with `loss_change` set the mean training loss since the
     previous watch). Gaps are measured in x = ln(tokens), the analysis's axis. A checkpoint is
@@ -189,7 +193,14 @@ class DensityWatch:
 
     def due(self, step: int) -> bool:
         """Whether `step` is watched."""
-        return step % self.s.watch_every == 0 or step in self.base
+        return step % self.interval(step) == 0 or step in self.base
+
+    def interval(self, step: int) -> int:
+        """The watch interval at `step` (class docstring): a pure function of the step."""
+        k = self.s.watch_every
+        while 2 * k <= step * self.s.watch_gap:
+            k *= 2
+        return k
 
     def noise(self) -> list[float] | None:
         """noise_c of every channel (class docstring); None before MIN_INCREMENTS increments."""
@@ -207,7 +218,7 @@ class DensityWatch:
         are at earlier kept steps; none: no checkpoint), and the watch state moved on."""
         row = [float(values[c]) for c in self.channels]
         decisions = self._judge(step, row)
-        if step % self.s.watch_every == 0:
+        if step % self.interval(step) == 0:
             self.history = (self.history + [row])[-(self.s.noise_window + 1):]
         if decisions:
             self.reference, self.kept = row, []
@@ -223,7 +234,8 @@ class DensityWatch:
             return []
         bin_width = math.log1p(self.s.min_gap) or 1e-3
         kept = list(self.kept)
-        if step > 0 and int(math.log(step) / bin_width) != int(math.log(max(step - self.s.watch_every, 1)) / bin_width):
+        previous = max(step - self.interval(step), 1)
+        if step > 0 and int(math.log(step) / bin_width) != int(math.log(previous) / bin_width):
             kept.insert(0, step)
         reach = self._lead_distance(int(self.s.lead_in)) + bin_width
         return [k for k in kept if _ln_gap(k, step) <= reach]
@@ -282,7 +294,7 @@ class DensityWatch:
         if self.reference is None:
             return None, None, None
         noise = self.noise()
-        m = max(1, (step - self.last) // self.s.watch_every)
+        m = max(1, (step - self.last) // self.interval(step))
         best: tuple[float, int, float | None] | None = None
         for c, floor in enumerate(self.floors):
             if floor is None:
