@@ -381,4 +381,3 @@ class Trainer:
     def _status(self, state: str, seconds: float | None = None, error: str | None = None, step: int | None = None):
         rundir.write_status(self.run_dir, state, self.step if step is None else step, self.run_id, seconds,
                             self.resumed_from, error)
-
