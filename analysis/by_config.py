@@ -11,7 +11,11 @@ Runs the same detection as `python -m analysis` (train/core/phase.py, default pa
   the induction heads got, window or not), and the tokens the runs trained for;
 * `by_config.png`: left, the steepest-point tokens against the first key (log scale), one marker
   per run, one colour per value of the second key, runs without a phase change at the top, marked
-  "none"; right, the last-layer max prefix matching at the end against the first key.
+  "none"; right, the last-layer max prefix matching at the end against the first key (its values
+  in order on the axis when they are not all numbers).
+
+Both are written together or not at all (train/core/outputs.py: --out is new, empty or an
+earlier by_config, or --force).
 """
 from __future__ import annotations
 
@@ -23,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from analysis.stages import AnalysisError, detection_params
+from train.core import edge, outputs
 from train.core.phase import detect_run
 from train.core.runs import Run, RunError, load_runs
 from train.core import names as N
@@ -84,12 +89,15 @@ def figure(keys: list[str], groups: list[dict[str, Any]], path: Path) -> None:
 
     top = max(max(g["trained"]) for g in groups)
     fig, (ax, right) = plt.subplots(1, 2, figsize=(10, 4))
+    firsts = sorted({g["values"][0] for g in groups}, key=lambda v: (v is None, str(type(v)), v))
+    numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in firsts)
+    place = (lambda v: float(v)) if numeric else firsts.index  # noqa: E731 - names and None: one place each
     second = sorted({g["values"][1] for g in groups}, key=str) if len(keys) > 1 else [None]
     for i, value in enumerate(second):
         members = [g for g in groups if len(keys) == 1 or g["values"][1] == value]
         xs, ys, none_x = [], [], []
         for g in members:
-            x = float(g["values"][0])
+            x = place(g["values"][0])
             for t in g["steepest"]:
                 (xs if t is not None else none_x).append(x)
                 if t is not None:
@@ -98,7 +106,7 @@ def figure(keys: list[str], groups: list[dict[str, Any]], path: Path) -> None:
         offset = (i - (len(second) - 1) / 2) * 0.004
         ax.scatter(np.array(xs) + offset, ys, color=f"C{i}", label=label, zorder=3)
         ax.scatter(np.array(none_x) + offset, [top * 1.4] * len(none_x), color=f"C{i}", marker="x", zorder=3)
-        finals = [(float(g["values"][0]), v) for g in members for v in g["final"] if v is not None]
+        finals = [(place(g["values"][0]), v) for g in members for v in g["final"] if v is not None]
         if finals:
             fx, fy = zip(*finals)
             right.scatter(np.array(fx) + offset, fy, color=f"C{i}", label=label, zorder=3)
@@ -107,6 +115,9 @@ def figure(keys: list[str], groups: list[dict[str, Any]], path: Path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel(keys[0])
     ax.set_ylabel("tokens at the steepest point of the phase change")
+    if not numeric:
+        for axis in (ax, right):
+            axis.set_xticks(range(len(firsts)), [str(v) for v in firsts])
     right.set_ylim(0, 1)
     right.set_xlabel(keys[0])
     right.set_ylabel("last-layer max prefix matching at the end")
@@ -117,27 +128,46 @@ def figure(keys: list[str], groups: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+def check_keys(runs: list[Run], keys: list[str]) -> None:
+    """Every key is one setting, set in at least one run's config; AnalysisError otherwise."""
+    for key in keys:
+        values = [config_value(run, key) for run in runs]
+        if all(v is None for v in values):
+            raise AnalysisError(f"--key {key}: no run's config.yaml has it (e.g. data.repeat.p, seed, model.n_layers)")
+        if any(isinstance(v, (dict, list)) for v in values):
+            raise AnalysisError(f"--key {key}: a section or a list, not one setting; give a key inside it")
+
+
+@edge.command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.by_config", description=__doc__.split("\n\n")[0])
     parser.add_argument("sweep", nargs="+", metavar="SWEEP_DIR")
     parser.add_argument("--key", action="append", required=True, help="config key to group by (dotted)")
-    parser.add_argument("--out", type=Path, default=None, help="output directory (default: SWEEP_DIR/by_config)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output directory (default: SWEEP_DIR/by_config): new, empty or an earlier one")
+    parser.add_argument("--force", action="store_true",
+                        help="write into an existing --out of other files (files of the same names are replaced)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="detection parameter")
     args = parser.parse_args(argv)
+    out = args.out or Path(args.sweep[0]) / "by_config"
     try:
         params, _ = detection_params(args.set)
-        runs = load_runs(args.sweep)
+        outputs.check_output_dir(out, "by_config", args.force)
+        runs = load_runs(args.sweep, exclude=out)
+        check_keys(runs, args.key)
+        print(f"detecting the phase change in {len(runs)} run{'s' if len(runs) != 1 else ''}", file=sys.stderr)
         results = {str(r.path): detect_run(r, params) for r in runs}
         groups = group_runs(runs, args.key, results)
-    except (AnalysisError, RunError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        text = table(args.key, groups)
+        with outputs.staged(out, "by_config", args.force) as staged:  # the table and the figure together, or neither
+            (staged / "by_config.md").write_text(text, encoding="utf-8")
+            figure(args.key, groups, staged / "by_config.png")
+    except (AnalysisError, RunError, outputs.OutputError) as e:
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
-    out = args.out or Path(args.sweep[0]) / "by_config"
-    out.mkdir(parents=True, exist_ok=True)
-    text = table(args.key, groups)
-    (out / "by_config.md").write_text(text, encoding="utf-8")
-    figure(args.key, groups, out / "by_config.png")
-    print(text + f"\n{out / 'by_config.md'}\n{out / 'by_config.png'}")
+    found = sum(t is not None for g in groups for t in g["steepest"])
+    print(text + f"\n{len(runs)} runs in {len(groups)} groups, {found} with a phase change\n"
+                 f"{out / 'by_config.md'}\n{out / 'by_config.png'}")
     return 0
 
 

@@ -27,12 +27,22 @@ Formats (each exact: same logits as `train.core.model.AttnOnlyTransformer`, up t
 
 Every export also holds `induction_tracker.json` (step, tokens, the run's probe settings) and
 `probes.safetensors`: the run's exact probe token ids (`repeated`, `copy_tokens`, `heldout`, and
-`allowed`, the tokens its random probes draw from), which `analysis.series --probes` takes. The project has no tokenizer: token ids are the run's own.
+`allowed`, the tokens its random probes draw from), which `analysis.series --probes` takes. Token
+ids are the run's own; a text run's tokenizer is read as data and saved again through its library
+(`write_tokenizer`), so nothing of the run directory is copied as it is (no planted code, no link
+followed). Checkpoints with non-finite weights are refused.
+
+The export is built in a temporary directory beside --out and moved in when complete
+(train/core/outputs.py): --out must be new, empty or an earlier export (whose files are then
+replaced), or --force writes into another directory beside its files; never a run or a part of
+one, a file or a link.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import errno
 import inspect
 import re
 import shutil
@@ -43,7 +53,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from train.core import hf_model, rundir
+from train.core import edge, hf_model, outputs, rundir
 from train.core import model as model_module
 from train.core.config import POSITIONAL_SCHEMES, ModelConfig
 from train.core.model import AttnOnlyTransformer, model_kwargs
@@ -244,41 +254,72 @@ def transformer_lens_state(model: AttnOnlyTransformer, kwargs: dict[str, Any]) -
 
 
 # -- one checkpoint ----------------------------------------------------------------------------
+def check_finite(model: AttnOnlyTransformer, checkpoint: Checkpoint) -> None:
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise ExportError(f"checkpoint {checkpoint.path} has non-finite weights ({', '.join(bad[:3])}"
+                          f"{', ...' if len(bad) > 3 else ''}); nothing was exported")
+
+
+def write_tokenizer(run: Run, out: Path) -> None:
+    """A text run's tokenizer, read as data and saved again through its library into `out`: only
+    the files the library writes, never a file of the run directory's as it is (no links
+    followed, no code carried)."""
+    from train.core.config import ConfigError
+    from train.core.text import TextTokenizer
+
+    try:
+        TextTokenizer.load(run.tokenizer_dir).save(out)
+    except ConfigError as e:
+        raise ExportError(str(e)) from None
+
+
+@contextlib.contextmanager
+def written(out: Path):
+    """Writes into `out`: a failure of the file system that a library reports in its own type
+    (safetensors does) becomes the OSError it is, naming `out`."""
+    try:
+        yield
+    except (OSError, ExportError):
+        raise
+    except Exception as e:  # noqa: BLE001 - safetensors wraps I/O errors in its own exception type
+        if "I/O error" not in str(e) and "os error" not in str(e):
+            raise
+        raise OSError(errno.EIO, f"write failed ({' '.join(str(e).split())})", str(out)) from None
+
+
 def export_checkpoint(run: Run, checkpoint: Checkpoint, out: Path, to: str = "hf", layout: str = "native") -> Path:
-    """Write a checkpoint of `run` to directory `out` in format `to` (see the module docstring)."""
+    """Write a checkpoint of `run` into the directory `out` (a staging directory of export_run's)
+    in format `to` (see the module docstring)."""
     model, meta = run.load_model(checkpoint)
+    check_finite(model, checkpoint)
     kwargs = model_kwargs(meta["model"])
     tensors, settings = probe_file(run)
-    tmp = out.with_name(out.name + rundir.TMP_SUFFIX)
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    out.mkdir(exist_ok=True)
+    with written(out):
         if to == "transformer_lens":
             sd, cfg = transformer_lens_state(model, kwargs)
-            save_file(sd, str(tmp / rundir.MODEL_FILE), metadata={"format": "pt"})
-            rundir.write_json_atomic(tmp / TL_CONFIG_FILE, cfg)
+            save_file(sd, str(out / rundir.MODEL_FILE), metadata={"format": "pt"})
+            rundir.write_json_atomic(out / TL_CONFIG_FILE, cfg)
         else:
             hf = {"native": native_model, "gpt2": gpt2_model, "neox": neox_model}[layout](model, kwargs)
-            hf.save_pretrained(tmp)
+            hf.save_pretrained(out)
             if layout == "native":
-                write_modeling_code(tmp)
-        write_probe_file(tmp / PROBES_FILE, tensors, settings)
-        if run.tokenizer_dir is not None:  # text runs: beside the weights, where AutoTokenizer looks (TransformerLens: tokenizer/)
-            shutil.copytree(run.tokenizer_dir, tmp if to == "hf" else tmp / rundir.TOKENIZER_DIR, dirs_exist_ok=True)
-        rundir.write_json_atomic(tmp / INFO_FILE, {"step": meta["step"], "tokens": meta.get("tokens"), "format": to,
-                                                   "layout": layout if to == "hf" else None,
-                                                   "run_model": meta["model"], "probes": settings})
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.replace(out)
+                write_modeling_code(out)
+        write_probe_file(out / PROBES_FILE, tensors, settings)
+    if run.tokenizer_dir is not None:  # text runs: beside the weights, where AutoTokenizer looks (TransformerLens: tokenizer/)
+        write_tokenizer(run, out if to == "hf" else out / rundir.TOKENIZER_DIR)
+    rundir.write_json_atomic(out / INFO_FILE, {"step": meta["step"], "tokens": meta.get("tokens"), "format": to,
+                                               "layout": layout if to == "hf" else None,
+                                               "run_model": meta["model"], "probes": settings})
     return out
 
 
 def export_run(run_dir: Path, out: Path, to: str = "hf", layout: str = "native", step: int | None = None,
-               all_steps: bool = False) -> list[Path]:
-    """Export one checkpoint (the newest, or `step`) into `out`, or every one into out/step_N/."""
+               all_steps: bool = False, force: bool = False, log=lambda message: None) -> list[Path]:
+    """Export one checkpoint (the newest, or `step`) into `out`, or every one into out/step_N/.
+    The export is built beside `out` and moved in when complete (train/core/outputs.py: `out` is
+    new, empty or an export, or `force`); `log` hears of each checkpoint of --all."""
     if to not in TARGETS:
         raise ExportError(f"unknown export format {to!r}; choose one of {', '.join(TARGETS)}")
     if layout not in LAYOUTS:
@@ -286,24 +327,37 @@ def export_run(run_dir: Path, out: Path, to: str = "hf", layout: str = "native",
     if to == "transformer_lens" and layout != "native":
         raise ExportError("--layout applies to --to hf only")
     run = open_run(run_dir)
-    if all_steps:
-        return [export_checkpoint(run, c, Path(out) / c.path.name, to, layout) for c in run.with_weights()]
-    return [export_checkpoint(run, run.checkpoint(step), Path(out), to, layout)]
+    checkpoints = run.with_weights() if all_steps else [run.checkpoint(step)]
+    out = Path(out)
+    with outputs.staged(out, "export", force) as stage:
+        if not all_steps:
+            export_checkpoint(run, checkpoints[0], stage, to, layout)
+            return [out]
+        for i, c in enumerate(checkpoints):
+            export_checkpoint(run, c, stage / c.path.name, to, layout)
+            log(f"exported step {c.step} ({i + 1}/{len(checkpoints)})")
+    return [out / c.path.name for c in checkpoints]
 
 
+@edge.command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--to", default="hf", help=f"format: {' | '.join(TARGETS)} (default hf)")
-    parser.add_argument("--out", type=Path, required=True, help="output directory")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="output directory: new, empty or an earlier export (its files are replaced)")
     parser.add_argument("--layout", default="native", help=f"hf layout: {' | '.join(LAYOUTS)} (default native)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--step", type=int, help="export this step (default: the newest checkpoint)")
     which.add_argument("--all", action="store_true", help="export every checkpoint into OUT/step_NNNNNNN/")
+    parser.add_argument("--force", action="store_true",
+                        help="write into an existing directory that is not an export (files of the same names are "
+                             "replaced, nothing else is touched)")
     args = parser.parse_args(argv)
     try:
-        written = export_run(args.run_dir, args.out, args.to, args.layout, args.step, args.all)
-    except (ExportError, RunError, OSError) as e:
+        written = export_run(args.run_dir, args.out, args.to, args.layout, args.step, args.all, args.force,
+                             log=lambda m: print(m, file=sys.stderr))
+    except (ExportError, RunError, outputs.OutputError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     where = written[0] if len(written) == 1 else f"{args.out} ({len(written)} checkpoints)"

@@ -9,12 +9,15 @@ from typing import Any
 
 import numpy as np
 
-from train.core.phase import PhaseParams, local_linear, smooth
 from analysis.plots import plt
-from train.core.runs import Run
 from train.core import names as N
+from train.core.phase import PhaseParams, fmt_tokens, local_linear, smooth
+from train.core.runs import Run
 
-WINDOW_COLOR = "tab:orange"
+WINDOW_COLOR = "tab:orange"  # the phase-change window; no line takes this colour
+PREVIOUS_TOKEN_COLOR = "tab:purple"
+# Line colours (heads, run groups): tab10 without the window's orange and the previous-token purple.
+COLORS = ["tab:blue", "tab:green", "tab:red", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan", "black"]
 
 
 def positive(tokens, *arrays):
@@ -25,11 +28,30 @@ def positive(tokens, *arrays):
 
 
 def shade(ax, win: dict[str, Any] | None, label: str | None = "detected window", color=WINDOW_COLOR):
+    """A window shaded, its steepest point dashed (legend entries when `label`)."""
     if not win or not win.get("detected", True) or win.get("start_tokens") is None:
         return
     ax.axvspan(win["start_tokens"], win["end_tokens"], color=color, alpha=0.18, lw=0, label=label)
     if win.get("steepest_tokens"):
-        ax.axvline(win["steepest_tokens"], color=color, lw=1, ls="--")
+        ax.axvline(win["steepest_tokens"], color=color, lw=1, ls="--",
+                   label=f"{label.split(' (')[0]}: steepest point" if label else None)
+
+
+def mark_window(ax, result: dict[str, Any], label: bool = True) -> None:
+    """The run's one phase-change window (train/core/phase.py `window`), shaded orange with its
+    steepest point dashed; a window still open at the last checkpoint (`unfinished_window`)
+    hatched instead."""
+    if result.get("window"):
+        shade(ax, result["window"], label=f"phase-change window ({_span(result['window'])})" if label else None)
+    elif result.get("unfinished_window"):
+        w = result["unfinished_window"]
+        ax.axvspan(w["start_tokens"], w["end_tokens"], facecolor="none", edgecolor=WINDOW_COLOR, hatch="//",
+                   lw=0, alpha=0.6, label=f"still rising at the end (from {fmt_tokens(w['start_tokens'])})"
+                   if label else None)
+
+
+def _span(w: dict[str, Any]) -> str:
+    return f"{fmt_tokens(w['start_tokens'])}-{fmt_tokens(w['end_tokens'])}"
 
 
 def _burn_in(ax, result):
@@ -54,7 +76,7 @@ def fig_loss(run: Run, result: dict[str, Any], params: PhaseParams = PhaseParams
     bump = result.get("loss_bump", {})
     if sm is not None:
         ax.plot(_grid_tokens(sm), sm.value, "-", color="tab:blue", lw=1.2, label="smoothed")
-        ax2.plot(_grid_tokens(sm), sm.slope, "-", color="tab:blue")
+        ax2.plot(_grid_tokens(sm), sm.slope, "-", color="tab:blue", label="slope of the smoothed loss")
         if bump.get("detected") and bump.get("onset_tokens"):
             # the earlier trend: tangent line at the onset of non-convexity
             x_on = math.log(bump["onset_tokens"])
@@ -62,13 +84,16 @@ def fig_loss(run: Run, result: dict[str, Any], params: PhaseParams = PhaseParams
             xs = sm.grid[i:]
             ax.plot(np.exp(xs), sm.value[i] + bump["slope_before"] * (xs - sm.grid[i]), "--", color="0.3", lw=0.8,
                     label=f"earlier trend (bump {bump['size']:.2f} nats)")
-            ax2.axhline(bump["slope_before"], color="0.3", ls="--", lw=0.8)
+            ax2.axhline(bump["slope_before"], color="0.3", ls="--", lw=0.8, label="slope at the onset (earlier trend)")
     for a in (ax, ax2):
         shade(a, bump if bump.get("detected") else None, label="loss bump")
         _burn_in(a, result)
     ax.set_ylabel("loss (nats)")
-    ax.set_title(f"{run.label}: loss " + ("- bump detected" if bump.get("detected") else "- no bump"), fontsize=9)
+    ax.set_title(f"{run.label}: loss " + (f"- bump of {bump['size']:.2f} nats, {_span(bump)} tokens"
+                                          if bump.get("detected") else "- no bump"), fontsize=9)
     ax.legend(fontsize=7)
+    if ax2.get_legend_handles_labels()[0]:
+        ax2.legend(fontsize=7)
     ax2.set_ylabel("d loss / d ln(tokens)")
     ax2.set_xlabel("tokens")
     ax2.set_xscale("log")
@@ -77,22 +102,24 @@ def fig_loss(run: Run, result: dict[str, Any], params: PhaseParams = PhaseParams
 
 
 def fig_icl(run: Run, result: dict[str, Any], params: PhaseParams = PhaseParams()):
+    """The ICL score the detector read (`icl_key`: icl_score_mixture where logged) with the jump."""
     fig, ax = plt.subplots(figsize=(7, 3.5), dpi=100)
-    t, icl = positive(run.tokens, run.series(N.ICL_SCORE))
-    ax.plot(t, icl, ".", ms=3, color="tab:green", label="ICL score")
-    sm = smooth(run.tokens, run.series(N.ICL_SCORE), params)
+    key = result.get("icl_key", N.ICL_SCORE)
+    t, icl = positive(run.tokens, run.series(key))
+    ax.plot(t, icl, ".", ms=3, color="tab:green", label=key)
+    sm = smooth(run.tokens, run.series(key), params)
     if sm is not None:
-        ax.plot(_grid_tokens(sm), sm.value, "-", color="tab:green", lw=1.2)
+        ax.plot(_grid_tokens(sm), sm.value, "-", color="tab:green", lw=1.2, label="smoothed")
     win = result.get("icl_jump", {})
     shade(ax, win if win.get("detected") else None, label="ICL jump")
     _burn_in(ax, result)
     late, early = _last(run, N.ICL_LATE), _last(run, N.ICL_EARLY)
-    ax.set_ylabel(f"ICL score: loss[{late}] - loss[{early}]" if late is not None else "ICL score (nats)")
+    ax.set_ylabel(f"{key}: loss[{late}] - loss[{early}]" if late is not None else f"{key} (nats)")
     ax.set_xlabel("tokens")
     ax.set_xscale("log")
-    ax.axhline(0, color="0.7", lw=0.5)
-    state = (f"jump of {win['size']:.2f} nats, {win['start_tokens']:,.0f}-{win['end_tokens']:,.0f} tokens"
-             if win.get("detected") else f"no jump ({win.get('reason', '')})")
+    ax.axhline(0, color="0.7", lw=0.5, label="0: the context does not help")
+    state = (f"jump of {win['size']:.2f} nats, {_span(win)} tokens" if win.get("detected")
+             else f"no jump ({win.get('reason', '')})")
     ax.set_title(f"{run.label}: in-context learning score - {state}", fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
@@ -115,18 +142,15 @@ def fig_heads(run: Run, result: dict[str, Any]):
     induction = set(result.get("induction_heads", []))
     names = run.head_names(metrics[0])
     n_layers = 1 + max(N.parse_head_name(n)[0] for n in names)
-    cmap = plt.get_cmap("tab10")
     for ax, metric in zip(axes[:, 0], metrics):
         for name, series in run.head_series(metric).items():
             layer, head = N.parse_head_name(name)
             t, y = positive(run.tokens, series)
             hot = name in induction
             ax.plot(t, y, ["-", "--", ":", "-."][layer % 4], lw=2.2 if hot else 0.9, alpha=1.0 if hot else 0.6,
-                    color=cmap(head % 10),
+                    color=COLORS[head % len(COLORS)],
                     label=f"{name}{' (induction)' if hot else ''}" if hot or n_layers * 4 <= 16 else None)
-        win = result.get("window")
-        if win:
-            shade(ax, win, label="phase change")
+        mark_window(ax, result)
         ax.set_ylabel(metric.replace("_", " "))
         ax.set_xscale("log")
         ax.legend(fontsize=6, ncol=2)
@@ -167,16 +191,17 @@ def fig_per_position(run: Run, result: dict[str, Any]):
         a.set_ylabel("token index")
         a.set_title(title, fontsize=9)
         fig.colorbar(im, ax=a)
-        win = result.get("window")
+        win = result.get("window") or result.get("unfinished_window")
         if win:
             for x in (win["start_tokens"], win["end_tokens"]):
                 a.axvline(x, color="white" if cmap == "viridis" else "black", lw=1, ls="--")
-    fig.suptitle(run.label, fontsize=9)
+    fig.suptitle(f"{run.label}" + (f"; dashed: the phase-change window, {_span(result['window'])} tokens"
+                                   if result.get("window") else ""), fontsize=9)
     fig.tight_layout()
     return fig
 
 
-def fig_labels(run: Run):
+def fig_labels(run: Run, result: dict[str, Any] | None = None):
     """is_behavioral / is_mechanistic per head over time (only when those keys exist)."""
     beh, mech = run.head_series(N.IS_BEHAVIORAL), run.head_series(N.IS_MECHANISTIC)
     names = sorted(set(beh) | set(mech), key=N.parse_head_name)
@@ -200,11 +225,20 @@ def fig_labels(run: Run):
     ax.set_yticklabels(names, fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("tokens")
+    from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    ax.legend(handles=[Patch(color=c, label=l) for c, l in zip(cmap.colors, ["neither", "behavioral only",
-                                                                          "mechanistic only", "both"])],
-              fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.35), frameon=False)
+    handles = [Patch(color=c, label=l) for c, l in zip(cmap.colors, ["neither", "behavioral only",
+                                                                     "mechanistic only", "both"])]
+    win = (result or {}).get("window") or (result or {}).get("unfinished_window")
+    if win:
+        for x in (win["start_tokens"], win["end_tokens"]):
+            ax.axvline(x, color="black", lw=1.2, ls="--")
+        handles.append(Line2D([], [], color="black", lw=1.2, ls="--",
+                              label=("phase-change window " if result.get("window") else "still rising from ")
+                              + _span(win)))
+    ax.legend(handles=handles, fontsize=7, ncol=len(handles), loc="upper center", bbox_to_anchor=(0.5, -0.35),
+              frameon=False)
     ax.set_title(f"{run.label}: induction-head labels per head", fontsize=9)
     fig.tight_layout()
     return fig
@@ -223,15 +257,14 @@ def max_prefix(run: Run) -> np.ndarray:
 
 STAGE_COLORS = {"local_max": "tab:red", "local_min": "tab:blue", "plateau_start": "0.35", "plateau_end": "0.35"}
 STAGE_STYLES = {"local_max": "-", "local_min": "-", "plateau_start": ":", "plateau_end": "--"}
-PREVIOUS_TOKEN_COLOR = "tab:purple"
 
 
 def fig_stages(run: Run, result: dict[str, Any], stages: dict[str, Any], params: PhaseParams = PhaseParams(),
                stage_params=None):
     """Developmental stages on one log-token axis (analysis/stages.py): the LLC (error bars =
     its std where logged), held-out loss, ICL score, max prefix matching over layers >= 1 and
-    max layer-0 previous-token score, stacked; previous-token window (purple) and induction
-    window (orange) shaded, LLC stage boundaries as vertical lines on every panel. Without LLC
+    max layer-0 previous-token score, stacked; previous-token window (purple) and the run's
+    phase-change window (orange; hatched while still rising at the end) shaded, LLC stage boundaries as vertical lines on every panel. Without LLC
     the other panels are drawn and the title says so."""
     from analysis import stages as S
 
@@ -244,11 +277,12 @@ def fig_stages(run: Run, result: dict[str, Any], stages: dict[str, Any], params:
     if has_llc:
         _llc_panel(axes["llc"], run, stage_params or S.StageParams(), params)
     for name, y, color, ylabel in (("loss", run.series(N.LOSS_HELDOUT), "tab:blue", "held-out loss"),
-                                   ("icl", run.series(N.ICL_SCORE), "tab:green", "ICL score"),
-                                   ("prefix", max_prefix(run), WINDOW_COLOR, "max prefix matching\n(layers >= 1)"),
+                                   ("icl", run.series(result.get("icl_key", N.ICL_SCORE)), "tab:green",
+                                    result.get("icl_key", N.ICL_SCORE).replace("_", " ")),
+                                   ("prefix", max_prefix(run), "tab:red", "max prefix matching\n(layers >= 1)"),
                                    ("previous", pt_series, PREVIOUS_TOKEN_COLOR, "max previous-token\n(layer 0)")):
         _series_panel(axes[name], run.tokens, y, color, ylabel, params)
-    _stage_marks(list(axes.values()), stages)
+    _stage_marks(list(axes.values()), stages, result)
     top = axes[panels[0]]
     if top.get_legend_handles_labels()[0]:
         top.legend(fontsize=6, ncol=2, loc="best")
@@ -291,20 +325,17 @@ def _llc_panel(ax, run: Run, stage_params, params: PhaseParams):
     ax.set_ylabel("LLC", fontsize=8)
 
 
-def _stage_marks(axes: list, stages: dict[str, Any]) -> None:
-    """On every panel: the previous-token rise and the induction window shaded, the LLC stage
-    boundaries as vertical lines, a log token axis; labels on the first panel only."""
+def _stage_marks(axes: list, stages: dict[str, Any], result: dict[str, Any]) -> None:
+    """On every panel: the previous-token rise and the run's phase-change window shaded (the one
+    window of the report), the LLC stage boundaries as vertical lines, a log token axis; labels
+    on the first panel only."""
     pt_win = stages.get("previous_token") or {}
-    induction = stages.get("induction") or {}
-    ind_win = induction.get("prefix_matching") or induction.get("phase_change")
-    ind_label = (f"induction: prefix-matching rise ({induction['prefix_matching_head']})"
-                 if induction.get("prefix_matching") else "induction: phase-change window")
     seen = set()
     for i, ax in enumerate(axes):
         first = i == 0
         shade(ax, pt_win if pt_win.get("detected") else None, label="previous-token rise (layer 0)" if first else None,
               color=PREVIOUS_TOKEN_COLOR)
-        shade(ax, ind_win, label=ind_label if first else None)
+        mark_window(ax, result, label=first)
         for b in stages.get("llc", {}).get("boundaries", []):
             kind = b["kind"]
             label = f"LLC {kind.replace('_', ' ')}" if first and kind not in seen else None

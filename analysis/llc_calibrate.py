@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from train.core import edge
+
 
 def _defaults() -> dict:
     from train.core.callbacks import LLCEstimate
@@ -64,6 +66,7 @@ def _n_beta(text: str) -> float | None:
     return None if text.lower() in ("default", "none", "null") else float(text)
 
 
+@edge.command
 def main(argv: list[str] | None = None) -> int:
     d = _defaults()
     parser = argparse.ArgumentParser(prog="python -m analysis.llc_calibrate", description=__doc__.split("\n\n")[0])

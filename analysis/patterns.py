@@ -7,7 +7,10 @@ starts, the one nearest the steepest point, and the first one after the window e
 the run's first prefix-matching probe (BOS + a random segment repeated) and the held-out sequence
 with the most repeated tokens. Drawn as static figures, and as an interactive view (hover a
 token: every head's attention from it, at each checkpoint) that is plain HTML and JavaScript, so
-it works offline inside the self-contained report.
+it works offline inside the self-contained report. Text runs show their tokens as text (the
+run's own tokenizer, Run.tokenizer_dir), other runs as ids. Colours run from 0 to the head's
+largest weight off the BOS column (`scale`), so a head that parks most of its attention on BOS
+still shows where the rest goes; the static figures carry a colour bar per head.
 
 Partner of an induction head at layer l: the head of an earlier layer that maximises
 previous_token(partner) x max(k_composition(head, partner), 0) at the last checkpoint (Olsson et
@@ -23,6 +26,7 @@ from typing import Any
 import numpy as np
 
 from train.core import names as N
+from train.core.phase import fmt_tokens
 from train.core.runs import Checkpoint, Run
 
 MOMENTS = ("before", "during", "after")
@@ -74,10 +78,36 @@ def probe_inputs(run: Run):
     return probes.repeated[0], held[int(repeats.argmax())]
 
 
+VISIBLE = {"\n": "\u23ce", "\t": "\u21e5", " ": "\u00b7"}  # newline, tab, space as visible marks
+
+
+def token_labels(run: Run, ids: list[int]) -> list[str] | None:
+    """Text runs: each token id as its text (BOS, the end-of-document id as <eod>, newlines, tabs
+    and spaces as visible marks); None for runs without a tokenizer."""
+    if run.tokenizer_dir is None:
+        return None
+    from train.core.text import TextTokenizer
+
+    tok = TextTokenizer.load(run.tokenizer_dir)
+    out = []
+    for t in ids:
+        text = "BOS" if t == 0 else "<eod>" if t == tok.eod else tok.decode([t])
+        out.append("".join(VISIBLE.get(c, c) for c in text) if t and t != tok.eod else text)
+    return out
+
+
+def head_scales(patterns: dict[str, dict[str, list]], heads: list[str]) -> dict[str, float]:
+    """Per head: the largest attention weight off the BOS column (key 0) over the moments, at
+    least 0.05: the top of its colour scale."""
+    return {h: max(0.05, max(float(np.max(np.array(patterns[m][h])[:, 1:], initial=0.0)) for m in patterns))
+            for h in heads}
+
+
 def collect(run: Run, result: dict[str, Any]) -> dict[str, Any] | None:
     """Patterns of the induction heads and partners at before/during/after, on both inputs:
     {"heads": [...], "moments": {moment: tokens}, "inputs": {name: {"tokens": [...],
-    "patterns": {moment: {head: [[...]]}}}}}; None without a window, heads or saved weights."""
+    "patterns": {moment: {head: [[...]]}}, "labels": [...] or None, "scale": {head: top}}},
+    "moment_labels": {moment: "1.25M"}}; None without a window, heads or saved weights."""
     import torch
 
     from train.core.metrics import attention_patterns
@@ -95,54 +125,64 @@ def collect(run: Run, result: dict[str, Any]) -> dict[str, Any] | None:
                 heads.append(name)
     probe, heldout = probe_inputs(run)
     out = {"heads": heads, "partners": {h: partner(run.rows[-1], h) for h in result["induction_heads"]},
-           "moments": {}, "inputs": {"probe": {"tokens": probe.tolist(), "patterns": {}},
-                                     "held-out": {"tokens": heldout.tolist(), "patterns": {}}}}
+           "moments": {}, "moment_labels": {},
+           "inputs": {name: {"tokens": seq.tolist(), "patterns": {}, "labels": token_labels(run, seq.tolist())}
+                      for name, seq in (("probe", probe), ("held-out", heldout))}}
     for moment, checkpoint in checkpoints.items():
         model, _ = run.load_model(checkpoint)
         out["moments"][moment] = checkpoint.tokens
+        out["moment_labels"][moment] = fmt_tokens(checkpoint.tokens)
         for name, seq in (("probe", probe), ("held-out", heldout)):
             with torch.no_grad():
                 pats = attention_patterns(model, seq[None])[:, 0]  # [n_layers, n_heads, q, k]
             out["inputs"][name]["patterns"][moment] = {
                 h: np.round(pats[N.parse_head_name(h)].numpy(), 3).tolist() for h in heads}
+    for data in out["inputs"].values():
+        data["scale"] = head_scales(data["patterns"], heads)
     return out
 
 
 def figure(data: dict[str, Any], input_name: str):
-    """Static figure: one row per head, one column per moment, A[query, key] as an image."""
+    """Static figure: one row per head, one column per moment, A[query, key] as an image, the
+    colours from 0 to the head's scale (BOS column clipped), a colour bar per head."""
     from analysis.plots import plt
 
     moments = [m for m in MOMENTS if m in data["moments"]]
     heads = data["heads"]
-    fig, axes = plt.subplots(len(heads), len(moments), figsize=(3.2 * len(moments), 3.0 * len(heads)),
+    inp = data["inputs"][input_name]
+    fig, axes = plt.subplots(len(heads), len(moments), figsize=(3.2 * len(moments) + 0.8, 3.0 * len(heads)),
                              squeeze=False, constrained_layout=True)
     for i, head in enumerate(heads):
         for j, moment in enumerate(moments):
             ax = axes[i, j]
-            ax.imshow(np.array(data["inputs"][input_name]["patterns"][moment][head]), cmap="viridis", vmin=0, vmax=1)
+            im = ax.imshow(np.array(inp["patterns"][moment][head]), cmap="viridis", vmin=0, vmax=inp["scale"][head])
             role = "induction" if head in data["partners"] else "previous-token"
-            ax.set_title(f"{head} ({role}), {moment}\n{data['moments'][moment]:,} tokens", fontsize=9)
+            ax.set_title(f"{head} ({role}), {moment}\n{fmt_tokens(data['moments'][moment])} tokens", fontsize=9)
             ax.set_xlabel("key position", fontsize=8)
             ax.set_ylabel("query position", fontsize=8)
             ax.tick_params(labelsize=7)
+        bar = fig.colorbar(im, ax=axes[i, :].tolist(), shrink=0.85)
+        bar.set_label(f"attention (BOS column clipped at {inp['scale'][head]:.2f})", fontsize=7)
+        bar.ax.tick_params(labelsize=7)
     fig.suptitle(f"attention patterns on the {input_name} sequence", fontsize=11)
     return fig
 
 
 VIEW_JS = """
 (function(){const d=DATA,root=document.getElementById(ROOT);
-function token(t){return t===0?'BOS':String(t);}
 function render(input){const box=root.querySelector('.pv-body');box.innerHTML='';
- const seq=d.inputs[input].tokens,rows=[];
+ const inp=d.inputs[input],seq=inp.tokens,rows=[];
+ const token=(t,i)=>inp.labels?inp.labels[i]:(t===0?'BOS':String(t));
  for(const m of Object.keys(d.moments))for(const h of d.heads)rows.push([m,h]);
  const spans=[];
  for(const [m,h] of rows){const line=document.createElement('div');line.className='pv-row';
-  const lab=document.createElement('span');lab.className='pv-lab';lab.textContent=h+' '+m+' ('+d.moments[m].toLocaleString()+' tok)';
+  const lab=document.createElement('span');lab.className='pv-lab';lab.textContent=h+' '+m+' '+d.moment_labels[m];
+  lab.title=h+', '+m+' the window, '+d.moments[m].toLocaleString()+' tokens; full colour at '+inp.scale[h];
   line.appendChild(lab);const own=[];
-  seq.forEach((t,i)=>{const s=document.createElement('span');s.className='pv-tok';s.textContent=token(t);
+  seq.forEach((t,i)=>{const s=document.createElement('span');s.className='pv-tok';s.textContent=token(t,i);
    s.dataset.i=i;line.appendChild(s);own.push(s);});spans.push([m,h,own]);box.appendChild(line);}
- function show(q){for(const [m,h,own] of spans){const a=d.inputs[input].patterns[m][h][q];
-  own.forEach((s,k)=>{const w=k<=q?a[k]:0;s.style.background='rgba(220,80,0,'+w.toFixed(3)+')';
+ function show(q){for(const [m,h,own] of spans){const a=inp.patterns[m][h][q],top=inp.scale[h];
+  own.forEach((s,k)=>{const w=k<=q?a[k]:0;s.style.background='rgba(220,80,0,'+Math.min(w/top,1).toFixed(3)+')';
    s.style.outline=k===q?'2px solid #06c':'none';s.title='attention '+w.toFixed(3);});}}
  box.querySelectorAll('.pv-tok').forEach(s=>s.addEventListener('mouseenter',()=>show(+s.dataset.i)));
  show(seq.length-1);}
@@ -150,8 +190,11 @@ root.querySelectorAll('input[type=radio]').forEach(r=>r.addEventListener('change
 render('probe');})();
 """
 
-VIEW_CSS = """.pv-row{white-space:nowrap;font:11px monospace;margin:1px 0}.pv-lab{display:inline-block;width:16em}
-.pv-tok{display:inline-block;min-width:1.9em;text-align:center;border-right:1px solid #eee;cursor:default}
+VIEW_CSS = """.pv-row{white-space:nowrap;font:11px monospace;margin:1px 0}
+.pv-lab{position:sticky;left:0;z-index:1;background:#fff;display:inline-block;width:13em;overflow:hidden;
+text-overflow:ellipsis;vertical-align:bottom;border-right:1px solid #999;margin-right:3px}
+.pv-tok{display:inline-block;min-width:1.2em;padding:0 1px;text-align:center;border-right:1px solid #eee;cursor:default;
+white-space:pre}
 .pv{overflow-x:auto;border:1px solid #ddd;padding:.4em;margin:.5em 0}"""
 
 
@@ -161,8 +204,11 @@ def interactive_view(data: dict[str, Any], element_id: str) -> str:
     payload = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")
     js = VIEW_JS.replace("DATA", payload).replace("ROOT", json.dumps(element_id))
     eid = html.escape(element_id)
-    return (f"<style>{VIEW_CSS}</style><div class='pv' id='{eid}'><p>Hover a token: the highlighted row "
-            f"shows each head's attention from that token (query) to earlier tokens (keys). Input: "
+    return (f"<style>{VIEW_CSS}</style><div class='pv' id='{eid}'><p>Hover a token: each row shows that "
+            f"head's attention from the hovered token (query, outlined) to earlier tokens (keys), at a "
+            f"checkpoint before, during and after the window. Orange: attention weight, full colour at the "
+            f"head's largest weight off the BOS column (BOS itself often takes more: hover a token for its "
+            f"exact weight). Input: "
             f"<label><input type='radio' name='{eid}' value='probe' checked> probe</label> "
             f"<label><input type='radio' name='{eid}' value='held-out'> held-out sequence</label></p>"
             f"<div class='pv-body'></div></div><script>{js}</script>")

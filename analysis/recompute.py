@@ -14,7 +14,10 @@ ones such as `llc` in with_llc.yaml) for callbacks added since, so new metrics c
 for old runs. Without --callbacks, all of the current defaults (default.yaml) run; a named
 callback brings the callbacks whose results it needs. Prints one line per head with
 the first checkpoint at which it was labelled behavioral / mechanistic (when the induction
-classification ran), and where the rows went.
+classification ran), one progress line per checkpoint (stderr), and a summary that counts, per
+callback, the checkpoints it ran at (`llc` runs at every 10th) and where the rows went. The rows
+are written when all are computed, under a temporary name (--out must be a new file or one of
+this project's rows, or --force: train/core/outputs.py).
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from hydra.utils import get_class
 from omegaconf import OmegaConf
 
 from train.core import names as N
-from train.core import rundir
+from train.core import edge, outputs, rundir
 from train.core.callbacks import RunContext, evaluate_checkpoint, instantiate_callbacks, prepare_callbacks, with_providers
 from train.core.config import ConfigError
 from train.core.runs import RunError, open_run
@@ -73,10 +76,17 @@ def callback_configs(cfg, names: list[str] | None, prefer_defaults: bool = False
 
 
 def recompute(run_dir: Path, names: list[str] | None = None, out: Path | None = None,
-              device: str = "cpu", prefer_defaults: bool = False) -> tuple[list[dict[str, Any]], Path]:
+              device: str = "cpu", prefer_defaults: bool = False, force: bool = False,
+              log=lambda message: None, ran: dict[str, int] | None = None) -> tuple[list[dict[str, Any]], Path]:
+    """Evaluate the callbacks at every checkpoint with weights (module docstring). Returns the
+    rows and where they went; `ran` (when given) gets, per callback, the number of checkpoints it
+    ran at (its `every`). Everything is checked before the first checkpoint is evaluated; `log`
+    hears of each one."""
     from train.core.device import select_device
 
     run = open_run(run_dir)
+    out = Path(out) if out is not None else run.path / rundir.RECOMPUTED_FILE
+    outputs.check_output_file(out, force, what=f"--out {out}")
     try:
         device = select_device(device)
     except (ValueError, RuntimeError) as e:  # a device that is not there, or no device name
@@ -92,15 +102,21 @@ def recompute(run_dir: Path, names: list[str] | None = None, out: Path | None = 
     callbacks = prepare_callbacks(instantiate_callbacks(configs), ctx)
     schedule = run_schedule(cfg, [r[N.STEP] for r in run.rows if N.EVENT not in r and N.STEP in r])
     all_steps = [c.step for c in run.checkpoints()]
-    rows = []
-    for c in with_weights:
+    rows, ran = [], ran if ran is not None else {}
+    ran.update(dict.fromkeys((cb.name for cb in callbacks), 0))
+    for i, c in enumerate(with_weights):
+        t0 = time.perf_counter()
         run.load_weights(model, c)
         model.eval()
         # Checkpoint cadence as in training: the step's index in the run's schedule.
         ctx.step, ctx.tokens = c.step, int(c.tokens)
         ctx.checkpoint_index = schedule.index(c.step) if c.step in schedule else all_steps.index(c.step)
+        due = [cb.name for cb in callbacks if cb.due(ctx)]
+        for name in due:
+            ran[name] += 1
         rows.append({N.STEP: ctx.step, N.TOKENS: ctx.tokens} | evaluate_checkpoint(callbacks, ctx))
-    out = Path(out) if out is not None else run.path / rundir.RECOMPUTED_FILE
+        log(f"step {c.step} ({i + 1}/{len(with_weights)}): {', '.join(due) or 'nothing due'} "
+            f"({time.perf_counter() - t0:.1f} s)")
     rundir.write_text_atomic(out, "".join(rundir.format_row(r) for r in rows))
     return rows, out
 
@@ -116,20 +132,24 @@ def first_labelled(rows: list[dict[str, Any]], label: str) -> dict[str, int]:
     return first
 
 
+@edge.command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.recompute", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--callbacks", nargs="+", metavar="NAME", help="callback names (default: all current defaults)")
     parser.add_argument("--out", type=Path, help="output file (default: RUN_DIR/recomputed.jsonl)")
+    parser.add_argument("--force", action="store_true", help="replace an --out file that holds no rows of this project's")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--use-defaults", action="store_true",
                         help="take callback settings from conf/callbacks/ even where the run saved its own")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     try:
-        rows, out = recompute(args.run_dir, args.callbacks, args.out, args.device, args.use_defaults)
+        ran: dict[str, int] = {}
+        rows, out = recompute(args.run_dir, args.callbacks, args.out, args.device, args.use_defaults, args.force,
+                              log=lambda m: print(m, file=sys.stderr), ran=ran)
     except (RecomputeError, RunError, ConfigError, rundir.CheckpointError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     behavioral, mechanistic = first_labelled(rows, N.IS_BEHAVIORAL), first_labelled(rows, N.IS_MECHANISTIC)
     for head in sorted(set(behavioral) | set(mechanistic), key=N.parse_head_name):
@@ -141,7 +161,11 @@ def main(argv: list[str] | None = None) -> int:
         counts = ", ".join(f"{part} {last.get(N.part_key(N.INDUCTION_HEADS, part))}"
                            for part in (N.BEHAVIORAL, N.MECHANISTIC, N.BOTH, N.DISAGREEING))
         print(f"last checkpoint ({last[N.TOKENS]:,} tokens): {counts}")
-    print(f"recomputed {len(rows)} checkpoints in {time.perf_counter() - t0:.1f} s -> {out}")
+    done = "; ".join(f"{name} at {n} of {len(rows)}" for name, n in ran.items())
+    print(f"recomputed {len(rows)} checkpoints in {time.perf_counter() - t0:.1f} s ({done}) -> {out}")
+    if not any(ran.values()):
+        print("error: no callback was due at any checkpoint with weights (see each callback's `every`)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -8,8 +8,11 @@
 SOURCE is a hub model name (revisions: names, START:STOP:STEP ranges of steps written `step{N}`, or
 `pythia`: steps 0, 1, 2, 4, ..., 512, then every 1000 to 143000) or a local directory of
 checkpoint directories loadable by `AutoModelForCausalLM.from_pretrained` (`python -m
-analysis.export RUN --all`). Steps: an export's induction_tracker.json, else the digits ending a
-revision or directory name; tokens = step x --tokens-per-step (Pythia's for Pythia) unless recorded.
+analysis.export RUN --all`); analysis/series_source.py finds and reads them. Steps: an export's
+induction_tracker.json, else the digits ending a revision or directory name; tokens = step x
+--tokens-per-step (Pythia's for Pythia) unless recorded. A checkpoint or tokenizer that names code
+of its own to run (`auto_map`) is refused unless --trust-remote-code (the project's exports load
+with the project's classes).
 
 Each checkpoint is loaded by `transformers` (eager attention; --dtype fp32 or bf16; --device auto:
 cuda, mps, cpu) and scored by the training run's `train.core.callbacks.evaluate_checkpoint`, with
@@ -27,176 +30,38 @@ held-out sequences): probe tokens from its mid-frequency tokens, special ids lef
 set: ids 10%..50% of the vocabulary, and no held-out scores).
 
 Rows go to RUN_DIR/metrics.jsonl in a training run's format (train/core/rundir.py), so `python -m
-analysis RUN_DIR` reads them unchanged; steps already there are skipped (resume). A checkpoint that
-fails (a missing revision, no attention weights, a vocabulary mismatch) is recorded as a row
-{"event": "checkpoint_failed", "step", "revision", "message"} and the series goes on. Hub
+analysis RUN_DIR` reads them unchanged; steps already there are skipped (resume). RUN_DIR is new,
+empty or a series (train/core/outputs.py; --force for another directory), and the options, the
+checkpoints' code, the probe file and the text set are checked before anything is written there.
+A checkpoint that fails (a missing revision, no attention weights, a vocabulary mismatch) is
+recorded as a row {"event": "checkpoint_failed", "step", "revision", "message"} and the series
+goes on; when every checkpoint failed, status.json says `failed` and the command exits 2. Hub
 revisions are removed from the download cache after use unless --keep-cache.
 """
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from train.core import edge, outputs, rundir
 from train.core import names as N
 from train.core import probes as P
-from train.core import rundir
 from train.core.adapter import adapt
 from train.core.callbacks import RunContext, evaluate_checkpoint, instantiate_callbacks, prepare_callbacks
 from train.core.config import ConfigError
 from train.core.config import ProbeConfig as _Probes
 from train.core.device import select_device
 from train.core.probes import ProbeFileError
+from analysis.series_source import (PYTHIA_TOKENS_PER_STEP, Checkpoint, HubUnreachable, RemoteCode, SeriesError,
+                                    check_remote_code, fetch, free_revision, load_model, load_tokenizer, read_text,
+                                    series_checkpoints)
 
-PYTHIA_STEPS = [0, *(2 ** i for i in range(10)), *range(1000, 143001, 1000)]
-PYTHIA_TOKENS_PER_STEP = 2_097_152
 FAILED = "checkpoint_failed"  # the event of a row that records a checkpoint the series could not score
 SERIES_FILE = "series.json"  # what the series was made from
-
-
-class SeriesError(ValueError):
-    """A problem with a checkpoint or the series' input: one line, no traceback."""
-
-
-@dataclass
-class Checkpoint:
-    name: str  # revision or directory name
-    step: int
-    tokens: int | None = None  # when the checkpoint records them
-    path: Path | None = None  # a local checkpoint directory
-    revision: str | None = None  # a hub revision
-
-
-# -- which checkpoints ---------------------------------------------------------------------------
-def step_of(name: str) -> int | None:
-    """The digits ending a revision or directory name ("step1000", "step_0001000"), or None."""
-    m = re.search(r"(\d+)$", name)
-    return int(m.group(1)) if m else None
-
-
-def hub_revisions(spec: list[str]) -> list[str]:
-    """Revision names: `pythia` (the named schedule), START:STOP:STEP ranges of steps, or names."""
-    out: list[str] = []
-    for item in spec:
-        if item == "pythia":
-            out += [f"step{s}" for s in PYTHIA_STEPS]
-        elif re.fullmatch(r"\d+:\d+(:\d+)?", item):
-            start, stop, *step = (int(x) for x in item.split(":"))
-            out += [f"step{s}" for s in range(start, stop + 1, step[0] if step else 1)]
-        else:
-            out.append(item)
-    return list(dict.fromkeys(out))
-
-
-def local_series(root: Path) -> list[Checkpoint]:
-    """The checkpoint directories under `root` (those with a config.json), by step; `root` itself
-    when it is one."""
-    import json
-
-    from analysis.export import INFO_FILE
-
-    dirs = [root] if (root / "config.json").is_file() else sorted(d for d in root.iterdir() if (d / "config.json").is_file())
-    found = []
-    for d in dirs:
-        info = json.loads((d / INFO_FILE).read_text()) if (d / INFO_FILE).is_file() else {}
-        step = info.get("step", step_of(d.name))
-        if step is None:
-            raise SeriesError(f"cannot tell the step of {d} (no {INFO_FILE}, no digits ending its name)")
-        found.append(Checkpoint(d.name, int(step), info.get("tokens"), path=d))
-    if not found:
-        raise SeriesError(f"{root} holds no checkpoint directories (directories with a config.json)")
-    return sorted(found, key=lambda c: c.step)
-
-
-# -- loading -------------------------------------------------------------------------------------
-def fetch(repo: str, revision: str) -> Path:
-    """Download one hub revision's model and tokenizer files; the local snapshot directory."""
-    from huggingface_hub import snapshot_download
-    from huggingface_hub import errors as E
-
-    try:
-        return Path(snapshot_download(repo, revision=revision, allow_patterns=[
-            "*.json", "*.safetensors", "*.txt", "*.model", "*.py", "*.tiktoken"]))
-    except E.RevisionNotFoundError:
-        raise SeriesError(f"{repo} has no revision {revision!r}") from None
-    except (E.OfflineModeIsEnabled, E.LocalEntryNotFoundError) as e:
-        raise HubUnreachable(f"cannot reach the Hugging Face hub for {repo}@{revision} and it is not "
-                             f"in the cache ({type(e).__name__})") from None
-    except E.RepositoryNotFoundError:
-        raise HubUnreachable(f"no model {repo!r} on the Hugging Face hub (or it is private)") from None
-    except OSError as e:  # connection errors
-        raise HubUnreachable(f"cannot reach the Hugging Face hub for {repo}@{revision}: {e}") from None
-
-
-class HubUnreachable(SeriesError):
-    """Offline or no such model: no checkpoint of the series can be loaded."""
-
-
-def free_revision(snapshot: Path) -> None:
-    """Remove one downloaded revision from the Hugging Face cache (blobs other revisions share stay)."""
-    from huggingface_hub import scan_cache_dir
-
-    try:
-        scan_cache_dir(snapshot.parents[2]).delete_revisions(snapshot.name).execute()
-    except Exception as e:  # noqa: BLE001 - a cache we cannot clean only costs disk
-        print(f"note: could not free {snapshot} from the cache ({e})", file=sys.stderr)
-
-
-def load_model(path: Path, dtype: str, device: str, trust_remote_code: bool):
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    from train.core.hf_model import register_project_model
-
-    register_project_model()  # the project's exports load with its own classes
-    hf_logging.disable_progress_bar()
-    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, attn_implementation="eager",
-                                                     trust_remote_code=trust_remote_code)
-    except ValueError as e:
-        raise SeriesError(f"cannot load {path}: {str(e).splitlines()[0]}") from None
-    return model.to(device).eval()
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
-
-
-def load_tokenizer(path: Path):
-    """The checkpoint's tokenizer, or None when it has none."""
-    from transformers import AutoTokenizer
-
-    if not any((Path(path) / f).is_file() for f in TOKENIZER_FILES):
-        return None
-    try:
-        return AutoTokenizer.from_pretrained(path)
-    except Exception:  # noqa: BLE001 - no tokenizer: token ids must then be given
-        return None
-
-
-# -- text ----------------------------------------------------------------------------------------
-def read_text(source: str, split: str) -> list[str]:
-    """Documents of a .txt file (one), a `datasets` directory or a hub data set (`text` column)."""
-    path = Path(source).expanduser()
-    if path.is_file():
-        return [path.read_text(encoding="utf-8")]
-    import datasets
-
-    try:
-        ds = datasets.load_from_disk(str(path)) if path.is_dir() else datasets.load_dataset(source, split=split)
-    except Exception as e:  # noqa: BLE001 - missing, offline or malformed data: one line
-        raise SeriesError(f"cannot read the text set {source!r}: {str(e).splitlines()[0] if str(e) else e}") from None
-    if isinstance(ds, datasets.DatasetDict):
-        ds = ds[split]
-    if "text" not in ds.column_names:
-        raise SeriesError(f"the text set {source!r} has no 'text' column (columns: {ds.column_names})")
-    return list(ds["text"])
 
 
 # -- probes and callbacks ----------------------------------------------------------------------
@@ -221,16 +86,19 @@ class Options:
     trust_remote_code: bool = False
 
 
-def series_probes(path: Path, tokenizer, model, opts: Options) -> tuple[P.Probes, dict[str, int]]:
-    """The probes and the probe file's settings (see the module docstring for which probes)."""
+def series_probes(path: Path, tokenizer, model, opts: Options,
+                  documents: list[str] | None = None) -> tuple[P.Probes, dict[str, int]]:
+    """The probes and the probe file's settings (see the module docstring for which probes);
+    `documents`: the text set, read already."""
     given = opts.probes or (path if (path / P.PROBES_FILE).is_file() else None)
     if given is not None:
         return P.probes_from_file(given)
     if tokenizer is None:
         raise SeriesError("the checkpoint has no tokenizer; give probe token ids with --probes")
     n_ctx = min(opts.n_ctx, model.n_ctx)
-    data = P.TokenWindows.from_text(read_text(opts.text, opts.text_split) if opts.text else None, tokenizer, n_ctx,
-                                    opts.n_text)
+    if documents is None and opts.text:
+        documents = read_text(opts.text, opts.text_split)
+    data = P.TokenWindows.from_text(documents, tokenizer, n_ctx, opts.n_text)
     return P.build_probes(data, n_ctx, opts.n_probes, opts.period, opts.repeats, opts.n_copy_tokens, opts.n_text,
                           opts.seed), {}
 
@@ -260,25 +128,29 @@ def check_ids(probes: P.Probes, vocab: int) -> None:
 # -- the series ----------------------------------------------------------------------------------
 class Scorer:
     """Scores the checkpoints of one series on the same probes with the same callbacks (set up at
-    the first checkpoint), writing each one's row, or a failure row, to `metrics`."""
+    the first checkpoint), writing each one's row, or a failure row, to `metrics`; `documents`:
+    the text set, read already."""
 
-    def __init__(self, source: str, opts: Options, metrics: rundir.MetricsFile, log):
-        self.source, self.opts, self.metrics, self.log = source, opts, metrics, log
+    def __init__(self, source: str, opts: Options, metrics: rundir.MetricsFile, log,
+                 documents: list[str] | None = None):
+        self.source, self.opts, self.metrics, self.log, self.documents = source, opts, metrics, log, documents
         self.device = select_device(opts.device)
         self.ctx, self.callbacks, self.d_vocab = None, None, None
+        self.failures: list[str] = []  # one line per checkpoint that could not be scored
 
     def score(self, path: Path, step: int, tokens: int, index: int) -> dict[str, Any]:
         """The row of the checkpoint at `path`, the `index`-th of the series."""
+        check_remote_code(path, self.opts.trust_remote_code)
         hf = load_model(path, self.opts.dtype, self.device, self.opts.trust_remote_code)
         if self.ctx is None or self.d_vocab is None:
-            tokenizer = load_tokenizer(path)
+            tokenizer = load_tokenizer(path, self.opts.trust_remote_code)
             if tokenizer is not None:  # the token ids scored: the tokenizer's
                 if len(tokenizer) > hf.config.vocab_size:
                     raise SeriesError(f"the tokenizer has {len(tokenizer)} tokens but the model's vocabulary "
                                       f"only {hf.config.vocab_size}")
                 self.d_vocab = len(tokenizer)
             if self.ctx is None:
-                probes, settings = series_probes(path, tokenizer, adapt(hf), self.opts)
+                probes, settings = series_probes(path, tokenizer, adapt(hf), self.opts, self.documents)
                 self.configs = series_callbacks(self.opts.callbacks, settings)
                 self.ctx = RunContext(None, probes.to(self.device))
         check_ids(self.ctx.probes, hf.config.vocab_size)
@@ -294,12 +166,13 @@ class Scorer:
         try:
             path = ck.path or (snapshot := fetch(self.source, ck.revision))
             row = self.score(path, ck.step, tokens, index)
-        except (HubUnreachable, ConfigError):
+        except (HubUnreachable, RemoteCode, ConfigError):
             raise
         except Exception as e:  # noqa: BLE001 - any bad checkpoint is recorded and passed
             message = " ".join(str(e).split()) or type(e).__name__
             self.log(f"error: {ck.name}: {message} (recorded; going on)")
             self.metrics.write({N.EVENT: FAILED, N.STEP: ck.step, "revision": ck.name, "message": message})
+            self.failures.append(f"{ck.name}: {message}")
             return None
         finally:
             if snapshot is not None and not self.opts.keep_cache:
@@ -314,29 +187,44 @@ class Scorer:
         return row
 
 
-def series_checkpoints(source: str, opts: Options) -> list[Checkpoint]:
-    local = Path(source).expanduser()
-    if local.exists():
-        if not local.is_dir():
-            raise SeriesError(f"{source} is not a directory of checkpoints")
-        return local_series(local)
-    if not opts.revisions:
-        raise SeriesError(f"{source} is not a local directory; give the hub revisions with --revisions")
-    revisions = hub_revisions(opts.revisions)
-    for rev in revisions:
-        if step_of(rev) is None:
-            raise SeriesError(f"cannot tell the step of revision {rev!r} (no digits at its end)")
-    return [Checkpoint(rev, step_of(rev), revision=rev) for rev in revisions]
+def check_options(opts: Options) -> None:
+    """The numbers and the device of the options, before anything is written (SeriesError)."""
+    for name, least in (("n_text", 1), ("n_ctx", 8), ("n_probes", 1), ("period", 2), ("repeats", 2),
+                        ("n_copy_tokens", 1), ("tokens_per_step", 1)):
+        value = getattr(opts, name)
+        if value is not None and value < least:
+            raise SeriesError(f"--{name.replace('_', '-')} must be at least {least}, got {value}")
+    try:
+        select_device(opts.device)
+    except (ValueError, RuntimeError) as e:
+        raise SeriesError(f"--device {opts.device}: {e}") from None
 
 
-def run_series(source: str, out: Path, opts: Options, log=print) -> list[dict[str, Any]]:
-    """Score every checkpoint of `source` not yet in out/metrics.jsonl; returns the new rows."""
-    if (out / rundir.CONFIG_FILE).exists() or (out / rundir.CHECKPOINTS).exists():
-        raise SeriesError(f"{out} holds a training run; write the series to a directory of its own")
-    checkpoints = series_checkpoints(source, opts)
+SERIES_FILES = (rundir.METRICS_FILE, rundir.STATUS_FILE, SERIES_FILE)
+
+
+def run_series(source: str, out: Path, opts: Options, log=print, force: bool = False) -> list[dict[str, Any]]:
+    """Score every checkpoint of `source` not yet in out/metrics.jsonl; returns the new rows.
+    Everything is checked before anything is written: the options, the checkpoints (their code:
+    `check_remote_code`), the probe file and the text set, and `out` (train/core/outputs.py: new,
+    empty or a series, or `force`). SeriesError when checkpoints failed and none was scored."""
+    check_options(opts)
+    outputs.check_output_dir(out, "series", force)
+    links = [out / name for name in SERIES_FILES if (out / name).is_symlink()]
+    if links:
+        raise SeriesError(f"{links[0]} is a symbolic link; a series' files are its own")
+    checkpoints = series_checkpoints(source, opts.revisions)
+    for ck in checkpoints:
+        if ck.path is not None:
+            check_remote_code(ck.path, opts.trust_remote_code)
+    if opts.probes is not None:
+        if Path(opts.probes).exists() and not (Path(opts.probes).is_dir() or Path(opts.probes).is_file()):
+            raise SeriesError(f"--probes {opts.probes} is neither a regular file nor a directory; refusing to read it")
+        P.probes_from_file(opts.probes)
+    documents = read_text(opts.text, opts.text_split) if opts.text and opts.probes is None else None
     per_step = opts.tokens_per_step or (PYTHIA_TOKENS_PER_STEP if "pythia" in source.lower() else None)
-    out.mkdir(parents=True, exist_ok=True)
-    rundir.check_writable(out)
+    outputs.claim(out, "series", force)
+    outputs.check_writable(out)
     done: set[int] = set()
     if (out / rundir.METRICS_FILE).is_file():
         done = {r[N.STEP] for r in rundir.read_metrics(out) if N.EVENT not in r and N.STEP in r}
@@ -346,7 +234,7 @@ def run_series(source: str, out: Path, opts: Options, log=print) -> list[dict[st
                                                  "tokens_per_step": per_step, "options": options})
     rows = []
     metrics = rundir.MetricsFile(out)
-    scorer = Scorer(source, opts, metrics, log)
+    scorer = Scorer(source, opts, metrics, log, documents)
     try:
         for index, ck in enumerate(checkpoints):  # the index in the whole series: the callbacks' cadence
             if ck.step not in done:
@@ -355,14 +243,25 @@ def run_series(source: str, out: Path, opts: Options, log=print) -> list[dict[st
                 rows += [row] if row is not None else []
     finally:
         metrics.close()
-    rundir.write_status(out, rundir.FINISHED, max([c.step for c in checkpoints], default=0), None)
+    last = max([c.step for c in checkpoints], default=0)
+    if scorer.failures and not rows:
+        rundir.write_status(out, rundir.FAILED, last, None, error=scorer.failures[0])
+        raise SeriesError(f"no checkpoint was scored: {len(scorer.failures)} failed (first: {scorer.failures[0]}); "
+                          f"each is recorded in {out / rundir.METRICS_FILE}")
+    rundir.write_status(out, rundir.FINISHED, last, None)
+    log(f"scored {len(rows)} of {len(checkpoints)} checkpoints ({len(scorer.failures)} failed, "
+        f"{sum(c.step in done for c in checkpoints)} already there)")
     return rows
 
 
+@edge.command
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m analysis.series", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", help="hub model name, or a local directory of checkpoint directories")
-    parser.add_argument("--out", type=Path, required=True, help="run directory for metrics.jsonl")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="run directory for metrics.jsonl: new, empty or an earlier series (continued)")
+    parser.add_argument("--force", action="store_true",
+                        help="write into an existing --out of other files (files of the same names are replaced)")
     parser.add_argument("--revisions", nargs="+", metavar="REV", help="hub revisions: names, START:STOP:STEP, or pythia")
     parser.add_argument("--tokens-per-step", type=int, help="tokens per step (default: Pythia's for Pythia models)")
     parser.add_argument("--probes", type=Path, help="probe token ids: a probes.safetensors (analysis.export), or its directory")
@@ -378,14 +277,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--keep-cache", action="store_true", help="keep downloaded revisions in the cache")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow models whose code is in their repository")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="run code that a checkpoint or its tokenizer names (auto_map); refused without it")
     args = vars(parser.parse_args(argv))
-    source, out = args.pop("source"), args.pop("out")
+    source, out, force = args.pop("source"), args.pop("out"), args.pop("force")
     t0 = time.perf_counter()
     try:
         rows = run_series(source, out, Options(**args), log=lambda m: print(m, file=sys.stderr if m.startswith(
-            ("error:", "note:")) else sys.stdout))
-    except (SeriesError, ProbeFileError, ConfigError, rundir.CheckpointError, OSError) as e:
+            ("error:", "note:")) else sys.stdout), force=force)
+    except (SeriesError, ProbeFileError, ConfigError, rundir.CheckpointError, outputs.OutputError) as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     seconds = time.perf_counter() - t0

@@ -92,7 +92,8 @@ from typing import Any
 import numpy as np
 
 from train.core import names as N
-from train.core.phase import PhaseParams, Smooth, Window, detect_jump, rounded, smooth
+from train.core.phase import PhaseParams, Smooth, Window, detect_jump, fmt_tokens, rounded, smooth
+from train.core.settings import check
 
 
 class AnalysisError(ValueError):
@@ -271,10 +272,6 @@ def _main_prefix_rise(phase_result: dict[str, Any]) -> tuple[str, dict[str, Any]
     return max(rising, key=lambda kw: kw[1]["size"]) if rising else None
 
 
-def _fmt(v: float) -> str:
-    return f"{v / 1e6:.2f}M" if abs(v) >= 1e5 else f"{v:,.0f}"
-
-
 def _order(pt: dict[str, Any], ref: dict[str, Any] | None, ref_key: str | None, ref_name: str) -> dict[str, Any]:
     res: dict[str, Any] = {"previous_token_before_induction": None, "reference": ref_key if ref else None,
                            "steepest_gap_tokens": None, "start_gap_tokens": None, "steepest_gap_ln_tokens": None,
@@ -283,7 +280,7 @@ def _order(pt: dict[str, Any], ref: dict[str, Any] | None, ref_key: str | None, 
         res["message"] = f"no previous-token rise in layer 0 ({pt.get('reason', '')})"
         return res
     if ref is None:
-        res["message"] = (f"previous-token rise steepest at {_fmt(pt['steepest_tokens'])} tokens; "
+        res["message"] = (f"previous-token rise steepest at {fmt_tokens(pt['steepest_tokens'])} tokens; "
                           "no prefix-matching rise or phase change to compare with")
         return res
     gap = ref["steepest_tokens"] - pt["steepest_tokens"]
@@ -294,18 +291,18 @@ def _order(pt: dict[str, Any], ref: dict[str, Any] | None, ref_key: str | None, 
                 "steepest_gap_tokens": rounded(float(gap)),
                 "start_gap_tokens": rounded(float(start_gap)),
                 "steepest_gap_ln_tokens": rounded(math.log(ref["steepest_tokens"] / pt["steepest_tokens"]))})
-    where = f"{ref_name} steepest {_fmt(ref['steepest_tokens'])}"
-    steep = f"steepest at {_fmt(pt['steepest_tokens'])} tokens"
+    where = f"{ref_name} steepest {fmt_tokens(ref['steepest_tokens'])}"
+    steep = f"steepest at {fmt_tokens(pt['steepest_tokens'])} tokens"
     if before:
-        res["message"] = (f"previous-token heads form first: {steep}, {_fmt(gap)} tokens before the {where}"
+        res["message"] = (f"previous-token heads form first: {steep}, {fmt_tokens(gap)} tokens before the {where}"
                           + (" (the windows overlap)" if overlapping else ""))
     elif overlapping:
         res["message"] = (f"previous-token heads form together with the induction rise: {steep} "
-                          f"({_fmt(abs(gap))} tokens {'before' if gap > 0 else 'after'} the {where}), starting "
-                          f"{_fmt(abs(start_gap))} tokens {'before' if start_gap >= 0 else 'after'} it")
+                          f"({fmt_tokens(abs(gap))} tokens {'before' if gap > 0 else 'after'} the {where}), starting "
+                          f"{fmt_tokens(abs(start_gap))} tokens {'before' if start_gap >= 0 else 'after'} it")
     else:
         res["message"] = (f"previous-token heads form after the induction rise: {steep}, "
-                          f"{_fmt(-gap)} tokens after the {where}")
+                          f"{fmt_tokens(-gap)} tokens after the {where}")
     return res
 
 
@@ -379,8 +376,8 @@ def detect_stages(run, phase_result: dict[str, Any], params: StageParams = Stage
 
 
 def detection_params(pairs: list[str]) -> tuple[PhaseParams, StageParams]:
-    """--set KEY=VALUE pairs: keys of PhaseParams (train/core/phase.py) or StageParams
-    (analysis/stages.py); int fields take ints, the others floats."""
+    """--set KEY=VALUE pairs: keys of PhaseParams (train/core/phase.py) or StageParams (analysis/stages.py);
+    int fields take ints > 0, the others floats >= 0 (bandwidths > 0; `*_frac`, `burn_in_*` <= 1)."""
     phase_fields = {f.name: type(f.default) for f in fields(PhaseParams)}
     stage_fields = {f.name: type(f.default) for f in fields(StageParams)}
     known = phase_fields | stage_fields
@@ -391,7 +388,9 @@ def detection_params(pairs: list[str]) -> tuple[PhaseParams, StageParams]:
             raise AnalysisError(f"--set {pair!r}: expected KEY=VALUE with KEY one of {', '.join(known)}")
         try:
             number = int(value) if known[key] is int else float(value)
-        except ValueError:
-            raise AnalysisError(f"--set {pair!r}: {value!r} is not a number") from None
+            fraction = key.endswith("_frac") or key.startswith("burn_in_")  # shares of a range or a drop
+            check(key, number, 0, 1 if fraction else None, above=key.endswith("bandwidth") or known[key] is int)
+        except ValueError as e:
+            raise AnalysisError(f"--set {pair!r}: {e if 'must be' in str(e) else f'{value!r} is not a number'}") from None
         (phase_values if key in phase_fields else stage_values)[key] = number
     return PhaseParams(**phase_values), StageParams(**stage_values)

@@ -42,3 +42,19 @@ def one_layer_run(tmp_path_factory):
     from tests.presets import SHORT_RUN
 
     return train_run(tmp_path_factory.mktemp("run1L"), SHORT_RUN + ["model.n_layers=1"])
+
+
+@pytest.fixture(scope="module")
+def made_run(tmp_path_factory):
+    """A finished run made by hand (tests/victims.py hand_run: three checkpoints, no training)."""
+    from tests.victims import hand_run
+
+    return hand_run(tmp_path_factory.mktemp("made") / "run")
+
+
+@pytest.fixture
+def a_run(made_run, tmp_path):
+    """A copy of `made_run` of the test's own, to damage or to write into."""
+    import shutil
+
+    return shutil.copytree(made_run, tmp_path / "run", symlinks=True)

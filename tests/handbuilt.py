@@ -87,3 +87,13 @@ def induction_circuit(d_vocab: int = 24, n_ctx: int = 64, n_heads: int = 2, scal
     set_previous_token_head(model, 0, 0, scale)
     set_induction_head(model, 1, 0, scale)
     return model.eval()
+
+
+def repeated_probes(d_vocab: int, period: int, repeats: int, n: int = 16, seed: int = 5):
+    """Probes for these models: BOS (0) + `period` distinct tokens of 1..d_vocab-1 tiled `repeats`
+    times, the same tokens as the probe token set (no held-out text)."""
+    from train.core.probes import Probes, repeated_random_tokens
+
+    allowed = torch.arange(1, d_vocab)
+    repeated = repeated_random_tokens(n, period, repeats, allowed, torch.Generator().manual_seed(seed))
+    return Probes(repeated, period, repeats, allowed.clone(), None, allowed)

@@ -51,3 +51,8 @@ SHORT_RUN = [*CPU, "train.total_tokens=2500000", "checkpoint.n_log=30", "checkpo
 
 # The smoke preset logging to an offline wandb run (80000 tokens): what the wandb files hold.
 WANDB_OFFLINE = ["experiment=smoke", "device=cpu", "logger=wandb", "logger.mode=offline", "train.total_tokens=80000"]
+
+# The smoke preset's size with the definitions preset (the out-of-distribution suite, 8 reserved
+# tokens): 13 checkpoints, OOD rows at two of them.
+DEFINITIONS_SMOKE = ["experiment=definitions", *CPU, "train.total_tokens=200000", "checkpoint.n_log=10",
+                     "checkpoint.n_linear=5", "probes.n_heldout=64"]

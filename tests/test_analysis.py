@@ -246,20 +246,20 @@ def synthetic_run(run_dir: Path, n_layers: int, seed: int, center: float | None)
 
 def test_by_config_groups_synthetic_runs(tmp_path, capsys):
     """analysis.by_config on three synthetic runs: grouped by model.n_layers, the 2-layer runs have their
-    phase changes near where they were made (1.2M and 2.0M tokens, median between), the 1-layer run none."""
+    phase changes near where they were made (1.2M and 1.8M tokens, median between), the 1-layer run none."""
     from analysis.by_config import main as by_config
 
     sweep = tmp_path / "sweep"
     synthetic_run(sweep / "a", 2, 0, 1.2e6)
-    synthetic_run(sweep / "b", 2, 1, 2.0e6)
+    synthetic_run(sweep / "b", 2, 1, 1.8e6)
     synthetic_run(sweep / "c", 1, 0, None)
     assert by_config([str(sweep), "--key", "model.n_layers"]) == 0
     rows = [r.split("|")[1:-1] for r in (sweep / "by_config" / "by_config.md").read_text().splitlines()[2:]]
     assert [c.strip() for c in rows[0][:4]] == ["1", "0/1", "none", "none"]
     assert rows[1][0].strip() == "2" and rows[1][1].strip() == "2/2"
     steepest = [float(v.strip().rstrip("M")) * 1e6 for v in rows[1][2].split(",")]
-    assert abs(math.log(steepest[0] / 1.2e6)) < 0.15 and abs(math.log(steepest[1] / 2.0e6)) < 0.15
-    assert 1.2e6 < float(rows[1][3].strip().rstrip("M")) * 1e6 < 2.0e6
+    assert abs(math.log(steepest[0] / 1.2e6)) < 0.15 and abs(math.log(steepest[1] / 1.8e6)) < 0.15
+    assert 1.2e6 < float(rows[1][3].strip().rstrip("M")) * 1e6 < 1.8e6
     assert (sweep / "by_config" / "by_config.png").stat().st_size > 10_000
     capsys.readouterr()
 

@@ -15,11 +15,11 @@ from train.core import names as N
 from train.core.callbacks import (AttentionScores, CircuitScores, CopyingScores, HeadAblations,
                              InductionClassification, ProbeRobustness, RunContext, evaluate_checkpoint,
                              prepare_callbacks)
-from train.core.checkpoint import load_model
 from train.core.config import ConfigError
-from train.core.probes import Probes, probes_from_config, repeated_random_tokens
+from train.core.probes import Probes, repeated_random_tokens
 from train.core.model import AttnOnlyTransformer
 from train.core.rundir import list_checkpoints, read_metrics
+from train.core.runs import Run
 
 # -- a hand-built 2-layer model ---------------------------------------------------------------
 # Residual stream (d_model 64): token one-hots in dims 0..15 (vocab 16, BOS = 0), position
@@ -327,12 +327,8 @@ def test_ablations_in_row_chunks_give_the_scores_of_one_batch(monkeypatch):
 
 # -- real short trainings ---------------------------------------------------------------------
 def _final_model_and_probes(run_dir):
-    model, meta = load_model(list_checkpoints(run_dir)[-1])
-    from hydra.utils import instantiate
-    from omegaconf import OmegaConf
-
-    cfg = OmegaConf.create(meta["config"])
-    return model, probes_from_config(instantiate(cfg.data), cfg.data.n_ctx, cfg.probes)
+    run = Run(run_dir)
+    return run.load_model()[0], run.probes()
 
 
 @pytest.mark.slow

@@ -18,7 +18,8 @@ from tests.presets import SIX_STEPS_ANY_DEVICE
 from train.core.callbacks import Callback, InductionClassification
 from train.core.config import (DATA_OPTIONS, Config, LoggerConfig, ModelConfig, ProbeConfig, RepeatsDataConfig,
                                 TextDataConfig, TokensDataConfig)
-from train.core.data import RepeatsLanguage, build_repeats, build_text, build_tokens
+from train.core.language import RepeatsLanguage
+from train.core.data import build_repeats, build_text, build_tokens
 from train.core.probes import build_probes
 from train.loggers import WandbLogger
 from train.core.model import AttnOnlyTransformer

@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from train.core.data import BOS, RepeatsLanguage, build_tokens, token_file
+from train.core.language import BOS, RepeatsLanguage
+from train.core.tokens import token_file
+from train.core.data import build_tokens
 from train.core.probes import build_probes, probe_tokens
 
 
@@ -31,7 +33,7 @@ def test_batches_made_in_blocks_equal_one_batch_at_a_time():
     """Training batches come from blocks of steps with one chain walk: each equals the batch of
     its step sampled alone, across block boundaries, in any order, and a caller's change to a
     batch does not reach the next call."""
-    from train.core.data import BATCH_BLOCK, generator
+    from train.core.language import BATCH_BLOCK, generator
 
     lang = RepeatsLanguage(seed=3)
     for step in (0, 1, BATCH_BLOCK - 1, BATCH_BLOCK, 5 * BATCH_BLOCK + 7, 2):

@@ -118,3 +118,28 @@ def test_the_checker_sees_lazy_imports_and_private_names(tmp_path, monkeypatch):
             test_no_module_uses_another_modules_private_names(planted)
     finally:
         planted.unlink()
+
+
+def test_no_two_modules_import_each_other_in_a_loop():
+    """The modules' imports (lazy ones included) form no cycle: each layer reads top to bottom."""
+    modules = {module_of(p): p for p in SOURCES}
+    graph = {name: sorted({m for m, _, _ in imports(path) if m in modules and m != name})
+             for name, path in modules.items()}
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+
+    def visit(name: str, path: list[str]) -> list[str] | None:
+        state[name] = 1
+        for nxt in graph[name]:
+            if state.get(nxt) == 1:
+                return path[path.index(nxt):] + [nxt] if nxt in path else [name, nxt]
+            if nxt not in state:
+                found = visit(nxt, path + [nxt])
+                if found:
+                    return found
+        state[name] = 2
+        return None
+
+    for name in graph:
+        if name not in state:
+            cycle = visit(name, [name])
+            assert cycle is None, " -> ".join(cycle)

@@ -5,7 +5,7 @@ import math
 
 import numpy as np
 
-from train.core.phase import detect_run
+from train.core.phase import detect_run, fmt_tokens
 from train.core.runs import Run
 from tests.helpers import checkpoint_tokens, sigmoid
 from tests.wandb_files import read_offline_records, read_offline_summary
@@ -44,18 +44,19 @@ class Recorder(NullLogger):
 
 def test_announced_once_after_the_window_with_the_analysis_window():
     said, logger, data = [], Recorder(), rows(jump=True)
-    live = LiveDetection(5, logger, said.append)
+    live = LiveDetection(3, logger, said.append)
     found = [i for i, row in enumerate(data) if live.update(row) is not None]
     assert len(found) == 1 and len(said) == 1
     i = found[0]
-    assert (i + 1) % 5 == 0  # only every 5th checkpoint runs the detector
+    assert (i + 1) % 3 == 0  # only every 3rd checkpoint runs the detector
     assert data[i][N.TOKENS] > CENTER  # found once the jump has happened, not before
     assert data[i][N.TOKENS] < 4_000_000 * 0.9  # ... and well before the end of training
     expected = detect_run(Run(None, data[: i + 1]))  # the analysis on the same rows
     summary, alert = logger.calls[0]
     assert summary["phase_change/start_tokens"] == expected["window"]["start_tokens"]
     assert summary["phase_change/detected_at_tokens"] == data[i][N.TOKENS]
-    assert alert == said[0] and f"{data[i][N.TOKENS]:,} tokens" in alert
+    assert alert == said[0] and f"provisional, on the checkpoints up to {fmt_tokens(data[i][N.TOKENS])} tokens" in alert
+    assert summary["phase_change/provisional"] is True and summary["phase_change/verdict"] == "yes"
     final = live.finish()
     assert final["phase_change"] and abs(math.log(final["window"]["steepest_tokens"] / CENTER)) < 0.2
     assert logger.calls[-1][1] is None and logger.calls[-1][0]["phase_change/induction_heads"] == "L1H0"

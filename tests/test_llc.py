@@ -11,7 +11,7 @@ import torch
 
 from train.core import names as N
 from train.core.callbacks import LLCEstimate, RunContext, evaluate_checkpoint, prepare_callbacks
-from train.core.data import RepeatsLanguage
+from train.core.language import RepeatsLanguage
 from train.core.probes import Probes, repeated_random_tokens
 from train.core.llc import default_n_beta, estimate_llc
 from train.core.model import AttnOnlyTransformer

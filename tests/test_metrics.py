@@ -3,7 +3,7 @@ import torch
 
 from tests.handbuilt import blank_model, induction_circuit, set_previous_offset_head, set_previous_token_head
 from train.core import metrics as M
-from train.core.data import BOS
+from train.core.language import BOS
 from train.core.probes import repeated_random_tokens
 
 

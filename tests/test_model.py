@@ -165,7 +165,7 @@ def test_rotary_needs_an_even_head_size():
 def test_training_steps_are_bit_identical_on_cpu():
     """Same seed, same data: the same weights after training, with the default thread count
     (the embedding's backward must not accumulate in a thread-dependent order)."""
-    from train.core.data import RepeatsLanguage
+    from train.core.language import RepeatsLanguage
 
     def train_a_few_steps():
         torch.manual_seed(0)

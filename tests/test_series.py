@@ -20,6 +20,7 @@ from train.core.phase import PhaseParams
 from analysis.report import analyze_run
 from train.core.runs import load_run
 from analysis import series as S
+from analysis.series_source import hub_revisions
 from analysis import export as E
 from train.core import names as N
 from train.core import probes as P
@@ -326,18 +327,21 @@ def test_series_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert "--revisions" in one_line_error(capsys.readouterr().err)
     (tmp_path / "run" / rundir.CHECKPOINTS).mkdir(parents=True)
     assert S.main([str(tmp_path), "--out", str(tmp_path / "run")]) == 2
-    assert "holds a training run" in one_line_error(capsys.readouterr().err)
-    # A probe token outside the model's vocabulary: the checkpoint is recorded as failed.
+    assert "is a run directory" in one_line_error(capsys.readouterr().err)
+    # A probe token outside the model's vocabulary: the checkpoint is recorded as failed, and as
+    # no checkpoint was scored, the series failed (exit 2, status.json `failed`).
     tiny_family("gpt2", 0).save_pretrained(tmp_path / "m" / "step5")
     P.write_probe_file(tmp_path / P.PROBES_FILE, {"repeated": torch.full((2, 9), 70), "copy_tokens": torch.arange(3),
                                                   "heldout": tokens(64, 2, 16)}, {})
-    assert S.main([str(tmp_path / "m"), "--probes", str(tmp_path), "--out", str(tmp_path / "o2")]) == 0
-    assert "outside the model's vocabulary" in capsys.readouterr().err
+    assert S.main([str(tmp_path / "m"), "--probes", str(tmp_path), "--out", str(tmp_path / "o2")]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("error: no checkpoint was scored: 1 failed (first: step5: probe token id 70 is outside")
     assert read_metrics(tmp_path / "o2")[0][N.EVENT] == S.FAILED
+    assert rundir.read_status(tmp_path / "o2")["state"] == rundir.FAILED
 
 
 def test_pythia_schedule_and_revision_ranges():
-    revs = S.hub_revisions(["pythia"])
+    revs = hub_revisions(["pythia"])
     assert len(revs) == 154 and revs[:4] == ["step0", "step1", "step2", "step4"] and revs[-1] == "step143000"
     assert "step512" in revs and "step1000" in revs and "step1024" not in revs
-    assert S.hub_revisions(["1000:3000:1000", "step42"]) == ["step1000", "step2000", "step3000", "step42"]
+    assert hub_revisions(["1000:3000:1000", "step42"]) == ["step1000", "step2000", "step3000", "step42"]

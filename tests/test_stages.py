@@ -222,7 +222,7 @@ def test_cli_writes_stages_and_figure(tmp_path, capsys):
     figs = {p.parent.name for p in out.rglob("stages.png")}
     assert figs == {"with_llc", "without_llc"}
     html = (out / "report.html").read_text()
-    assert "previous-token heads before induction" in html and "LLC plateau starts" in html
+    assert "Previous-token heads before induction" in html and "LLC plateau starts" in html
     assert "LLC not logged" in html
 
 

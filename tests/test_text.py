@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from tests.helpers import cli, compose_config, one_line_error
-from train.core import rundir, text
+from train.core import rundir, text, token_cache
 from train.cli import run
-from train.core.data import BOS, Repetition, TextCorpus, build_text, build_tokens
+from train.core.language import BOS
+from train.core.tokens import TextCorpus
+from train.core.data import Repetition, build_text, build_tokens
 from train.core.rundir import read_metrics
 
 VOCAB = 300
@@ -68,7 +70,7 @@ def test_bpe_shards_decode_back_to_the_corpus_and_are_reused(corpus, cache, monk
 
 @pytest.mark.slow
 def test_shards_split_at_the_size_limit_and_windows_cover_every_shard(corpus, tmp_path, monkeypatch):
-    monkeypatch.setattr(text, "SHARD_TOKENS", 4096)
+    monkeypatch.setattr(token_cache, "SHARD_TOKENS", 4096)
     data = _corpus_data(corpus, tmp_path)
     sizes = [len(s) for s in data.train_streams]
     assert len(sizes) > 3 and all(n == 4096 for n in sizes[:-1])

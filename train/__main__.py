@@ -15,7 +15,13 @@ On resume Hydra does not rewrite the run's `.hydra/` record of how it was starte
 Under torchrun (WORLD_SIZE > 1, train/distributed.py) every rank runs this command line. Rank 0
 is the run; the other ranks give Hydra the system's temporary directory as run directory, with
 no `.hydra/` record and no log file, so they create and write no directory; a sweep (-m) is
-refused there."""
+refused there.
+
+Before any of this, `train/usage.py` answers `--help` with the tool's own help and refuses, with
+one line and exit 2, overrides that do not compose (unknown group options and keys, missing
+groups, wrong types); the run's console lines also go to its Hydra log (train/console_log.py).
+Anything the command does not report itself ends as one line and exit 1 (4 for the file system),
+the traceback behind `--debug` (train/core/edge.py)."""
 from __future__ import annotations
 
 from train.signals import STOP
@@ -31,6 +37,7 @@ from hydra.core.hydra_config import HydraConfig  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
 from train import distributed  # noqa: E402
+from train.core import edge  # noqa: E402
 from train.core.config import register_configs  # noqa: E402
 from train.core.rundir import CONFIG_FILE  # noqa: E402
 from train.startup import RESUME_AUTO  # noqa: E402
@@ -82,13 +89,24 @@ def precheck(argv: list[str], env=None) -> list[str]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from train.cli import run
+    from hydra.errors import HydraException
 
-    run(cfg, Path(HydraConfig.get().runtime.output_dir), set_threads=True)
+    from train.cli import fail, run
+    from train.console_log import console_to_log
+
+    try:
+        with console_to_log():  # the run's lines also go to its Hydra log, RUN_DIR/__main__.log
+            run(cfg, Path(HydraConfig.get().runtime.output_dir), set_threads=True)
+    except HydraException:  # a sweep job's failure, reported already (train/cli.py fail)
+        raise
+    except Exception as e:  # noqa: BLE001 - the edge (train/core/edge.py): what run did not report
+        fail(*edge.message(e))
 
 
 if __name__ == "__main__":
-    if distributed.env_world_size() > 1:  # torchrun forwards the signals its ranks got already
-        distributed.merge_repeated_signals()
-    sys.argv[1:] = precheck(sys.argv[1:])
+    from train import usage
+
+    argv = edge.take_debug_flag(sys.argv[1:])
+    usage.handle(argv, main_rank=distributed.env_rank() == 0)  # --help; overrides that do not compose
+    sys.argv[1:] = precheck(argv)
     main()

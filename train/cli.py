@@ -6,8 +6,8 @@ trained, nothing overwritten and no directory left behind; 3 a numerical fault (
 or gradient, divergence) stopped training; 4 the file system failed (disk full, quota,
 permissions: the message names the path); 128 + N stopped by signal N (SIGTERM 143, SIGINT 130)
 after writing a checkpoint. After 3, 4 and 128 + N the last good checkpoint is kept and
-status.json names its step. Hydra's own composition errors (misspelled key, wrong type) exit 1
-with Hydra's message.
+status.json names its step. Overrides that do not compose (misspelled key or option, wrong type)
+are refused with exit 2 before Hydra starts (train/usage.py).
 
 Start-up runs once (train/startup.py): the Hydra callback `RunDirCheck` prepares before Hydra
 writes into the run directory and hands the result to the job (`run`), which prepares itself only
@@ -28,7 +28,7 @@ from omegaconf import DictConfig, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from train import distributed, startup
-from train.core import rundir
+from train.core import outputs, rundir
 from train.core.config import ConfigError
 from train.ranks import PeerFailed, Ranks, refuse
 from train.startup import Start, user_error
@@ -124,9 +124,9 @@ class RunDirCheck(Callback):
             hydra_dir = run_dir = Path(str(config.hydra.run.dir)).expanduser().absolute()
             start = startup.prepare(task, run_dir, distributed.env_world_size())
             run_dir = start.run_dir
-            rundir.acquire_lock(run_dir)
+            outputs.acquire_lock(run_dir)
             if not start.resuming:  # another process may have started a run here since the check
-                rundir.check_new_run_dir(run_dir)
+                outputs.check_new_run_dir(run_dir)
             startup.keep(hydra_dir, start)
         except (ValueError, OSError, OmegaConfBaseException) as e:
             if run_dir is not None:
@@ -136,11 +136,11 @@ class RunDirCheck(Callback):
 
 
 def _discard_stub(run_dir: Path) -> None:
-    """Remove what a run that failed before training wrote (rundir.remove_stub: never a run, nor a
-    directory another process holds). A sweep job keeps its own subdirectory: its Hydra log holds
+    """Remove what a start of this process that failed before training wrote (outputs.remove_stub:
+    never a run, nor a directory this process did not lock or another process holds now). A sweep job keeps its own subdirectory: its Hydra log holds
     the one-line reason that the end-of-sweep summary (train/sweep.py) reports."""
     if not _multirun():
-        rundir.remove_stub(run_dir)
+        outputs.remove_stub(run_dir)
 
 
 def _fail(ranks: Ranks, message: str, code: int, quiet: bool) -> None:
@@ -155,7 +155,7 @@ def _fail(ranks: Ranks, message: str, code: int, quiet: bool) -> None:
 
 def run(cfg: DictConfig, run_dir: Path, set_threads: bool = False) -> dict:
     """Start or resume a run; exits (SystemExit) with the codes in the module docstring. A new
-    run that fails before training removes what its start wrote (rundir.remove_stub). Under a
+    run that fails before training removes what its start wrote (outputs.remove_stub). Under a
     launcher of several processes (WORLD_SIZE > 1) this process joins the group first and
     leaves it at the end (train/ranks.py). `set_threads` (the command line): set torch's threads
     from the config (train/threads.py) before the trainer is built."""
@@ -180,6 +180,8 @@ def run(cfg: DictConfig, run_dir: Path, set_threads: bool = False) -> dict:
 
 
 def _run(cfg: DictConfig, run_dir: Path, ranks: Ranks, set_threads: bool = False) -> dict:
+    from train.loop import Trainer
+
     start = _configure(cfg, run_dir, ranks)
     threads = _threads(start, set_threads)
     if _multirun() and start.cfg.device == "auto":  # one GPU per job where there are several
@@ -188,9 +190,10 @@ def _run(cfg: DictConfig, run_dir: Path, ranks: Ranks, set_threads: bool = False
         start.cfg.device = job_device(start.cfg.device, _job_num(), cuda_count())
     trainer = None
     try:
-        with rundir.lock(start.run_dir) if ranks.main else contextlib.nullcontext():
-            trainer, checkpoint = ranks.start(lambda: startup.begin(start, ranks.world),
-                                              lambda: (startup.build_trainer(start.cfg, start.run_dir, ranks.world), None))
+        with outputs.lock(start.run_dir) if ranks.main else contextlib.nullcontext():
+            trainer, checkpoint = ranks.start(lambda: startup.begin(Trainer, start, ranks.world),
+                                              lambda: (startup.build_trainer(Trainer, start.cfg, start.run_dir,
+                                                                             ranks.world), None))
             if ranks.main:
                 print(start_lines(trainer, start.run_dir, threads), flush=True)
             row = trainer.run(checkpoint, start.status)
@@ -226,7 +229,7 @@ def _configure(cfg: DictConfig, run_dir: Path, ranks: Ranks) -> Start:
     """The start (train/ranks.py, 1): on rank 0 the one the Hydra callback kept for this job, or
     prepared now; on the others rank 0's. Exits 2 for bad input."""
     try:
-        return ranks.config(lambda: startup.prepared(cfg, run_dir, ranks.world.size))
+        return ranks.config(lambda: startup.prepared(cfg, run_dir, ranks.world.size, hydra_record=_multirun()))
     except PeerFailed as e:
         raise SystemExit(e.code) from None
     except (ValueError, OSError, OmegaConfBaseException) as e:
@@ -239,6 +242,7 @@ def _stopped(e: BaseException, run_dir: Path, ranks: Ranks, trainer) -> None:
     """Exit with the code of the module docstring for each way a run stops early (rank 0 reports
     it; another rank exits quietly when every rank knows of it); return for anything else, a bug,
     which keeps its traceback."""
+    from train.core.token_cache import BuildStopped
     from train.faults import TrainingError
 
     quiet = distributed.shared(e)
@@ -249,6 +253,10 @@ def _stopped(e: BaseException, run_dir: Path, ranks: Ranks, trainer) -> None:
                      f"the event is recorded in {run_dir / rundir.METRICS_FILE}.", EXIT_FAULT, quiet)
     if isinstance(e, KeyboardInterrupt):
         _fail(ranks, f"stopped by a second signal; resume from the last checkpoint with resume={run_dir}", 130, quiet)
+    if isinstance(e, BuildStopped):  # a stop signal while the token cache was built: nothing trained yet
+        if ranks.main:
+            _discard_stub(run_dir)
+        _fail(ranks, f"{e}; nothing was trained", 128 + e.signum, quiet)
     if isinstance(e, (ConfigError, rundir.CheckpointError, OmegaConfBaseException)):  # bad input
         if ranks.main:
             _discard_stub(run_dir)

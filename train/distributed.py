@@ -17,13 +17,11 @@ import dataclasses
 import datetime
 import os
 import signal
-import time
 from typing import Any
 
 from train.core.config import ConfigError
 
 ENV_KEYS = ("WORLD_SIZE", "RANK", "LOCAL_RANK")
-REPEAT_WINDOW_S = 3.0  # the same stop signal again within this many seconds counts once (`merge_repeated_signals`)
 # How long a rank waits in a collective: the others wait there while rank 0 evaluates a
 # checkpoint, or starts wandb, which may take long.
 TIMEOUT_MIN = 60
@@ -200,30 +198,3 @@ def shared(e: BaseException) -> bool:
 def mark_shared(e: BaseException) -> BaseException:
     e.peers_told = True
     return e
-
-
-# -- signals --------------------------------------------------------------------------------------
-def merge_repeated_signals(window: float = REPEAT_WINDOW_S) -> None:
-    """Make the installed SIGTERM/SIGINT handlers (train/signals.py STOP) take a signal that
-    repeats the first one within `window` seconds as the same signal: under SLURM the job's
-    SIGTERM reaches every rank and torchrun, which forwards it to them again, and Ctrl-C reaches
-    torchrun and its ranks alike; a second signal later still stops at once."""
-    first: dict[str, Any] = {}
-
-    def wrap(handler):
-        def handle(signum, frame):
-            now = time.monotonic()
-            if first and first["signum"] == signum and now - first["at"] < window:
-                return
-            if not first:
-                first.update(signum=signum, at=now)
-            handler(signum, frame)
-        return handle
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        handler = signal.getsignal(sig)
-        if callable(handler):
-            try:
-                signal.signal(sig, wrap(handler))
-            except ValueError:  # not the main thread
-                pass

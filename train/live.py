@@ -1,15 +1,20 @@
 """Live phase-change detection: the detector of `python -m analysis` (train/core/phase.py
-`detect_run`) run during training on the checkpoint rows kept in
-memory, every `every`-th checkpoint and once more at the end of the run.
+`detect_run`) run during training on the checkpoint rows kept in memory, every `every`-th
+checkpoint and once more at the end of the run.
 
-The first time it finds a phase change the run says so (console, and the logger: run summary and
-an alert), with the window in tokens; the final detection on all rows goes to the run summary.
-It reads rows only, on the CPU: metrics.jsonl and training are unchanged."""
+Everything it finds is provisional: the window of rows so far (a resumed run's first check comes
+at its first checkpoint after resuming). The first time it finds a phase change the run says so
+(console, and the logger: run summary and an alert), marked provisional; the detection on all
+rows at the end goes to the run summary, still marked provisional. `python -m analysis` computes
+the run's one final window and writes it over these (analysis/report.py). It reads rows only, on
+the CPU: metrics.jsonl and training are unchanged."""
 from __future__ import annotations
 
 from typing import Any
 
 from train.core import names as N
+from train.core.phase import fmt_tokens, summary_entries
+
 
 def detect(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The analysis result (train/core/phase.py `detect_run`) for checkpoint rows, or None when
@@ -24,15 +29,12 @@ def detect(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def summary(result: dict[str, Any], detected_at: int | None) -> dict[str, Any]:
-    """Run-summary entries of a detection: phase_change/{detected, start_tokens, steepest_tokens,
-    end_tokens, induction_heads, message, detected_at_tokens}."""
-    out: dict[str, Any] = {"detected": bool(result["phase_change"]), "message": result["message"],
-                           "induction_heads": ",".join(result["induction_heads"])}
-    for key, value in (result.get("window") or {}).items():
-        out[key] = value
+    """Run-summary entries of a detection during training (train/core/phase.py `summary_entries`,
+    provisional), and phase_change/detected_at_tokens when it was first found live."""
+    out = summary_entries(result, provisional=True)
     if detected_at is not None:
-        out["detected_at_tokens"] = detected_at
-    return {N.phase_change_key(k): v for k, v in out.items()}
+        out[N.phase_change_key("detected_at_tokens")] = detected_at
+    return out
 
 
 class LiveDetection:
@@ -73,5 +75,6 @@ class LiveDetection:
 
 
 def announcement(result: dict[str, Any], tokens: int) -> str:
-    """The console line of a live detection."""
-    return f"phase change detected at {tokens:,} tokens: {result['message']}"
+    """The console line of a live detection: provisional, on the rows up to `tokens`."""
+    return (f"live detection (provisional, on the checkpoints up to {fmt_tokens(tokens)} tokens; "
+            f"`python -m analysis RUN_DIR` gives the final window): {result['message']}")

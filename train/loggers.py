@@ -113,7 +113,8 @@ def family_series(rows: list[dict[str, Any]]) -> dict[str, dict[str, list[tuple[
 
 class WandbLogger:
     """Weights & Biases: online when logged in, offline otherwise (prints the `wandb sync`
-    command). The x-axis of every metric is tokens seen. What the workspace shows: a first
+    command: `wandb sync RUN_DIR/wandb` uploads every offline segment of the run, one per start
+    or resume, in order). The x-axis of every metric is tokens seen. What the workspace shows: a first
     section "overview" with the key scalars (`overview`); one chart per per-head (or per-pair)
     family, every head a line ("charts/prefix_matching", ...; when the phase change is found, at
     the end, and every `charts_every` checkpoints if that is not 0: building them costs wandb about
@@ -265,5 +266,8 @@ class WandbLogger:
         except Exception as e:  # noqa: BLE001
             _warn(f"wandb: finish failed ({type(e).__name__}: {_one_line(e)})")
         if getattr(self, "mode_used", None) == "offline" and run_dir:
-            print(f"wandb: logged offline; upload with: wandb sync {Path(run_dir).parent}", file=sys.stderr)
+            # RUN_DIR/wandb holds one segment per start or resume (and one of `python -m analysis`):
+            # wandb sync uploads each, in order, into the one run
+            print(f"wandb: logged offline; upload every segment of this run with: wandb sync "
+                  f"{Path(run_dir).parents[1]}", file=sys.stderr)
         self.run = None

@@ -363,9 +363,10 @@ class Trainer:
             self.writer.close()
         with contextlib.suppress(OSError):  # a failed write raised already; every row was flushed
             self.metrics.close()
-        try:  # a failed run reports its last good checkpoint's step
-            self._status(state, time.perf_counter() - self.t0, self._error,
-                         step=self.saver.last_saved if state == rundir.FAILED else None)
+        try:  # a failed run reports its last good checkpoint's step (null: it has none)
+            step = self.saver.last_saved if state == rundir.FAILED else self.step
+            rundir.write_status(self.run_dir, state, step, self.run_id, time.perf_counter() - self.t0,
+                                self.resumed_from, self._error)
         except OSError as e:
             print(f"warning: could not update {self.run_dir / rundir.STATUS_FILE}: {e.strerror or e}",
                   file=sys.stderr)

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 from omegaconf import OmegaConf
 
-from train.core.config import typed_config
+from train.core.saved_config import typed_config
 from train.distributed import SINGLE, World, agree_stop, broadcast, finish, mark_shared, shared, start, world_from_env
 from train.startup import Start
 

@@ -20,7 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from train import distributed
-from train.core import rundir
+from train.core import limits, outputs, rundir
 from train.core.config import ConfigError, validate
 from train.core.saved_config import differences, load_saved_config
 from train.sweep import requeued_job
@@ -72,9 +72,11 @@ def resumed_config(cfg: DictConfig, run_dir: Path, same_command: bool = False) -
         raise ConfigError(f"resume: a resumed run keeps the config it started with ({path}); "
                           f"drop {' '.join(foreign)} (only {', '.join(RESUME_OVERRIDABLE)} may change)")
     try:
-        saved = OmegaConf.to_container(OmegaConf.load(path))
+        text = limits.read_text(path)
+        limits.check_yaml(text, str(path))
+        saved = OmegaConf.to_container(OmegaConf.create(text))
     except Exception as e:  # noqa: BLE001 - a damaged config.yaml is a bad run directory
-        raise ConfigError(f"resume: cannot read {path}: {e}") from None
+        raise ConfigError(f"resume: cannot read {path}: {' '.join(str(e).split())}") from None
     merged = load_saved_config(saved, f"resume: {path}")
     if same_command:
         changed = differences(merged, cfg, ignore=RESUME_OVERRIDABLE)
@@ -89,10 +91,29 @@ def resumed_config(cfg: DictConfig, run_dir: Path, same_command: bool = False) -
     return merged
 
 
-def prepare(cfg: DictConfig, run_dir: Path, n_ranks: int = 1) -> Start:
+def check_corpus(cfg: DictConfig, run_dir: Path) -> None:
+    """A resumed text run trains on the token cache entry it started with: its corpus and
+    tokenizer settings must still give that entry's key (train/core/token_cache.py cache_key:
+    local files enter with their size and modification time), or the run would go on with other
+    data. Removing the run's record (rundir.TOKEN_CACHE_FILE) accepts the corpus as it is now."""
+    record = rundir.read_token_cache(run_dir)
+    if record is None or cfg.data.get("_target_") != "train.core.data.build_text" or not cfg.data.get("source"):
+        return
+    from train.core import token_cache
+
+    key = token_cache.entry_key(cfg.data)
+    if key != record.get("key"):
+        raise ConfigError(f"resume: the corpus data.source={cfg.data.source} changed since the run started (token "
+                          f"cache {record.get('key')} then, {key} now), so the resumed run would train on other data; "
+                          f"restore the corpus, or delete {run_dir / rundir.TOKEN_CACHE_FILE} to go on with it as it is")
+
+
+def prepare(cfg: DictConfig, run_dir: Path, n_ranks: int = 1, hydra_record: bool = False) -> Start:
     """Every check that needs no model: config values (config.validate, the one place they are
     checked: the trainer trusts them), the batch's split over `n_ranks` processes, and the run
-    directory (and, on resume, the saved config). Raises ConfigError; creates nothing."""
+    directory (train/core/outputs.py; on resume, the saved config and the corpus too).
+    `hydra_record`: Hydra has written its record into the run directory (a sweep job). Raises
+    ConfigError; creates nothing."""
     run_dir = Path(run_dir)
     status: dict = {}
     same_command = cfg.resume == RESUME_AUTO
@@ -106,12 +127,13 @@ def prepare(cfg: DictConfig, run_dir: Path, n_ranks: int = 1) -> Start:
         cfg.resume, resuming = str(run_dir), True
     if resuming:
         run_dir = Path(cfg.resume).expanduser().resolve()
-        status = rundir.check_resume_dir(run_dir)
+        status = outputs.check_resume_dir(run_dir)
         cfg = resumed_config(cfg, run_dir, same_command or requeued)
         validate(cfg)
+        check_corpus(cfg, run_dir)
     else:
         validate(cfg)
-        rundir.check_new_run_dir(run_dir)  # creates nothing: the directory is made with its lock
+        outputs.check_new_run_dir(run_dir, hydra_record)  # creates nothing: the directory is made with its lock
     distributed.World(size=n_ranks).rows(cfg.train.batch_size)  # the batch must split over the ranks
     return Start(cfg, run_dir, status, resuming)
 
@@ -128,35 +150,38 @@ def keep(hydra_run_dir: str | Path, start: Start) -> None:
     _kept[_key(hydra_run_dir)] = start
 
 
-def prepared(cfg: DictConfig, run_dir: Path, n_ranks: int = 1) -> Start:
+def prepared(cfg: DictConfig, run_dir: Path, n_ranks: int = 1, hydra_record: bool = False) -> Start:
     """The start of the job in `run_dir`: the one kept for it, or `prepare`d now."""
     kept = _kept.pop(_key(run_dir), None)
-    return kept if kept is not None else prepare(cfg, run_dir, n_ranks)
+    return kept if kept is not None else prepare(cfg, run_dir, n_ranks, hydra_record)
 
 
-def build_trainer(cfg: DictConfig, run_dir: Path, world: distributed.World):
-    """The Trainer of a prepared config (building the model, data, probes and callbacks checks
-    the remaining values); ConfigError for a user's mistake."""
+def build_trainer(trainer: type, cfg: DictConfig, run_dir: Path, world: distributed.World):
+    """The trainer (train/loop.py Trainer, given by the command line) of a prepared config:
+    building the model, data, probes and callbacks checks the remaining values; ConfigError for
+    a user's mistake."""
     from hydra.errors import InstantiationException
 
-    from train.loop import Trainer
+    from train.core.token_cache import BuildStopped
 
     try:
-        return Trainer(cfg, run_dir, world, checked=True)
-    except InstantiationException as e:  # unwrap the user's mistake from Hydra's wrapper
+        return trainer(cfg, run_dir, world, checked=True)
+    except InstantiationException as e:  # unwrap the user's mistake (or a stop signal) from Hydra's wrapper
         cause = e.__cause__
+        if isinstance(cause, BuildStopped):
+            raise cause from None
         raise ConfigError(user_error(cause) if isinstance(cause, (ValueError, OSError)) else str(e)) from None
     except ValueError as e:
         raise ConfigError(str(e)) from None
 
 
-def begin(start: Start, world: distributed.World):
+def begin(trainer: type, start: Start, world: distributed.World):
     """Rank 0's start (train/ranks.py, 2): the checkpoint to resume from (None: from the start),
     the trainer, and the run's config.yaml for a new run, or a line on where it resumes. Returns
     (trainer, checkpoint)."""
     run_dir = start.run_dir
     checkpoint = rundir.resume_point(run_dir) if start.resuming else None
-    trainer = build_trainer(start.cfg, run_dir, world)
+    built = build_trainer(trainer, start.cfg, run_dir, world)
     if not start.resuming:
         rundir.write_text_atomic(run_dir / rundir.CONFIG_FILE, OmegaConf.to_yaml(start.cfg, resolve=True))
     elif checkpoint is None:  # stopped before its first checkpoint: start it again
@@ -165,7 +190,7 @@ def begin(start: Start, world: distributed.World):
         rundir.remove_stale_temporaries(run_dir)
     else:
         print(f"resuming {run_dir} from step {rundir.read_meta(checkpoint)['step']}", file=sys.stderr)
-    return trainer, checkpoint
+    return built, checkpoint
 
 
 def user_error(e: BaseException) -> str:

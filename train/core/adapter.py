@@ -14,6 +14,8 @@ project's model's interface (train/core/model.py), or the part of it named by it
                [n_heads, d_model, d_head], W_O [n_heads, d_head, d_model]
     run_from   model.run_from(layer, resid, z_hook, z=...): the forward pass from the residual
                stream entering `layer` on
+    qkv_inputs model.run_layer_split(layer, x_q, x_k, x_v) -> (z, pattern): a layer whose
+               queries, keys and values read separate residual streams (path patching)
     parameters a trainable torch module whose forward gives logits (the LLC's sampler)
 
 and n_layers, n_heads, d_model, d_head, d_vocab, n_ctx. The project's model is its own adapter
@@ -29,6 +31,8 @@ mapped: the MLPs stay in the forward pass (logits, patterns, z) but are outside 
 the weight-based scores read, and biases are left out of the weights as for the project's model.
 Running from a layer is not offered (a family's layers take positions and masks built by its
 own forward): ablations run the full forward pass with the z hook, which gives the same numbers.
+Nor are separate query/key/value inputs: the causal scores (train/core/causal.py) get activation
+patching only.
 Any other causal LM gets logits and patterns only, the behavioural scores, with a one-line `note`.
 """
 from __future__ import annotations
@@ -43,7 +47,8 @@ from torch import nn
 from train.core.model import ActivationCache, AttnOnlyTransformer, ModelOutput, ZHook
 
 LOGITS, PATTERNS, Z, WEIGHTS, RUN_FROM, PARAMETERS = "logits", "patterns", "z", "weights", "run_from", "parameters"
-CAPABILITIES = frozenset({LOGITS, PATTERNS, Z, WEIGHTS, RUN_FROM, PARAMETERS})
+QKV_INPUTS = "qkv_inputs"
+CAPABILITIES = frozenset({LOGITS, PATTERNS, Z, WEIGHTS, RUN_FROM, QKV_INPUTS, PARAMETERS})
 NATIVE_TYPE = "induction_tracker"  # the project's transformers model type (train/core/hf_model.py MODEL_TYPE)
 
 

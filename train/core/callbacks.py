@@ -18,6 +18,7 @@ from train.core.adapter import LOGITS, PARAMETERS, PATTERNS, WEIGHTS, Z
 from train.core.config import ConfigError
 from train.core.model import next_token_loss
 from train.core.probes import ALLOWED, HELDOUT
+from train.core.settings import check
 from train.core.scoring import (Callback, RunContext, evaluate_checkpoint, instantiate_callbacks,  # noqa: F401
                                 prepare_callbacks, with_providers)
 
@@ -33,6 +34,7 @@ class AttentionScores(Callback):
 
     def __init__(self, every: int = 1, n_heldout: int = 64):
         super().__init__(every)
+        check("n_heldout", n_heldout, 1, integer=True)
         self.n_heldout = n_heldout
 
     def setup(self, ctx: RunContext) -> None:
@@ -71,6 +73,9 @@ class HeldoutLoss(Callback):
     def __init__(self, every: int = 1, icl_early: int | None = None, icl_late: int | None = None,
                  icl_window: int = 0):
         super().__init__(every)
+        for name, value in dict(icl_early=icl_early, icl_late=icl_late).items():
+            check(name, value, 0, integer=True, none=True)
+        check("icl_window", icl_window, 0, integer=True)
         self.icl_early, self.icl_late, self.icl_window = icl_early, icl_late, icl_window
 
     def setup(self, ctx: RunContext) -> None:
@@ -106,6 +111,8 @@ class CircuitScores(Callback):
     def __init__(self, every: int = 1, fold_layernorm: bool = True, baseline_samples: int = 256,
                  baseline_seed: int = 0):
         super().__init__(every)
+        check("baseline_samples", baseline_samples, 1, integer=True)
+        check("baseline_seed", baseline_seed, 0, integer=True)
         self.fold_layernorm = fold_layernorm
         self.baseline_samples, self.baseline_seed = baseline_samples, baseline_seed
 
@@ -139,6 +146,13 @@ class ProbeRobustness(Callback):
         super().__init__(every)
         self.variants = [tuple(v) for v in variants]
         self.heldout_segments = [tuple(v) for v in heldout_segments]
+        for name, pairs in (("variants", self.variants), ("heldout_segments", self.heldout_segments)):
+            for pair in pairs:
+                for part, value in zip(("period", "repeats"), pair if len(pair) == 2 else (None, None)):
+                    check(f"{name} {list(pair)}: {part}", value, 2, integer=True)
+        check("n_probes", n_probes, 1, integer=True)
+        check("fragile_ratio", fragile_ratio, 0, 1)
+        check("min_main", min_main, 0, 1)
         self.n_probes, self.seed = n_probes, seed
         self.fragile_ratio, self.min_main = fragile_ratio, min_main
 
@@ -185,6 +199,8 @@ class InductionClassification(Callback):
         except TypeError:
             known = ", ".join(f.name for f in dataclasses.fields(C.Thresholds))
             raise ValueError(f"unknown induction threshold(s) {', '.join(sorted(thresholds))}; known: {known}") from None
+        for name, value in dataclasses.asdict(self.thresholds).items():  # any level (above 1: never), not nan
+            check(name, value)
 
     def __call__(self, ctx: RunContext) -> dict[str, Any]:
         s = ctx.scores
@@ -222,6 +238,9 @@ class HeadAblations(Callback):
         for k in self.kinds:
             if k not in ("zero", "mean"):
                 raise ValueError(f"unknown ablation kind {k!r}; use zero or mean")
+        check("n_heldout", n_heldout, 1, integer=True, none=True)
+        for name, value in dict(icl_early=icl_early, icl_late=icl_late).items():
+            check(name, value, 0, integer=True, none=True)
         self.n_heldout, self.icl_early, self.icl_late = n_heldout, icl_early, icl_late
 
     def setup(self, ctx: RunContext) -> None:
@@ -310,6 +329,9 @@ class LLCEstimate(Callback):
                              num_draws=num_draws, num_burnin_steps=num_burnin_steps, batch_size=batch_size,
                              seed=seed)
         check_settings(**{k: v for k, v in self.settings.items() if k != "seed"})
+        for name in ("lr", "localization", "n_beta"):
+            check(name, self.settings[name], none=name == "n_beta")
+        check("n_sequences", n_sequences, 1, integer=True)
         self.n_sequences = n_sequences
 
     def setup(self, ctx: RunContext) -> None:

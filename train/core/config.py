@@ -5,7 +5,7 @@ misspelled key or a value of the wrong type fails at composition, before anythin
 so that `python -m train` rejects bad input with a one-line error before anything is built or
 written. This module owns the defaults (the YAML files in conf/ mirror them; a test keeps the two
 equal) and the allowed values of every named choice. Where a run goes is checked by train/core/rundir.py;
-configs saved by runs are read by train/core/saved_config.py.
+configs saved by runs are read, and plain configs typed (`typed_config`), by train/core/saved_config.py.
 
 Note on head sizes: `model.d_model` need not equal `n_heads * d_head`. W_O maps the concatenated
 head outputs (n_heads * d_head) back to d_model, so any positive combination is a valid model.
@@ -72,6 +72,7 @@ class RepeatsDataConfig(DataConfig):
     min_period: int = 4
     max_period: int = 20
     branching: int = 4
+    reserved_tokens: int = 0  # the last N regular ids never appear in a repeated segment (data.py)
 
 
 @dataclass
@@ -217,26 +218,14 @@ def register_configs() -> None:
     OmegaConf.register_new_resolver("pid", os.getpid, replace=True)
 
 
-def typed_config(values: dict[str, Any]) -> DictConfig:
-    """A plain config (e.g. a resolved one handed between processes) under the schema: `Config`,
-    its `data` section typed by the option whose builder `data._target_` names."""
-    from omegaconf import OmegaConf
-
-    data = values.get("data")
-    target = data.get("_target_") if isinstance(data, dict) else None
-    schema = DATA_SCHEMAS.get(target)
-    if schema is None:
-        raise ConfigError(f"data._target_={target!r} is no data option's builder; the builders are "
-                          f"{', '.join(DATA_SCHEMAS)}")
-    return OmegaConf.merge(OmegaConf.structured(Config), {"data": OmegaConf.structured(schema)}, values)
-
-
 # -- allowed values (checked by `validate`; the code that uses them imports them from here) -----
 POSITIONAL_SCHEMES = ("learned", "shortformer", "rotary")
 LR_SCHEDULES = ("constant", "cosine", "linear")
 WANDB_MODES = ("auto", "online", "offline")  # auto: online if logged in, else offline
 DEVICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N
 REPEAT_FORMS = ("tile", "copy")  # data.repeat.form
+REPEATS_MAX_VOCAB = 1 << 16  # data=repeats draws one permutation of the vocabulary per token
+MAX_STEP, MAX_CHECKPOINTS = 1e3, 1_000_000  # optim.lr and weight_decay; checkpoints of a schedule
 
 
 class ConfigError(ValueError):
@@ -285,6 +274,12 @@ def validate(cfg: Any) -> None:
     threads = str(cfg.get("threads", "auto"))
     _need(threads == "auto" or (threads.isdigit() and int(threads) >= 1),
           f"threads must be auto or a positive number, got {threads!r}")
+    from train.core import limits  # the model and a step's tensors fit the machine (a lower bound)
+
+    try:
+        limits.check_training(cfg.model, cfg.data, cfg.train)
+    except limits.LimitError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _validate_model(cfg: Any) -> None:
@@ -321,6 +316,8 @@ def _validate_data(cfg: Any) -> None:
 
 def _validate_repeats(cfg: Any) -> None:
     d = cfg.data
+    _need(d.vocab_size <= REPEATS_MAX_VOCAB, f"data.vocab_size={d.vocab_size} is above {REPEATS_MAX_VOCAB}, the most "
+                                             f"data=repeats makes (its chain takes time quadratic in the vocabulary)")
     _need(1 <= d.min_period <= d.max_period,
           f"need 1 <= data.min_period <= data.max_period, got {d.min_period}, {d.max_period}")
     _need(d.max_period < d.n_ctx - 1,
@@ -330,6 +327,8 @@ def _validate_repeats(cfg: Any) -> None:
           f"data.branching={d.branching} exceeds the {d.vocab_size - 1} regular tokens")
     for name in ("p_repeat", "p_uniform_segment"):
         _need(0.0 <= d[name] <= 1.0, f"data.{name} must lie in [0, 1], got {d[name]}")
+    _need(0 <= d.reserved_tokens <= (d.vocab_size - 1) // 2,
+          f"data.reserved_tokens must lie in [0, {(d.vocab_size - 1) // 2}] (half the regular tokens), got {d.reserved_tokens}")
 
 
 def _validate_tokens(cfg: Any) -> None:
@@ -352,6 +351,8 @@ def _validate_training(cfg: Any) -> None:
     o, t = cfg.optim, cfg.train
     _positive(cfg, "optim", "lr")
     _non_negative(cfg, "optim", "weight_decay", "grad_clip", "warmup_tokens")
+    for name in ("lr", "weight_decay"):  # float32 steps overflow far below the largest float
+        _need(o[name] <= MAX_STEP, f"optim.{name}={o[name]} is above {MAX_STEP:g}, more than any AdamW step can use")
     _need(all(0.0 <= b < 1.0 for b in o.betas), f"optim.betas must lie in [0, 1), got {list(o.betas)}")
     _need(o.lr_schedule in LR_SCHEDULES,
           f"unknown optim.lr_schedule {o.lr_schedule!r}; choose one of {', '.join(LR_SCHEDULES)}")
@@ -364,6 +365,8 @@ def _validate_training(cfg: Any) -> None:
     _positive(cfg, "train", "divergence_margin")
     _non_negative(cfg, "train", "divergence_checkpoints")
     _non_negative(cfg, "checkpoint", "n_log", "n_linear", "keep_resume_states")
+    _need(cfg.checkpoint.n_log + cfg.checkpoint.n_linear <= MAX_CHECKPOINTS,
+          f"checkpoint.n_log + checkpoint.n_linear must be at most {MAX_CHECKPOINTS:,}")
     _positive(cfg, "checkpoint", "first_tokens")
     problem = adaptive_problem(cfg.checkpoint.get("adaptive"), cfg.probes.n_probes)
     _need(problem is None, problem)

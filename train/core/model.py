@@ -13,7 +13,8 @@ scaled-dot-product attention; pass ``return_patterns=True`` to get explicit atte
 (the probes do), and ``z_hook`` to read or replace per-head outputs (ablations do).
 What circuits and patching need, TransformerLens-like: ``run_with_cache`` (the logits, the
 residual stream entering each layer and each layer's z), ``run_from`` (the forward pass from the
-residual stream entering a given layer on) and ``z_hook``, the hook per layer. The model is its own
+residual stream entering a given layer on), ``z_hook``, the hook per layer, and ``run_layer_split``
+(a layer whose queries, keys and values read separate streams: path patching). The model is its own
 adapter for the scores (train/core/adapter.py: ``capabilities``).
 Constructor defaults are the config schema's (train/core/config.py, ModelConfig).
 """
@@ -82,6 +83,25 @@ class Attention(nn.Module):
         else:  # shortformer: positions enter the queries and keys only
             q, k = _project(x + qk_pos, (self.W_Q, self.W_K), (self.b_Q, self.b_K))
             (v,) = _project(x, (self.W_V,), (self.b_V,))
+        z, pattern = self.attend(q, k, v, rotary, return_pattern)
+        if z_hook is not None:
+            z = z_hook(self.layer, z)
+        return self.output(z), pattern
+
+    def split_forward(self, x_q: torch.Tensor, x_k: torch.Tensor, x_v: torch.Tensor,
+                      qk_pos: torch.Tensor | None = None, rotary: "Rotary | None" = None):
+        """(z, pattern) of the heads given separate (normalised) inputs for the queries, keys and
+        values, each [batch, pos, d_model] or per head [batch, n_heads, pos, d_model]."""
+        if qk_pos is not None:
+            x_q, x_k = x_q + qk_pos, x_k + qk_pos
+        q, k, v = (_project(x, (w,), (b,))[0] if x.dim() == 3 else x @ w + b[:, None]
+                   for x, w, b in ((x_q, self.W_Q, self.b_Q), (x_k, self.W_K, self.b_K), (x_v, self.W_V, self.b_V)))
+        return self.attend(q, k, v, rotary, True)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rotary: "Rotary | None" = None,
+               return_pattern: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Per-head z [batch, n_heads, pos, d_head] (and the pattern) of queries, keys and values
+        [batch, n_heads, pos, d_head]: smeared keys, rotary positions, causal softmax attention."""
         if self.smear is not None:
             s = torch.sigmoid(self.smear)[None, :, None, None]
             k = torch.cat([k[:, :, :1], s * k[:, :, 1:] + (1 - s) * k[:, :, :-1]], dim=2)
@@ -97,9 +117,7 @@ class Attention(nn.Module):
             z = pattern @ v
         else:
             z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        if z_hook is not None:
-            z = z_hook(self.layer, z)
-        return self.output(z), pattern
+        return z, pattern
 
     def output(self, z: torch.Tensor) -> torch.Tensor:
         """What the heads write to the residual stream: z [batch, n_heads, pos, d_head] -> sum over
@@ -156,7 +174,7 @@ class Block(nn.Module):
 
 class AttnOnlyTransformer(nn.Module):
     # What a score may ask of this model (train/core/adapter.py names them): everything.
-    capabilities = frozenset({"logits", "patterns", "z", "weights", "run_from", "parameters"})
+    capabilities = frozenset({"logits", "patterns", "z", "weights", "run_from", "qkv_inputs", "parameters"})
 
     def __init__(
         self,
@@ -263,6 +281,15 @@ class AttnOnlyTransformer(nn.Module):
         qk_pos: the positions added to its query/key inputs (shortformer), else None."""
         block = self.blocks[layer]
         return block.attn(block.ln1(x), qk_pos, self.rotary, return_pattern, z_hook)
+
+    def run_layer_split(self, layer: int, x_q: torch.Tensor, x_k: torch.Tensor, x_v: torch.Tensor):
+        """(z, pattern) of layer `layer` when its queries, keys and values read separate residual
+        streams x_q, x_k, x_v, each [batch, pos, d_model] or per head [batch, n_heads, pos, d_model]
+        and each through the layer's norm (path patching). With all three the stream entering the
+        layer: run_layer's z and pattern (explicit path), up to float rounding."""
+        block = self.blocks[layer]
+        qk_pos = self.W_pos[: x_q.shape[-2]] if self.positional == "shortformer" else None
+        return block.attn.split_forward(block.ln1(x_q), block.ln1(x_k), block.ln1(x_v), qk_pos, self.rotary)
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:
         x = self.ln_final(x)

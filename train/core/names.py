@@ -57,6 +57,12 @@ DISAGREEING, BOTH_HEADS = "disagreeing", "both_heads"
 PREVIOUS_TOKEN_HEADS = "previous_token_heads"  # a list of head names
 ABLATION, REPEAT_LOSS = "ablation", "repeat_loss"
 LLC = "llc"  # local learning coefficient: its named parts (train/core/llc.py)
+# causal scores (train/core/causal.py): per head, per head pair (path_patching), named parts
+ACTIVATION_PATCHING, CAUSAL_K_SHARE, IS_CAUSAL = "activation_patching", "causal_k_share", "is_causal"
+CAUSAL_THRESHOLDS, ATTRIBUTION_AGREEMENT = "causal_thresholds", "attribution_agreement"
+# the out-of-distribution suite (train/core/ood.py): the clean loss per set (a part per set), and
+# which earlier copy a head follows on the conflict set
+OOD_LOSS, OOD_CONFLICT_RECENT = "ood_loss", "ood_conflict_recent"
 
 VECTOR_DECIMALS = 5
 
@@ -75,6 +81,22 @@ def prefix_matching_variant(variant: str) -> str:
     return f"{PREFIX_MATCHING}_{variant}"
 
 
+def ood_prefix_matching(ood_set: str) -> str:
+    """Prefix matching on an out-of-distribution set: "short" -> "ood_prefix_matching_short"."""
+    return f"ood_prefix_matching_{ood_set}"
+
+
+def ood_ablation(kind: str, ood_set: str) -> str:
+    """A head's ablation effect on an out-of-distribution set: "mean", "short" -> "ood_ablation_mean_short"."""
+    return f"ood_ablation_{kind}_{ood_set}"
+
+
+def parse_ood_ablation(metric: str) -> tuple[str, str] | None:
+    """"ood_ablation_mean_short" -> ("mean", "short"); None for any other metric name."""
+    m = re.match(r"^ood_ablation_(zero|mean)_(.+)$", metric)
+    return None if m is None else (m[1], m[2])
+
+
 def ablated(metric: str, kind: str) -> str:
     """"icl_score", "zero" -> "icl_score_zero_ablated"."""
     return f"{metric}_{kind}_ablated"
@@ -89,6 +111,16 @@ def of_induction_heads(metric: str) -> str:
     "icl_score_zero_ablated" -> "icl_score_zero_induction_heads", "icl_removed_zero" ->
     "icl_removed_zero_induction_heads"."""
     return metric.removesuffix("_ablated") + "_induction_heads"
+
+
+def path_patching(measure: str, kind: str) -> str:
+    """A path-patching metric: "attention" (or "logit"), "k" (or "q", "v") -> "path_patching_attention_k"."""
+    return f"path_patching_{measure}_{kind}"
+
+
+def attribution(metric: str) -> str:
+    """Its attribution-patching estimate: "activation_patching" -> "attribution_activation_patching"."""
+    return f"attribution_{metric}"
 
 
 def part_key(name: str, part: str) -> str:

@@ -5,16 +5,8 @@ which Olsson et al. (2022) show the phase change.
 
 Smoothing
 ---------
-`local_linear` fits, around every point of a uniform grid in x, a straight line by weighted
-least squares with Gaussian weights exp(-d^2 / 2h^2) (d = distance in ln tokens). Its intercept
-is the smoothed value and its slope the derivative d y / d ln(tokens). The bandwidth h is
-`PhaseParams.bandwidth` (default 0.12, i.e. about +-12 % in tokens), widened locally to the
-distance of the `min_neighbors`-th nearest checkpoint where checkpoints are sparse. Noise level
-sigma = standard deviation of the residuals of the raw points around the smooth curve. With
-`spacing_weights` (on for runs under adaptive checkpoint density, whose rows say why each
-checkpoint was taken) each checkpoint's weight is also multiplied by the stretch of x it stands
-for (half the distance to each neighbour), so that a cluster of checkpoints counts for the
-stretch it covers, not for its number.
+`smooth` (train/core/smoothing.py): Gaussian-weighted local linear regression against ln tokens
+with the params' `bandwidth`, `min_neighbors`, `grid_points`, `spacing_weights` (see `detect_run`).
 
 Burn-in
 -------
@@ -41,7 +33,7 @@ keeps about 87 % of the step). A jump counts only if
     narrow window rather than a slow drift (a drift that is linear in ln tokens scores ~1);
   * the window is complete: the rate falls below the edge threshold on both sides within the
     analysed range (a change still under way at the end of the run is a drift or an unfinished
-    jump, and is not reported). Prefix-matching rises are exempt (a head that has risen above
+    jump: not detected). Prefix-matching rises are exempt (a head that has risen above
     `pm_min_level` and is still rising at the end is forming); they carry `complete: false`.
 
 The bump
@@ -55,12 +47,23 @@ line at the onset, i.e. below its own earlier trend). Window = where e >= `edge_
 A bump counts if size >= `bump_min_nats`, size >= `min_snr` * sigma, and the dip in slope
 e(x*) >= `bump_min_depth` * |s_pre| (the slope at least doubles by default).
 
-Coincidence
------------
+Coincidence and verdict
+-----------------------
 Two windows coincide when their [start, end] intervals, each widened by `coincide_tol`
-(ln tokens) on both sides, overlap. A phase change is reported when the ICL jump is found and
-coincides with a prefix-matching rise or with the bump, or when a prefix-matching rise and the
-bump coincide; otherwise "no phase change" (with what was and was not found).
+(ln tokens) on both sides, overlap. A window is finished when it ends before the run's last
+checkpoint (rate or excess slope below the edge threshold there); one that passes every test
+but that is unfinished (`unfinished: true`). The verdict:
+  * "yes" (`phase_change: true`): among the finished windows, the ICL jump coincides with a
+    prefix-matching rise or with the bump (Olsson et al.: in-context learning improves as
+    induction heads form, with the bump in the loss). `window`: from the earliest start to the
+    latest end of the ICL jump and the windows coinciding with it (the bump, and the rises that
+    coincide with the jump or that bump); steepest = the ICL jump's;
+  * "still rising at the end": no "yes", but the same rule holds once unfinished windows count:
+    `unfinished_window` spans them up to the last checkpoint; `window` is null;
+  * "too short to tell": nothing detected, and the run has fewer than MIN_POINTS usable
+    checkpoints, or its loss is still in the initial descent at the last checkpoint (the smoothed
+    slope there is at least `burn_in_relax` times the steepest slope: the burn-in never ended);
+  * "no" otherwise (with what was found, not coinciding).
 """
 from __future__ import annotations
 
@@ -71,6 +74,7 @@ from typing import Any
 import numpy as np
 
 from train.core import names as N
+from train.core.smoothing import MIN_POINTS, Smooth, clean_xy, local_linear, smooth_xy  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -118,63 +122,13 @@ class Window:
 
 
 def rounded(v: float) -> float | None:
-    return None if not math.isfinite(v) else float(f"{v:.6g}")
-
-
-# --------------------------------------------------------------------------- smoothing
-
-def clean_xy(tokens, values) -> tuple[np.ndarray, np.ndarray]:
-    """ln(tokens) and values, keeping finite values at tokens > 0, sorted by tokens."""
-    t = np.asarray(tokens, dtype=float)
-    y = np.asarray(values, dtype=float)
-    keep = np.isfinite(t) & np.isfinite(y) & (t > 0)
-    order = np.argsort(t[keep], kind="stable")
-    return np.log(t[keep][order]), y[keep][order]
-
-
-def local_linear(x, y, grid, bandwidth: float, min_neighbors: int = 4,
-                 weights=None) -> tuple[np.ndarray, np.ndarray]:
-    """Gaussian-weighted local linear regression: (smoothed value, slope) at each grid point;
-    `weights`: each point's weight besides the kernel's (None: all 1)."""
-    x, y, grid = (np.asarray(a, dtype=float) for a in (x, y, grid))
-    d = x[None, :] - grid[:, None]  # [G, N]
-    k = min(max(min_neighbors, 2), len(x)) - 1
-    h = np.maximum(bandwidth, np.sort(np.abs(d), axis=1)[:, k])
-    w = np.exp(-0.5 * (d / h[:, None]) ** 2)
-    if weights is not None:
-        w = w * np.asarray(weights, dtype=float)[None, :]
-    s0, s1, s2 = w.sum(1), (w * d).sum(1), (w * d * d).sum(1)
-    t0, t1 = (w * y).sum(1), (w * d * y).sum(1)
-    det = s0 * s2 - s1 * s1
-    det = np.where(np.abs(det) < 1e-300, np.nan, det)
-    return (s2 * t0 - s1 * t1) / det, (s0 * t1 - s1 * t0) / det
-
-
-@dataclass
-class Smooth:
-    x: np.ndarray       # raw ln tokens
-    y: np.ndarray       # raw values
-    grid: np.ndarray    # uniform grid in ln tokens
-    value: np.ndarray   # smoothed value on the grid
-    slope: np.ndarray   # d value / d ln tokens on the grid
-    sigma: float        # residual noise of the raw points
-
-
-MIN_POINTS = 5  # usable checkpoints (tokens > 0, finite value) a series needs to be smoothed
+    return float(f"{v:.6g}") if math.isfinite(v) else None
 
 
 def smooth(tokens, values, params: PhaseParams = PhaseParams()) -> Smooth | None:
-    """Smooth a series against ln(tokens); None if fewer than MIN_POINTS usable checkpoints."""
-    x, y = clean_xy(tokens, values)
-    if len(x) < MIN_POINTS or x[-1] - x[0] <= 0:
-        return None
-    grid = np.linspace(x[0], x[-1], params.grid_points)
-    weights = np.diff(np.concatenate([[x[0]], (x[1:] + x[:-1]) / 2, [x[-1]]])) if params.spacing_weights else None
-    value, slope = local_linear(x, y, grid, params.bandwidth, params.min_neighbors, weights)
-    at_points, _ = local_linear(x, y, x, params.bandwidth, params.min_neighbors, weights)
-    resid = y - at_points
-    sigma = float(np.sqrt(np.nanmean(resid ** 2))) if len(resid) else 0.0
-    return Smooth(x, y, grid, value, slope, sigma)
+    """The series smoothed against ln(tokens) (train/core/smoothing.py) with the params' smoothing
+    settings; None if fewer than MIN_POINTS usable checkpoints."""
+    return smooth_xy(tokens, values, params.bandwidth, params.min_neighbors, params.grid_points, params.spacing_weights)
 
 
 # --------------------------------------------------------------------------- burn-in
@@ -250,11 +204,12 @@ def detect_jump(sm: Smooth | None, direction: int, min_size: float, params: Phas
         reasons.append(f"signal/noise {snr:.3g} < {params.min_snr:g}")
     if concentration < params.min_concentration:
         reasons.append(f"concentration {concentration:.3g} < {params.min_concentration:g} (slow drift)")
-    complete = 0 < lo and hi < len(g) - 1
-    win.extra["complete"] = complete
+    at_end = hi == len(g) - 1
+    win.extra["complete"] = 0 < lo and not at_end
     if require_complete and lo == 0:
         reasons.append("already changing at the start of the analysed range")
-    if require_complete and hi == len(g) - 1:
+    win.extra["unfinished"] = bool(at_end and not reasons)  # passes every test, but has no end yet
+    if require_complete and at_end:
         reasons.append("still changing at the end of the run (no end to the jump)")
     win.detected = not reasons
     win.reason = "; ".join(reasons) if reasons else "jump"
@@ -297,83 +252,149 @@ def detect_bump(loss: Smooth | None, params: PhaseParams = PhaseParams(), x_from
     if depth < params.bump_min_depth * abs(s_pre):
         reasons.append(f"slope dip {depth:.3g} < {params.bump_min_depth:g} x |{s_pre:.3g}|")
     win.detected = not reasons
+    win.extra["unfinished"] = bool(hi == len(g) - 1 and not reasons)
     win.reason = "; ".join(reasons) if reasons else "non-convex"
     return win
 
 
-def coincide(a: Window, b: Window, tol: float) -> bool:
-    if not (a.detected and b.detected):
+def coincide(a: Window, b: Window, tol: float, counts=lambda w: w.detected) -> bool:
+    """Both windows count (by default: detected) and their widened intervals overlap."""
+    if not (counts(a) and counts(b)):
         return False
     (a0, a1), (b0, b1) = a.interval(), b.interval()
     return a0 - tol <= b1 + tol and b0 - tol <= a1 + tol
+
+
+def finished(w: Window) -> bool:
+    """Detected, with an end before the run's last checkpoint."""
+    return w.detected and not w.extra.get("unfinished")
+
+
+def found_or_unfinished(w: Window) -> bool:
+    """Detected, or passing every test but that of an end (still changing at the run's end)."""
+    return w.detected or bool(w.extra.get("unfinished"))
+
+
+def _combine(icl: Window, bump: Window, heads: dict[str, Window], tol: float, counts):
+    """(coinciding pairs, the window or None) among the windows that `counts` (docstring: verdict)."""
+    rising = {k: w for k, w in heads.items() if counts(w)}
+    co = lambda a, b: coincide(a, b, tol, counts)  # noqa: E731
+    pairs = {"icl_bump": co(icl, bump), "icl_prefix_matching": any(co(icl, w) for w in rising.values()),
+             "bump_prefix_matching": any(co(bump, w) for w in rising.values())}
+    if not (pairs["icl_bump"] or pairs["icl_prefix_matching"]):  # the ICL jump is required
+        return pairs, None
+    members = [icl] + ([bump] if pairs["icl_bump"] else [])
+    members += [w for w in rising.values() if co(w, icl) or (pairs["icl_bump"] and co(w, bump))]
+    return pairs, {"start_tokens": rounded(min(w.start for w in members)), "steepest_tokens": rounded(icl.steepest),
+                   "end_tokens": rounded(max(w.end for w in members))}
+
+
+YES, NO, STILL_RISING, TOO_SHORT = "yes", "no", "still rising at the end", "too short to tell"  # the verdicts
+
+
+def fmt_tokens(v) -> str:
+    """A token count for people, three significant digits: 512, 99.6k, 1.25M ("-" for None)."""
+    if v is None or not math.isfinite(v):
+        return "-"
+    for scale, unit in ((1e9, "B"), (1e6, "M"), (1e3, "k")):
+        if abs(v) >= scale * 0.9995:
+            x = v / scale
+            return f"{x:.{2 if abs(x) < 9.995 else 1 if abs(x) < 99.95 else 0}f}{unit}"
+    return f"{v:.0f}"
+
+
+def _names(icl: Window, bump: Window, heads: dict[str, Window], counts) -> str:
+    found = [n for n, w in (("ICL jump", icl), ("loss bump", bump)) if counts(w)]
+    rising = sorted(k for k, w in heads.items() if counts(w))
+    return ", ".join(found + ([f"prefix-matching rise ({', '.join(rising)})"] if rising else []))
+
+
+def _too_short(tokens, loss, icl, loss_sm, icl_sm, params: PhaseParams) -> str | None:
+    """Why the run ends before anything could form (module docstring, Verdict), or None."""
+    if loss_sm is None and icl_sm is None:
+        n = max(len(clean_xy(tokens, loss)[0]), len(clean_xy(tokens, icl)[0]))
+        return (f"cannot tell: {n} usable checkpoint{'' if n == 1 else 's'} after step 0, and detection needs "
+                f"{MIN_POINTS}; the figures show the points there are")
+    if loss_sm is None:
+        return None
+    slope = np.where(np.isfinite(loss_sm.slope), loss_sm.slope, 0.0)
+    steepest = float(slope.min())
+    if steepest < 0 and slope[-1] <= params.burn_in_relax * steepest:
+        return (f"too short to tell: at the last checkpoint ({fmt_tokens(math.exp(loss_sm.x[-1]))} tokens) the loss "
+                f"is still in its initial descent, falling at {slope[-1] / steepest:.0%} of its fastest rate "
+                f"(the descent is over below {params.burn_in_relax:.0%}); train longer")
+    return None
 
 
 # --------------------------------------------------------------------------- whole run
 
 def detect_phase_change(tokens, loss, icl, heads: dict[str, Any] | None = None,
                         params: PhaseParams = PhaseParams()) -> dict[str, Any]:
-    """Detect the ICL jump, per-head prefix-matching rises and the loss bump of one run.
-
-    tokens, loss (held-out), icl: 1-D arrays over checkpoints; heads: {"L1H0": prefix-matching
-    array, ...}. Returns a JSON-ready dict (see `summary.json`)."""
+    """Detect the ICL jump, per-head prefix-matching rises and the loss bump of one run, and the
+    verdict (module docstring). tokens, loss (held-out), icl: 1-D arrays over checkpoints; heads:
+    {"L1H0": prefix-matching array, ...}. Returns a JSON-ready dict (see `summary.json`)."""
     loss_sm = smooth(tokens, loss, params)
     icl_sm = smooth(tokens, icl, params)
     x0 = burn_in_end(loss_sm, params) if loss_sm is not None else None
     icl_win = detect_jump(icl_sm, -1, params.icl_min_jump, params, x_from=x0)
     bump = detect_bump(loss_sm, params, x_from=x0)
-    head_wins = {}
-    for name, series in (heads or {}).items():
-        head_wins[name] = detect_jump(smooth(tokens, series, params), +1, params.pm_min_rise, params,
-                                      min_level=params.pm_min_level, require_complete=False)
-    rising = {k: w for k, w in head_wins.items() if w.detected}
+    head_wins = {name: detect_jump(smooth(tokens, series, params), +1, params.pm_min_rise, params,
+                                   min_level=params.pm_min_level, require_complete=False)
+                 for name, series in (heads or {}).items()}
     tol = params.coincide_tol
-    pm_main = max(rising.values(), key=lambda w: w.size) if rising else None
-    pairs = {
-        "icl_bump": coincide(icl_win, bump, tol),
-        "icl_prefix_matching": any(coincide(icl_win, w, tol) for w in rising.values()),
-        "bump_prefix_matching": any(coincide(bump, w, tol) for w in rising.values()),
-    }
-    found = pairs["icl_bump"] or pairs["icl_prefix_matching"] or pairs["bump_prefix_matching"]
-    window = None
-    if found:
-        members = [w for w, ok in ((icl_win, pairs["icl_bump"] or pairs["icl_prefix_matching"]),
-                                   (bump, pairs["icl_bump"] or pairs["bump_prefix_matching"])) if ok]
-        members += [w for w in rising.values() if coincide(w, icl_win, tol) or coincide(w, bump, tol)]
-        steepest = icl_win.steepest if icl_win.detected else (pm_main.steepest if pm_main else bump.steepest)
-        window = {"start_tokens": rounded(min(w.start for w in members)), "steepest_tokens": rounded(steepest),
-                  "end_tokens": rounded(max(w.end for w in members))}
-    found_names = [n for n, w in (("ICL jump", icl_win), ("loss bump", bump)) if w.detected]
-    if rising:
-        found_names.append("prefix-matching rise (" + ", ".join(sorted(rising)) + ")")
-    if found:
-        message = (f"phase change between {window['start_tokens']:,.0f} and {window['end_tokens']:,.0f} tokens "
-                   f"(steepest {window['steepest_tokens']:,.0f}): " + ", ".join(found_names))
-    elif loss_sm is None and icl_sm is None:
-        n = max(len(clean_xy(tokens, loss)[0]), len(clean_xy(tokens, icl)[0]))
-        message = (f"cannot tell: {n} usable checkpoint{'' if n == 1 else 's'} after step 0, and detection needs "
-                   f"{MIN_POINTS}; the figures show the points there are")
+    pairs, window = _combine(icl_win, bump, head_wins, tol, finished)
+    open_pairs, unfinished = (pairs, None) if window else _combine(icl_win, bump, head_wins, tol, found_or_unfinished)
+    found = _names(icl_win, bump, head_wins, lambda w: w.detected)
+    short = None if window or unfinished or any(w.detected for w in head_wins.values()) else \
+        _too_short(tokens, loss, icl, loss_sm, icl_sm, params)
+    if window:
+        verdict = YES
+        message = (f"phase change between {fmt_tokens(window['start_tokens'])} and {fmt_tokens(window['end_tokens'])}"
+                   f" tokens (steepest {fmt_tokens(window['steepest_tokens'])}): {found}")
+    elif unfinished:
+        verdict = STILL_RISING
+        message = (f"still rising at the end: {_names(icl_win, bump, head_wins, found_or_unfinished)} from "
+                   f"{fmt_tokens(unfinished['start_tokens'])} tokens to the run's last checkpoint "
+                   f"({fmt_tokens(unfinished['end_tokens'])}); no complete window")
+    elif short:
+        verdict, message = TOO_SHORT, short
     else:
-        message = "no phase change" + (f" (only {', '.join(found_names)}, not coinciding)" if found_names else "")
+        verdict = NO
+        message = "no phase change" + (f" (only {found}: no ICL jump coinciding with a rise or the bump)"
+                                       if found else "")
     return {
-        "phase_change": bool(found),
-        "message": message,
-        "window": window,
+        "phase_change": verdict == YES, "verdict": verdict, "message": message,
+        "window": window, "unfinished_window": unfinished,
         "burn_in_end_tokens": rounded(float(np.exp(x0))) if x0 is not None else None,
         "icl_jump": icl_win.to_dict(),
         "loss_bump": bump.to_dict(),
         "prefix_matching": {k: w.to_dict() for k, w in head_wins.items()},
-        "induction_heads": sorted(rising),
-        "coincide": pairs,
-        "params": params.to_dict(),
+        "induction_heads": sorted(k for k, w in head_wins.items() if w.detected),
+        "coincide": open_pairs if unfinished else pairs, "params": params.to_dict(),
     }
 
 
+def summary_entries(result: dict[str, Any], provisional: bool) -> dict[str, Any]:
+    """The wandb run-summary entries of a detection (names: train/core/names.py phase_change_key):
+    phase_change/{detected, verdict, start_tokens, steepest_tokens, end_tokens, induction_heads,
+    message, provisional}. `provisional`: found by training on the rows so far (train/live.py);
+    `python -m analysis` writes the final ones."""
+    out: dict[str, Any] = {"detected": bool(result["phase_change"]), "verdict": result.get("verdict", ""),
+                           "message": result["message"], "induction_heads": ",".join(result["induction_heads"]),
+                           "provisional": provisional, **(result.get("window") or {})}
+    return {N.phase_change_key(k): v for k, v in out.items()}
+
+
+def icl_key(run) -> str:
+    """The ICL score the detector reads: `icl_score_mixture` (held-out text with the training
+    repetition) where the run logs it, else `icl_score`."""
+    return N.ICL_SCORE_MIXTURE if run.has(N.ICL_SCORE_MIXTURE) else N.ICL_SCORE
+
+
 def detect_run(run, params: PhaseParams = PhaseParams()) -> dict[str, Any]:
-    """`detect_phase_change` on a run's rows (an train.core.runs.Run): held-out loss, ICL score and
-    every head's prefix-matching score against tokens. The analysis and live detection during
-    training (train/live.py) both call this. A run under adaptive checkpoint density (its rows
-    say why each checkpoint was taken) is smoothed with `spacing_weights`."""
-    if not params.spacing_weights and run.has(N.CHECKPOINT_REASON):
-        params = replace(params, spacing_weights=True)
-    return detect_phase_change(run.tokens, run.series(N.LOSS_HELDOUT), run.series(N.ICL_SCORE),
-                               run.head_series(N.PREFIX_MATCHING), params)
+    """`detect_phase_change` on a run's rows (a train.core.runs.Run; called by the analysis and by
+    train/live.py): held-out loss, the ICL score of `icl_key` (named in the result) and every head's
+    prefix-matching score, with `spacing_weights` if the rows say why each checkpoint was taken."""
+    key, params = icl_key(run), replace(params, spacing_weights=params.spacing_weights or run.has(N.CHECKPOINT_REASON))
+    return {**detect_phase_change(run.tokens, run.series(N.LOSS_HELDOUT), run.series(key),
+                                  run.head_series(N.PREFIX_MATCHING), params), "icl_key": key}

@@ -1,6 +1,8 @@
 """The fixed probe inputs every score runs on, built once per run (same probes at every
 checkpoint): the main probes (`build_probes`: repeated random tokens, copy tokens, held-out
-sequences), the robustness variants (`robustness_probes`), and the probe file an export carries
+sequences), the robustness variants (`robustness_probes`), the building blocks of the
+out-of-distribution sets (train/core/ood.py: `distinct_draws`, `tiled`, `substitute`,
+`induction_targets`), and the probe file an export carries
 (`write_probe_file`, `read_probe_file`: the exact token ids, so that other tools score an export
 on the run's own probes). Definitions of what is measured on them: docs/METRICS.md. Defaults are
 the config schema's (train/core/config.py ProbeConfig)."""
@@ -14,7 +16,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from train.core.config import ProbeConfig as _Probes
-from train.core.data import BOS, Repetition, generator
+from train.core.language import BOS, generator
+from train.core.data import Repetition
 
 PROBES_FILE = "probes.safetensors"  # an export's probe token ids (analysis/export.py)
 
@@ -38,6 +41,7 @@ class Probes:
     heldout: torch.Tensor | None  # [n_heldout, n_ctx] training-distribution sequences (None: no text set)
     allowed: torch.Tensor | None  # the tokens random probes draw from (probe_tokens), on the CPU; None: unknown
     heldout_mixture: torch.Tensor | None = None  # held-out sequences with the training repetition
+    reserved: torch.Tensor | None = None  # tokens training kept out of repeated segments (data.reserved_tokens), CPU
 
     def to(self, device) -> "Probes":
         """Move the probe tensors to `device` (in place); returns self."""
@@ -105,7 +109,8 @@ def build_probes(
     g = generator(seed, 7)
     frequencies = data.token_frequencies()
     bos = getattr(data, "bos", BOS)
-    allowed = probe_tokens(frequencies, exclude=getattr(data, "excluded_ids", (bos,)))
+    reserved = tuple(getattr(data, "reserved_ids", ()))  # never in a training repeat: never in these probes
+    allowed = probe_tokens(frequencies, exclude=(*getattr(data, "excluded_ids", (bos,)), *reserved))
     if allowed.numel() < period:
         raise ValueError(f"probes.period: the prefix-matching probe repeats {period} distinct tokens (its period, "
                          f"scaled to data.n_ctx={n_ctx}), but data.vocab_size={frequencies.numel()} leaves "
@@ -115,7 +120,8 @@ def build_probes(
     copy_tokens = allowed[torch.randperm(allowed.numel(), generator=g)[:n_copy_tokens]]
     n_mixture = n_heldout if n_heldout_mixture is None else n_heldout_mixture
     mixture = data.mixture(n_mixture, seed) if isinstance(data, Repetition) else None
-    return Probes(repeated, period, repeats, copy_tokens, data.heldout(n_heldout, seed), allowed, mixture)
+    return Probes(repeated, period, repeats, copy_tokens, data.heldout(n_heldout, seed), allowed, mixture,
+                  torch.tensor(reserved, dtype=torch.long) if reserved else None)
 
 
 class TokenWindows:
@@ -203,6 +209,46 @@ def concat_padded(batches: list[torch.Tensor]) -> tuple[torch.Tensor, list[slice
         rows.append(slice(start, start + t.shape[0]))
         start += t.shape[0]
     return torch.cat([F.pad(t, (0, length - t.shape[1]), value=BOS) for t in batches]), rows
+
+
+# -- building blocks of the out-of-distribution sets (train/core/ood.py) ----------------------
+def distinct_draws(n: int, k: int, pool: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """[n, k]: per row, k distinct tokens of `pool` in random order."""
+    return torch.stack([pool[torch.randperm(pool.numel(), generator=g)[:k]] for _ in range(n)])
+
+
+def tiled(segments: torch.Tensor, length: int, bos: int = BOS) -> torch.Tensor:
+    """[n, length]: `bos` + each row of `segments` [n, period] tiled over the remaining positions
+    (the last copy cut short where the length ends)."""
+    n, period = segments.shape
+    body = segments.repeat(1, -(-(length - 1) // period))[:, : length - 1]
+    return torch.cat([torch.full((n, 1), bos, dtype=torch.long), body], dim=1)
+
+
+def substitute(tokens: torch.Tensor, start: int, share: float, allowed: torch.Tensor,
+               g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(tokens with substitutions, substituted [n, length] bool): in each row, round(share x the
+    positions from `start` on) of those positions, drawn at random, get distinct tokens of
+    `allowed` that the row does not hold (fewer when there are not enough such tokens)."""
+    out, where = tokens.clone(), torch.zeros_like(tokens, dtype=torch.bool)
+    positions = tokens.shape[1] - start
+    for row in range(tokens.shape[0]):
+        fresh = allowed[~torch.isin(allowed, tokens[row])]
+        k = min(round(share * positions), fresh.numel())
+        at = start + torch.randperm(positions, generator=g)[:k]
+        out[row, at] = fresh[torch.randperm(fresh.numel(), generator=g)[:k]]
+        where[row, at] = True
+    return out, where
+
+
+def induction_targets(tokens: torch.Tensor) -> torch.Tensor:
+    """[n, length - 1] bool: the predictions copying from context gets right, i.e. the prediction
+    at i (of token i + 1) for which some j < i has token_j == token_i and token_{j+1} == token_{i+1}."""
+    n = tokens.shape[1] - 1
+    same = tokens[:, :n, None] == tokens[:, None, :n]  # [b, i, j]: token_i == token_j
+    follows = tokens[:, 1:, None] == tokens[:, None, 1:]  # [b, i, j]: token_{i+1} == token_{j+1}
+    earlier = torch.ones(n, n, dtype=torch.bool, device=tokens.device).tril(-1)
+    return (same & follows & earlier).any(-1)
 
 
 # -- the probe file of an export ------------------------------------------------------------

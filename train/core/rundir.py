@@ -8,23 +8,25 @@ run directory with this module before anything heavy is imported.
                                    "wandb_run_id", "wall_seconds", "resumed_from_steps", "error"}
     .lock                         held by the one process training in the directory
     recomputed.jsonl              rows of `python -m analysis.recompute` (when it was run)
+    tokenizer/, token_cache.json  text runs: the tokenizer, and the token cache entry it came from
     checkpoints/step_0000123/     model.safetensors, meta.json [, train_state.pt]
 
 Every JSON or text file is written under a temporary name, fsynced and renamed into place, so a
 reader never sees half a file; metrics.jsonl is appended and fsynced row by row, and a torn last
-line (a run killed mid-write) is dropped when it is read."""
+line (a run killed mid-write) is dropped when it is read. Files are read only when they are
+regular files, small ones within the bounds of train/core/limits.py. Where a run may go, its lock
+and the clean-up of a failed start: train/core/outputs.py."""
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
+import secrets
 import shutil
-import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from train.core.config import ConfigError
+from train.core import limits
 from train.core.names import STEP
 
 CONFIG_FILE, METRICS_FILE, STATUS_FILE, LOCK_FILE = "config.yaml", "metrics.jsonl", "status.json", ".lock"
@@ -59,17 +61,21 @@ def fsync_dir(path: Path) -> None:
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write text to a temporary name in the same directory, fsync, then rename over `path`."""
+    """Write text to a fresh temporary file in the same directory (created exclusively, never
+    through a link), fsync, then rename over `path` (a link there is replaced, not followed)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666)
     try:
-        with open(tmp, "w", encoding="utf-8") as fh:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # name the file (a full disk, a quota)
+        raise OSError(e.errno, e.strerror, str(path)) from None
     finally:
-        tmp.unlink(missing_ok=True)
+        Path(tmp).unlink(missing_ok=True)
     fsync_dir(path.parent)
 
 
@@ -77,32 +83,56 @@ def write_json_atomic(path: Path, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2))
 
 
-# -- status.json ---------------------------------------------------------------------------------
+# -- a text run's tokenizer and token cache ---------------------------------------------------------
+TOKEN_CACHE_FILE = "token_cache.json"  # text runs: the token cache entry the run trains on (its key)
+
+
 def save_tokenizer(run_dir: Path, source: Path) -> None:
-    """Copy a tokenizer directory into the run (once; under a temporary name, then renamed)."""
-    target = Path(run_dir) / TOKENIZER_DIR
-    if target.exists():
+    """Copy the tokenizer of a token cache entry (`source`: ENTRY/tokenizer, train/core/token_cache.py)
+    into the run, once: its regular files only, under a temporary name, then renamed; with it,
+    TOKEN_CACHE_FILE records the entry (its key: a resumed run checks that its corpus still gives
+    it, train/startup.py)."""
+    run_dir, source = Path(run_dir), Path(source)
+    target = run_dir / TOKENIZER_DIR
+    if target.exists() or target.is_symlink():
         return
-    tmp = target.with_name(TOKENIZER_DIR + TMP_SUFFIX)
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(source, tmp)
-    os.replace(tmp, target)
-    fsync_dir(Path(run_dir))
+    write_json_atomic(run_dir / TOKEN_CACHE_FILE, {"key": source.parent.name, "entry": str(source.parent)})
+    tmp = run_dir / f".{TOKENIZER_DIR}.{os.getpid()}-{secrets.token_hex(4)}{TMP_SUFFIX}"
+    tmp.mkdir()
+    try:
+        for f in sorted(source.iterdir()):
+            if f.is_file() and not f.is_symlink():
+                shutil.copyfile(f, tmp / f.name)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    fsync_dir(run_dir)
 
 
+def read_token_cache(run_dir: Path) -> dict[str, Any] | None:
+    """What `save_tokenizer` recorded of the run's token cache entry (None: nothing, or unreadable)."""
+    path = Path(run_dir) / TOKEN_CACHE_FILE
+    try:
+        record = limits.read_json(path) if path.is_file() else None
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+# -- status.json ---------------------------------------------------------------------------------
 def read_status(run_dir: Path) -> dict[str, Any] | None:
-    """status.json of a run directory, {} if unreadable, None if absent."""
+    """status.json of a run directory, {} if unreadable, None if absent (or not a regular file)."""
     path = Path(run_dir) / STATUS_FILE
     if not path.is_file():
         return None
     try:
-        status = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+        status = limits.read_json(path)
+    except (OSError, ValueError, UnicodeDecodeError):
         return {}
     return status if isinstance(status, dict) else {}
 
 
-def write_status(run_dir: Path, state: str, step: int, run_id: str | None, seconds: float | None = None,
+def write_status(run_dir: Path, state: str, step: int | None, run_id: str | None, seconds: float | None = None,
                  resumed_from: list[int] | None = None, error: str | None = None) -> None:
     status: dict[str, Any] = {"state": state, "step": step, "wandb_run_id": run_id}
     if seconds is not None:
@@ -140,12 +170,12 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
     if path.is_dir():
         path = path / METRICS_FILE
     rows = []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = limits.check_regular_file(path).read_text(encoding="utf-8").splitlines()
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            rows.append(json.loads(line))
+            rows.append(limits.parse_json(line, f"{path}: line {i + 1}"))
         except json.JSONDecodeError:
             if i == len(lines) - 1:
                 break
@@ -184,130 +214,6 @@ class MetricsFile:
         self._fh.close()
 
 
-# -- checks before a run starts ------------------------------------------------------------------
-def check_writable(run_dir: Path) -> None:
-    """Check that files can be written in `run_dir`, or in its nearest existing ancestor when it
-    does not exist yet (by writing and deleting a temporary file); creates nothing."""
-    run_dir = Path(run_dir).absolute()
-    probe = run_dir
-    try:
-        while not probe.exists() and probe.parent != probe:
-            probe = probe.parent
-        if not probe.is_dir():
-            raise NotADirectoryError(20, "Not a directory", str(probe))
-        with tempfile.NamedTemporaryFile(dir=probe, prefix=".write_test"):
-            pass
-    except OSError as e:
-        raise ConfigError(f"cannot write to the output directory {run_dir}: "
-                          f"{e.strerror or type(e).__name__}") from None
-
-
-def check_new_run_dir(run_dir: Path) -> None:
-    """A new run may go into an empty or new directory, never over another run."""
-    run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"the output directory {run_dir} exists and is not a directory")
-    present = [name for name in RUN_MARKERS if (run_dir / name).exists()]
-    if present:
-        state = (read_status(run_dir) or {}).get("state", "unknown state")
-        raise ConfigError(f"{run_dir} already holds a run ({state}; has {', '.join(present)}); "
-                          f"choose another directory, or continue it with resume={run_dir}")
-    check_writable(run_dir)
-
-
-def check_resume_dir(run_dir: Path) -> dict[str, Any]:
-    """A run that can be resumed: a directory with its config and an unfinished status.
-    Returns its status.json ({} when there is none)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise ConfigError(f"resume: no run directory at {run_dir}")
-    if not (run_dir / CONFIG_FILE).is_file():
-        raise ConfigError(f"resume: {run_dir} has no {CONFIG_FILE}, so it is not a run directory")
-    status = read_status(run_dir) or {}
-    if status.get("state") == FINISHED:
-        raise ConfigError(f"resume: the run in {run_dir} already finished (step {status.get('step')}); "
-                          f"nothing to do")
-    check_writable(run_dir)
-    return status
-
-
-_held_locks: dict[Path, Any] = {}  # run directory -> open lock file, for the locks this process holds
-_made_dirs: dict[Path, list[Path]] = {}  # run directory -> the directories `acquire_lock` created for it
-
-
-def acquire_lock(run_dir: Path) -> None:
-    """Create the run directory (and its missing parents) and take its lock for the rest of this
-    process (or until `release_lock`); a second process asking for it gets ConfigError. Taking
-    it again in this process is a no-op."""
-    key = Path(run_dir).absolute()
-    if key in _held_locks:
-        return
-    missing = [d for d in (key, *key.parents) if not d.exists()]
-    key.mkdir(parents=True, exist_ok=True)
-    _made_dirs.setdefault(key, missing)
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: no lock
-        return
-    fh = open(key / LOCK_FILE, "a+")
-    try:
-        fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
-        fh.close()
-        raise ConfigError(f"{run_dir} is in use by another training process") from None
-    _held_locks[key] = fh
-
-
-def release_lock(run_dir: Path) -> None:
-    fh = _held_locks.pop(Path(run_dir).absolute(), None)
-    if fh is not None:
-        fh.close()
-
-
-@contextlib.contextmanager
-def lock(run_dir: Path) -> Iterator[None]:
-    """One process per run directory: a second `resume=` of a run still training fails. A lock
-    this process already holds (taken before Hydra started) is kept when the block ends."""
-    held = Path(run_dir).absolute() in _held_locks
-    acquire_lock(run_dir)
-    try:
-        yield
-    finally:
-        if not held:
-            release_lock(run_dir)
-
-
-# Files a start-up writes before it knows whether the run can go ahead: Hydra's record (and its
-# log, `*.log`), the lock.
-STUB_NAMES = (".hydra", ".lock")
-
-
-def remove_stub(run_dir: Path) -> None:
-    """Undo what a run that failed before training wrote into a directory holding no run: Hydra's
-    `.hydra/` and `*.log`, the lock; then the directory itself and the parents this process
-    created for it, where they are left empty. A directory that holds a run, or whose lock
-    another process holds (a job starting there), is not touched."""
-    run_dir = Path(run_dir).absolute()
-    if not run_dir.is_dir() or any((run_dir / name).exists() for name in RUN_MARKERS):
-        return
-    is_stub = lambda p: p.name in STUB_NAMES or (p.suffix == ".log" and p.is_file())  # noqa: E731
-    found = [p for p in run_dir.iterdir() if is_stub(p)]
-    try:
-        acquire_lock(run_dir)  # ours already, or free
-    except ConfigError:
-        return
-    release_lock(run_dir)
-    for p in run_dir.iterdir():
-        if is_stub(p):
-            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
-    made = _made_dirs.pop(run_dir, [])
-    for d in dict.fromkeys(([run_dir] if found else []) + made):  # deepest first; a directory found empty stays
-        try:
-            d.rmdir()  # only when empty
-        except OSError:
-            return
-
-
 # -- checkpoint directories ----------------------------------------------------------------------
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS / f"step_{step:07d}"
@@ -326,15 +232,39 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return sorted((d for d in dirs if (d / META_FILE).is_file()), key=checkpoint_step)
 
 
+# Integer sizes of a checkpoint's `model` description (train/core/model.py AttnOnlyTransformer).
+MODEL_SIZES = ("n_layers", "n_heads", "d_model", "d_head", "d_vocab", "n_ctx")
+
+
 def read_meta(ckpt: Path) -> dict[str, Any]:
-    """A checkpoint's meta.json: step, tokens, kind (scheduled | interrupt), model and full config."""
+    """A checkpoint's meta.json: step, tokens, kind (scheduled | interrupt), model and full config.
+    CheckpointError for one that is unreadable, torn, of the wrong types, or describes a model
+    larger than its weights file or this machine's memory (checked before anything is built)."""
     path = Path(ckpt) / META_FILE
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        meta = limits.read_json(path)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         raise CheckpointError(f"unreadable checkpoint metadata {path}: {e}") from None
-    if not (isinstance(meta, dict) and isinstance(meta.get("step"), int) and isinstance(meta.get("model"), dict)):
+    integer = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0  # noqa: E731
+    if not (isinstance(meta, dict) and integer(meta.get("step")) and isinstance(meta.get("model"), dict)):
         raise CheckpointError(f"checkpoint metadata {path} lacks its step or model description")
+    if not integer(meta.get("tokens")):
+        raise CheckpointError(f"checkpoint metadata {path}: tokens={meta.get('tokens')!r} is not a token count")
+    sizes = meta["model"]
+    wrong = [k for k in MODEL_SIZES if k in sizes and not (integer(sizes[k]) and sizes[k] > 0)]
+    if wrong:
+        raise CheckpointError(f"checkpoint metadata {path}: model.{wrong[0]}={sizes[wrong[0]]!r} is not a positive "
+                              f"integer")
+    if all(k in sizes for k in MODEL_SIZES):
+        needed = 4 * limits.model_parameters(*(sizes[k] for k in MODEL_SIZES))
+        weights = Path(ckpt) / MODEL_FILE
+        if weights.is_file() and needed > 4 * weights.stat().st_size + (1 << 20):  # a truncated file is load_weights'
+            raise CheckpointError(f"checkpoint metadata {path} describes a model of {limits.gib(needed)}, far larger "
+                                  f"than its weights file {weights} ({limits.gib(weights.stat().st_size)})")
+        try:
+            limits.check_memory(needed, f"the model of {path}")
+        except limits.LimitError as e:
+            raise CheckpointError(str(e)) from None
     return meta
 
 

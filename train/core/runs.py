@@ -18,6 +18,7 @@ problem reading a run is a RunError with a one-line message."""
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,9 @@ from train.core.rundir import (CHECKPOINTS, CONFIG_FILE, META_FILE, METRICS_FILE
                                read_meta, read_metrics, read_status)
 
 
+FLOAT32_MAX = 3.4028234663852886e38
+
+
 class RunError(ValueError):
     """A run directory that cannot be read as asked (missing, no such checkpoint, no weights, a
     config that does not load): reported as one line, without a traceback."""
@@ -38,11 +42,11 @@ class RunError(ValueError):
 def _num(v: Any) -> float:
     if isinstance(v, bool) or v is None:
         return float("nan")
-    if isinstance(v, (int, float)):
-        return float(v)
+    if isinstance(v, (int, float)):  # beyond float32's range (inf aside): no measurement of a run's
+        return float(v) if abs(v) <= FLOAT32_MAX or (isinstance(v, float) and math.isinf(v)) else float("nan")
     if isinstance(v, str):  # "nan" / "inf" as written by the metrics file
         try:
-            return float(v)
+            return _num(float(v))
         except ValueError:
             return float("nan")
     return float("nan")
@@ -92,9 +96,9 @@ class Run:
             self._config = {}
             if self.path is not None and (self.path / CONFIG_FILE).is_file():
                 try:
-                    import yaml
+                    from train.core.saved_config import read_config_file
 
-                    config = yaml.safe_load((self.path / CONFIG_FILE).read_text(encoding="utf-8"))
+                    config = read_config_file(self.path / CONFIG_FILE)
                 except Exception:  # noqa: BLE001 - a broken config only loses labels
                     config = None
                 self._config = config if isinstance(config, dict) else {}
@@ -236,10 +240,9 @@ class Run:
         first checkpoint's meta.json, or config.yaml when it has no checkpoint; read as data and
         validated (train/core/saved_config.py load_saved_config)."""
         if self._saved_config is None:
-            from omegaconf import OmegaConf
 
             from train.core.config import ConfigError
-            from train.core.saved_config import load_saved_config
+            from train.core.saved_config import load_saved_config, read_config_file
 
             checkpoints = self.checkpoints()
             if checkpoints:
@@ -250,7 +253,7 @@ class Run:
             elif (self._dir() / CONFIG_FILE).is_file():
                 where = self.path / CONFIG_FILE
                 try:
-                    saved = OmegaConf.to_container(OmegaConf.load(where))
+                    saved = read_config_file(where)
                 except Exception as e:  # noqa: BLE001 - any unreadable file is the same problem
                     raise RunError(f"cannot read {where}: {_one_line(e)}") from None
             else:

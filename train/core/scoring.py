@@ -73,10 +73,21 @@ class Callback:
 
 
 def instantiate_callbacks(configs: Mapping[str, Any]) -> dict[str, Callback]:
-    """Callbacks from their configs (`_target_` entries; None entries are switched off)."""
+    """Callbacks from their configs (`_target_` entries; None entries are switched off). A setting
+    a callback refuses (out of range, unknown) is a ConfigError naming `callbacks.NAME`."""
+    from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    return {name: instantiate(c) for name, c in configs.items() if c is not None}
+    callbacks = {}
+    for name, c in configs.items():
+        try:
+            if c is not None:
+                callbacks[name] = instantiate(c)
+        except InstantiationException as e:
+            if not isinstance(e.__cause__, (ValueError, TypeError)):
+                raise
+            raise ConfigError(f"callbacks.{name}: {' '.join(str(e.__cause__).split())}") from None
+    return callbacks
 
 
 def prepare_callbacks(named: Mapping[str, Callback], ctx: RunContext) -> list[Callback]:

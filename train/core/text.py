@@ -1,45 +1,35 @@
-"""Natural text to token shards: read a corpus with `datasets`, tokenize it once, stream it forever.
+"""Natural text: read a corpus with `datasets` and make the tokenizer that turns it into token ids
+(the token cache, train/core/token_cache.py, tokenizes it once into shards).
 
 * **Corpus** (`load_corpus`): local files (`.txt`: one document per paragraph, i.e. blocks
   separated by blank lines; `.jsonl`/`.json`; `.parquet`), a directory or a glob of them, or a
   Hugging Face hub dataset (name, config, split, text column; streaming for large ones).
-* **Tokenizer** (`build_tokenizer`): `bpe` trains a byte-level BPE of `vocab_size` tokens with
-  `tokenizers` on the first `sample_documents` documents. Its ids 0 and 1 are the special tokens
-  BOS (`<|bos|>`) and end of document (`<|endoftext|>`); `vocab_size=258` is plain bytes (no
-  merges). Any other value is a `transformers.AutoTokenizer` name or path; its ids are shifted up by
-  one (`offset` 1) so that id 0 stays BOS, and its own EOS (else BOS) token ends documents.
-* **Shards** (`build_shards`): every document is tokenized (`datasets.map`, batched, in parallel
-  for large non-streaming corpora), followed by the end-of-document id, and appended to uint16
-  (vocabularies up to 65536) or uint32 files of at most `SHARD_TOKENS` tokens; every
-  `heldout_every`-th document goes to the held-out split instead. The cache entry
-  (`CACHE_DIR/<key>/`) is keyed by the corpus, the tokenizer settings and `FORMAT_VERSION`; it
-  is written under a temporary name and renamed, under a file lock, so concurrent runs build it
-  once and a killed build leaves nothing half-written. `meta.json` lists the shards.
-* **Reading** (`open_shards`): each shard is a read-only `numpy.memmap`, so memory stays flat for
-  corpora larger than RAM.
+* **Tokenizer**: `bpe` trains a byte-level BPE of `vocab_size` tokens with `tokenizers` on the
+  first `sample_documents` documents (`train_bpe`; `train_bpe_stoppable` in a child process a stop
+  signal can end). Its ids 0 and 1 are the special tokens BOS (`<|bos|>`) and end of document
+  (`<|endoftext|>`); `vocab_size=258` is plain bytes (no merges). Any other value is a
+  `transformers.AutoTokenizer` name or path (`pretrained_tokenizer`; one that names code of its
+  own is refused); its ids are shifted up by one (`offset` 1) so that id 0 stays BOS, and its own
+  EOS (else BOS) token ends documents.
 
 The tokenizer is saved in the cache entry and copied into every run directory that uses it
-(`tokenizer/`, loadable with `transformers.PreTrainedTokenizerFast.from_pretrained`).
+(`tokenizer/`, loadable with `transformers.PreTrainedTokenizerFast.from_pretrained`, and read
+back as data by `TextTokenizer.load`).
 """
 from __future__ import annotations
 
 import glob
-import hashlib
 import json
 import os
-import shutil
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
+from train.core import limits
 from train.core.config import ConfigError
 
-FORMAT_VERSION = 1
-SHARD_TOKENS = 1 << 26  # tokens per shard file (128 MiB as uint16)
 BOS_TOKEN, EOD_TOKEN = "<|bos|>", "<|endoftext|>"
 BYTE_ALPHABET = 256  # byte-level BPE starts from the 256 bytes
-TOKENIZER_DIR, META_FILE = "tokenizer", "meta.json"
 SUFFIXES = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
             ".parquet": "parquet"}
 
@@ -56,6 +46,8 @@ def local_files(source: str) -> list[str] | None:
         return files
     if os.path.isfile(path):
         return [path]
+    if os.path.exists(path):
+        raise ConfigError(f"data.source={path} is neither a regular file nor a directory; refusing to read it")
     if glob.has_magic(path):
         files = sorted(f for f in glob.glob(path, recursive=True) if os.path.isfile(f))
         if not files:
@@ -103,7 +95,7 @@ def load_corpus(source: str, source_config: str | None = None, split: str = "tra
     return ds
 
 
-def _has_text(row: dict) -> bool:
+def has_text(row: dict) -> bool:
     """A document with something besides whitespace (empty paragraphs and rows are skipped)."""
     return bool(row["text"] and row["text"].strip())
 
@@ -112,7 +104,7 @@ def _texts(ds, limit: int | None = None):
     for i, row in enumerate(ds):
         if limit is not None and i >= limit:
             return
-        if _has_text(row):
+        if has_text(row):
             yield row["text"]
 
 
@@ -143,10 +135,23 @@ class TextTokenizer:
 
     @classmethod
     def load(cls, directory: Path) -> "TextTokenizer":
+        """A tokenizer `save` wrote, read as data: regular files only (no links, no directories),
+        through `transformers.PreTrainedTokenizerFast` (which runs no code named in the files)."""
         from transformers import PreTrainedTokenizerFast
 
-        ids = json.loads((Path(directory) / "model_ids.json").read_text())
-        return cls(PreTrainedTokenizerFast.from_pretrained(str(directory)), ids["offset"], ids["eod"])
+        directory = Path(directory)
+        odd = [p.name for p in sorted(directory.iterdir()) if p.is_symlink() or not p.is_file()]
+        if odd:
+            raise ConfigError(f"the tokenizer in {directory} holds {odd[0]}, a link or directory; a tokenizer this "
+                              f"project saved holds neither")
+        ids = limits.read_json(directory / "model_ids.json")
+        if not (isinstance(ids, dict) and all(isinstance(ids.get(k), int) and ids[k] >= 0 for k in ("offset", "eod"))):
+            raise ConfigError(f"{directory / 'model_ids.json'} does not give the id offset and end-of-document id")
+        try:
+            tok = PreTrainedTokenizerFast.from_pretrained(str(directory), trust_remote_code=False)
+        except Exception as e:  # noqa: BLE001 - any unreadable tokenizer is the same problem
+            raise ConfigError(f"cannot read the tokenizer in {directory}: {' '.join(str(e).split())[:160]}") from None
+        return cls(tok, ids["offset"], ids["eod"])
 
 
 def train_bpe(texts, vocab_size: int) -> TextTokenizer:
@@ -168,13 +173,61 @@ def train_bpe(texts, vocab_size: int) -> TextTokenizer:
     return TextTokenizer(fast, offset=0, eod=fast.convert_tokens_to_ids(EOD_TOKEN))
 
 
+def _bpe_child(corpus, sample_documents: int, vocab_size: int, out: str, error: str) -> None:
+    for sig in (signal.SIGTERM, signal.SIGINT):  # a stop signal to the process group ends the child at once
+        signal.signal(sig, signal.SIG_DFL)
+    try:
+        tok = train_bpe(_texts(corpus, sample_documents), vocab_size)
+        tok.tokenizer.backend_tokenizer.save(out)
+    except BaseException as e:  # noqa: BLE001 - handed to the parent as one line
+        Path(error).write_text(str(e) if isinstance(e, ConfigError) else f"training the BPE failed: {type(e).__name__}: {e}")
+
+
+def train_bpe_stoppable(corpus, sample_documents: int, vocab_size: int, workdir: Path) -> TextTokenizer:
+    """`train_bpe` on the corpus's first documents, in a forked child process where there is
+    fork: the Rust trainer returns to Python only when it is done, so in this process a stop
+    signal would wait for it; the parent waits in Python, and the child is killed when a signal
+    ends the wait (`stop_on_signal`)."""
+    import multiprocessing
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return train_bpe(_texts(corpus, sample_documents), vocab_size)
+    if vocab_size < BYTE_ALPHABET + 2:
+        train_bpe(iter(()), vocab_size)  # the one-line refusal
+    out, error = Path(workdir) / "bpe.json", Path(workdir) / "bpe.error"
+    proc = multiprocessing.get_context("fork").Process(target=_bpe_child, daemon=True,
+                                                       args=(corpus, sample_documents, vocab_size, str(out), str(error)))
+    proc.start()
+    try:
+        while proc.is_alive():
+            proc.join(0.1)
+    finally:
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    if error.exists():
+        raise ConfigError(error.read_text())
+    if proc.exitcode != 0 or not out.is_file():
+        raise ConfigError(f"training the BPE failed: its process ended with exit code {proc.exitcode}")
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_file=str(out), bos_token=BOS_TOKEN, eos_token=EOD_TOKEN)
+    out.unlink()
+    return TextTokenizer(fast, offset=0, eod=fast.convert_tokens_to_ids(EOD_TOKEN))
+
+
 def pretrained_tokenizer(name: str) -> TextTokenizer:
     """A `transformers.AutoTokenizer` (a local path, or a name in the local Hugging Face cache or on
-    the hub), shifted by one so that model id 0 is BOS."""
+    the hub), shifted by one so that model id 0 is BOS. A tokenizer that names code of its own
+    (`auto_map`) is refused: none is ever run."""
     from transformers import AutoTokenizer
 
+    config = Path(os.path.expanduser(name)) / "tokenizer_config.json"
+    if config.is_file() and "auto_map" in (limits.read_json(config) or {}):
+        raise ConfigError(f"data.tokenizer={name!r} names code of its own ({config}: auto_map); this project runs "
+                          f"no code from a tokenizer: use bpe or a tokenizer transformers knows")
     try:
-        tok = AutoTokenizer.from_pretrained(os.path.expanduser(name))
+        tok = AutoTokenizer.from_pretrained(os.path.expanduser(name), trust_remote_code=False)
     except Exception as e:  # noqa: BLE001
         first = " ".join(str(e).split())[:160]
         raise ConfigError(f"cannot load data.tokenizer={name!r} (use bpe, or a transformers tokenizer "
@@ -185,122 +238,3 @@ def pretrained_tokenizer(name: str) -> TextTokenizer:
     if end is None:
         raise ConfigError(f"data.tokenizer={name!r} has neither an EOS nor a BOS token to end documents with")
     return TextTokenizer(tok, offset=1, eod=end + 1)
-
-
-# -- shards ---------------------------------------------------------------------------------------
-def cache_key(source: str, source_config, split, text_column, max_documents, tokenizer: str,
-              vocab_size: int, sample_documents: int, heldout_every: int) -> str:
-    """Hash of everything the shards depend on; local files enter with their size and mtime."""
-    files = local_files(source)
-    corpus = ([(os.path.abspath(f), os.path.getsize(f), os.path.getmtime(f)) for f in files] if files is not None
-              else [source, source_config, split])
-    spec = dict(corpus=corpus, text_column=text_column, max_documents=max_documents, tokenizer=tokenizer,
-                vocab_size=vocab_size if tokenizer == "bpe" else None,
-                sample_documents=sample_documents if tokenizer == "bpe" else None,
-                heldout_every=heldout_every, format=FORMAT_VERSION)
-    return hashlib.sha256(json.dumps(spec, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-class _ShardWriter:
-    def __init__(self, directory: Path, split: str, dtype):
-        self.directory, self.split, self.dtype = directory, split, np.dtype(dtype)
-        self.files: list[dict] = []
-        self._file, self._n = None, 0
-
-    def write(self, ids: list[int]) -> None:
-        arr = np.asarray(ids, dtype=self.dtype)
-        while arr.size:
-            if self._file is None or self._n == SHARD_TOKENS:
-                self._open()
-            take = min(arr.size, SHARD_TOKENS - self._n)
-            arr[:take].tofile(self._file)
-            self._n += take
-            self.files[-1]["tokens"] = self._n
-            arr = arr[take:]
-
-    def _open(self) -> None:
-        self.close()
-        name = f"{self.split}_{len(self.files):05d}.bin"
-        self._file, self._n = open(self.directory / name, "wb"), 0
-        self.files.append({"file": name, "tokens": 0})
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-
-
-def build_shards(source: str, cache_dir: str, *, source_config: str | None = None, split: str = "train",
-                 text_column: str = "text", streaming: bool = False, max_documents: int | None = None,
-                 tokenizer: str = "bpe", vocab_size: int = 4096, sample_documents: int = 100_000,
-                 heldout_every: int = 20, num_proc: int | None = None) -> Path:
-    """The cache entry for this corpus and tokenizer, built if missing; returns its directory."""
-    from filelock import FileLock
-
-    root = Path(os.path.expanduser(cache_dir))
-    key = cache_key(source, source_config, split, text_column, max_documents, tokenizer, vocab_size,
-                    sample_documents, heldout_every)
-    entry = root / key
-    if (entry / META_FILE).exists():
-        return entry
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(root / f"{key}.lock")):
-        if (entry / META_FILE).exists():  # another process built it while we waited
-            return entry
-        tmp = root / f"{key}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        try:
-            _write_entry(tmp, source, source_config, split, text_column, streaming, max_documents, tokenizer,
-                         vocab_size, sample_documents, heldout_every, num_proc)
-            os.replace(tmp, entry)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return entry
-
-
-def _write_entry(tmp: Path, source, source_config, split, text_column, streaming, max_documents, tokenizer,
-                 vocab_size, sample_documents, heldout_every, num_proc) -> None:
-    corpus = load_corpus(source, source_config, split, text_column, streaming, max_documents)
-    if tokenizer == "bpe":
-        tok = train_bpe(_texts(corpus, sample_documents), vocab_size)
-    else:
-        tok = pretrained_tokenizer(tokenizer)
-    tok.save(tmp / TOKENIZER_DIR)
-    dtype = np.uint16 if tok.vocab_size <= 1 << 16 else np.uint32
-
-    def encode(batch):
-        return {"ids": tok.encode([t for t in batch["text"]])}
-
-    corpus = corpus.filter(_has_text)
-    if streaming:
-        tokenized = corpus.map(encode, batched=True, remove_columns=["text"])
-    else:
-        procs = num_proc if num_proc is not None else (min(os.cpu_count() or 1, 8) if len(corpus) > 20_000 else None)
-        tokenized = corpus.map(encode, batched=True, remove_columns=["text"], num_proc=procs,
-                               desc="tokenizing", load_from_cache_file=False)
-    writers = {name: _ShardWriter(tmp, name, dtype) for name in ("train", "heldout")}
-    n_docs = {"train": 0, "heldout": 0}
-    for i, row in enumerate(tokenized):
-        name = "heldout" if heldout_every and i % heldout_every == heldout_every - 1 else "train"
-        writers[name].write(row["ids"])
-        n_docs[name] += 1
-    for w in writers.values():
-        w.close()
-    if n_docs["train"] == 0 or not writers["train"].files:
-        raise ConfigError(f"data.source={source} holds no text (column {text_column!r} is empty)")
-    meta = {"format": FORMAT_VERSION, "source": source, "tokenizer": tokenizer, "vocab_size": tok.vocab_size,
-            "dtype": np.dtype(dtype).name, "documents": n_docs,
-            "shards": {name: w.files for name, w in writers.items()}}
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=1) + "\n")
-
-
-def read_meta(entry: Path) -> dict:
-    return json.loads((Path(entry) / META_FILE).read_text())
-
-
-def open_shards(entry: Path, split: str) -> list[np.ndarray]:
-    """The split's shards as read-only memory maps (in order)."""
-    meta = read_meta(entry)
-    return [np.memmap(Path(entry) / s["file"], dtype=meta["dtype"], mode="r", shape=(s["tokens"],))
-            for s in meta["shards"][split] if s["tokens"]]
