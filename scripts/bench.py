@@ -54,7 +54,7 @@ What the sections are:
 8. (--runs) thread settings: the default run (--quick: a tiny smoke run) as `python -m train` in a
    subprocess, wall from start to exit, for threads=1, 2, auto and 2 with OMP_WAIT_POLICY=PASSIVE,
    idle and beside one busy process started by the benchmark, interleaved, median of 3 (--quick:
-   1). Definitions of both: scripts/bench_runs.py.
+   threads=auto once, idle). Definitions of both: scripts/bench_runs.py.
 
 Model FLOPs per token of a training step (H = n_heads, E = d_head, L = n_layers, T = n_ctx,
 V = d_vocab, D = d_model):

@@ -16,7 +16,7 @@ and what the thread setting does beside a busy process.
    with OMP_WAIT_POLICY=PASSIVE), idle and beside one competing busy process (`python -c 'while
    True: pass'`, started by the benchmark before the run and stopped after it); the settings
    interleaved, repeated `repeats` times, the median reported; the ratio busy / idle per setting
-   (--quick: threads=1 and auto only, once each, on a tiny smoke run).
+   (--quick: threads=auto only, idle, once, on a smoke run of two steps).
    The run's own first lines say which thread count `auto` chose.
 
 No timing targets here: this prints numbers."""
@@ -57,11 +57,11 @@ class Runs:
 
 
 def runs_for(quick: bool, corpus: Path | None = None, long: bool = True) -> Runs:
-    if quick:
-        tiny = ["train.total_tokens=120000", "probes.n_heldout=32", "callbacks.ablation=null"]
-        return Runs(cases={"default": tiny}, seeds=(0,),
-                    thread_overrides=("experiment=smoke", "train.total_tokens=40000"), repeats=1,
-                    thread_settings=("1", "auto"))
+    if quick:  # a 32-wide model, 15 steps, the basic callbacks; one thread run
+        tiny = ["model.d_model=32", "train.total_tokens=61440", "checkpoint.n_log=10", "checkpoint.n_linear=5",
+                "probes.n_heldout=16", *(f"callbacks.{c}=null" for c in ("circuits", "robustness", "induction", "ablation"))]
+        return Runs(cases={"default": tiny}, seeds=(0,), thread_overrides=("experiment=smoke", "train.total_tokens=8192"),
+                    repeats=1, thread_settings=("auto",), busy=False)
     cases = {"default": [], "1-layer control": ["model.n_layers=1"]}
     if corpus is not None:
         cases["text_cpu"] = ["experiment=text_cpu", f"data.source={corpus}"]
@@ -183,7 +183,14 @@ def bench_threads(r: Runs, say=print) -> dict[str, Any]:
                     seconds, line = train_wall([*r.thread_overrides, *overrides], env, r.thread_timeout)
                 walls[condition][setting].append(seconds)
                 lines[condition][setting].append(line)
+    return thread_summary(" ".join(r.thread_overrides) or "default", walls, lines)
+
+
+def thread_summary(config: str, walls: dict[str, dict[str, list[float]]],
+                   lines: dict[str, dict[str, list[str]]]) -> dict[str, Any]:
+    """The thread runs' walls (condition -> setting -> seconds) and start lines, with the median
+    per condition and setting and, when measured beside a busy process, busy / idle per setting."""
     median = {c: {s: statistics.median(v) for s, v in by.items()} for c, by in walls.items()}
-    ratio = {s: median["busy"][s] / median["idle"][s] for s in r.thread_settings} if r.busy else {}
-    return {"config": " ".join(r.thread_overrides) or "default", "walls": walls, "median_wall": median,
-            "busy_over_idle": ratio, "start_lines": lines, "cpu_count": os.cpu_count()}
+    ratio = {s: median["busy"][s] / median["idle"][s] for s in median["idle"]} if "busy" in median else {}
+    return {"config": config, "walls": walls, "median_wall": median, "busy_over_idle": ratio, "start_lines": lines,
+            "cpu_count": os.cpu_count()}

@@ -111,13 +111,13 @@ def test_benchmark_sections_at_tiny_settings():
 
 
 @pytest.mark.slow
-def test_quick_whole_run_benchmark_reports_both_sections(tmp_path):
-    """scripts/bench.py --runs --quick: a tiny default run on both schedules, and a tiny run with
-    threads=1 and auto, idle and beside a busy process."""
+def test_quick_whole_run_benchmark_reports_both_sections(tmp_path, capsys):
+    """scripts/bench.py --runs --quick in this process: a tiny run on both schedules, and one
+    tiny `python -m train threads=auto` whose first lines say what auto chose."""
+    from scripts.bench import main
+
     out = tmp_path / "runs.json"
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "bench.py"), "--runs", "--quick", "--device", "cpu",
-                           "--out", str(out)], cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert main(["--runs", "--quick", "--device", "cpu", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     runs = {x["schedule"]: x for x in r["schedules"]}
     assert set(runs) == {"fixed", "adaptive"}
@@ -125,10 +125,11 @@ def test_quick_whole_run_benchmark_reports_both_sections(tmp_path):
         assert positive(x["run_seconds"]) and 0 < x["callback_share"] < 1 and x["checkpoints"] >= 2
     assert runs["fixed"]["watch_share"] == 0 and 0 < runs["adaptive"]["watch_share"] < 1
     t = r["threads"]
-    assert set(t["median_wall"]) == {"idle", "busy"} and set(t["median_wall"]["idle"]) == {"1", "auto"}
-    assert all(positive(v) for v in t["busy_over_idle"].values())
-    assert all("thread" in line for c in t["start_lines"].values() for lines in c.values() for line in lines)
-    text = proc.stdout
+    assert set(t["median_wall"]) == {"idle"} and set(t["median_wall"]["idle"]) == {"auto"}
+    assert positive(t["median_wall"]["idle"]["auto"]) and t["busy_over_idle"] == {}
+    (line,) = t["start_lines"]["idle"]["auto"]
+    assert line.startswith("device cpu, ") and " (auto: " in line, line
+    text = capsys.readouterr().out
     assert "| case | seed | schedule |" in text and "| default | 0 | adaptive |" in text
     assert "| threads (" in text and "| auto |" in text
 
@@ -136,7 +137,7 @@ def test_quick_whole_run_benchmark_reports_both_sections(tmp_path):
 def test_whole_run_tables_and_resolution():
     """The whole-run sections' arithmetic and tables on given numbers (scripts/bench_runs.py)."""
     from scripts.bench_report import schedule_tables, thread_tables
-    from scripts.bench_runs import edge_shift, resolution
+    from scripts.bench_runs import edge_shift, resolution, thread_summary
 
     window = {"start_tokens": 100.0, "steepest_tokens": 150.0, "end_tokens": 200.0}
     rows = [{"step": i, "tokens": 50 * i, **({"checkpoint/reason": "zoom"} if i in (3, 4) else {})} for i in range(6)]
@@ -148,10 +149,11 @@ def test_whole_run_tables_and_resolution():
            "run_seconds": 30.0, "edge_shift": {"start": 0.01, "end": 0.04}} | res
     assert ("| default | 0 | adaptive | 6 (2) | 8.0% | 2.0% | 30.0 s | 0.000M - 0.000M | 3 | 1.0%, 4.0% |"
             in schedule_tables([run]))
-    threads = {"config": "default", "median_wall": {"idle": {"1": 40.0, "auto": 30.0}, "busy": {"1": 44.0, "auto": 45.0}},
-               "busy_over_idle": {"1": 1.1, "auto": 1.5},
-               "start_lines": {"idle": {"1": ["  device cpu, 1 thread (set)"], "auto": ["  device cpu, 2 threads (auto: x)"]},
-                               "busy": {"1": ["  device cpu, 1 thread (set)"], "auto": ["  device cpu, 1 thread (auto: y)"]}}}
+    walls = {"idle": {"1": [41.0, 40.0, 39.0], "auto": [30.0]}, "busy": {"1": [44.0], "auto": [45.0]}}
+    threads = thread_summary("default", walls, {
+        "idle": {"1": ["  device cpu, 1 thread (set)"], "auto": ["  device cpu, 2 threads (auto: x)"]},
+        "busy": {"1": ["  device cpu, 1 thread (set)"], "auto": ["  device cpu, 1 thread (auto: y)"]}})
+    assert threads["median_wall"]["idle"]["1"] == 40.0 and threads["busy_over_idle"] == pytest.approx({"1": 1.1, "auto": 1.5})
     text = thread_tables(threads)
     assert "| 1 | 40.0 s | 44.0 s | 1.10x |  |" in text
     assert "| auto | 30.0 s | 45.0 s | 1.50x | idle: 2 threads (auto: x); busy: 1 thread (auto: y) |" in text
