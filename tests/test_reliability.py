@@ -105,13 +105,12 @@ def test_sigkill_and_sigterm_resume_is_bit_identical(reference, interrupted):
 
 
 @pytest.mark.slow
-def test_adaptive_density_resumes_with_the_same_rows_and_checkpoints(tmp_path, single_thread):
+def test_adaptive_density_resumes_with_the_same_rows_and_checkpoints(tmp_path, single_thread, adaptive_run):
     """Under adaptive checkpoint density a run SIGKILLed, resumed, stopped by SIGTERM between
     watches (weights kept for lead-in checkpoints go into the interrupt checkpoint) and resumed
     again takes the same checkpoints for the same reasons, with the same rows and weights, as an
-    uninterrupted run."""
-    overrides = ADAPTIVE_TINY + drop_extra_callbacks()
-    reference = train_in_process(tmp_path / "reference", overrides)
+    uninterrupted run (`adaptive_run`, tests/conftest.py)."""
+    overrides, reference = ADAPTIVE_TINY + drop_extra_callbacks(), adaptive_run
     run_dir = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, "-m", "train", *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT,
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
