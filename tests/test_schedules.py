@@ -1,7 +1,8 @@
 """The checkpoint schedules (train/core/schedules.py): the fixed schedule, and the decisions of
 adaptive density on watched values with known answers (a flat noisy stretch, a sigmoid rise);
-the thread setting's rule (train/threads.py). No training here: the training runs under adaptive
-density are in tests/test_reliability.py (resume) and tests/test_training.py."""
+the watch of a run (train/watch.py) on hand-built weights; the thread setting's rule
+(train/threads.py). No training here: the training runs under adaptive density are in
+tests/test_reliability.py (resume) and tests/test_distributed.py (torchrun)."""
 from __future__ import annotations
 
 import math
@@ -199,3 +200,34 @@ def test_free_cores_reads_this_machine():
 
     free = free_cores(0.05)
     assert 0 <= free <= len(usable_cores()) + 1e-9
+
+
+def test_the_watch_measures_prefix_matching_and_keeps_weights_apart(smoke_configs):
+    """train/watch.py on the hand-built induction circuit: the watched values are every head's
+    prefix matching on the first `watch_probes` probes (the induction head near 1, the
+    previous-token head near 0); the weights of a step the decisions keep are a copy that a later
+    change of the model leaves alone, and they go through the resume state."""
+    import torch
+
+    from tests.handbuilt import induction_circuit, repeated_probes
+    from train.core import metrics as M
+    from train.watch import Watch
+
+    model, probes = induction_circuit(), repeated_probes(24, period=10, repeats=3, n=8)
+    cfg = smoke_configs[1]
+    w = Watch(cfg, model, probes, BASE_STEPS, 64)
+    values = w.values(model, 0)
+    first = probes.repeated[: cfg.checkpoint.adaptive.watch_probes]
+    expected = M.prefix_matching_score(M.attention_patterns(model, first), first)
+    assert values == pytest.approx({f"L{l}H{h}": float(expected[l, h]) for l in range(2) for h in range(2)})
+    assert values["L1H0"] > 0.95 and values["L0H0"] < 0.05
+    assert [d.reason for d in w.decide.decide(0, values)] == [BASE]
+    assert w.decide.decide(2, values) == [] and w.decide.kept == [2]  # nothing moved: step 2 is kept
+    w.keep(2, model, torch.tensor(1.5), 3, 0.01)
+    before = model.blocks[1].attn.W_Q.detach().clone()
+    with torch.no_grad():
+        model.blocks[1].attn.W_Q.zero_()
+    assert torch.equal(w.kept[2].weights["blocks.1.attn.W_Q"], before)
+    again = Watch(cfg, model, probes, BASE_STEPS, 64)
+    again.load_state_dict(w.state_dict(), torch.device("cpu"))
+    assert torch.equal(again.kept[2].weights["blocks.1.attn.W_Q"], before) and again.kept[2].loss_count == 3
