@@ -6,7 +6,8 @@ Loads every saved checkpoint (RUN_DIR/checkpoints/step_*/model.safetensors + met
 probes exactly as training built them, both through the run reader (train/core/runs.py Run), and
 evaluates the named callbacks at each checkpoint with the same code training uses
 (``train.core.callbacks.evaluate_checkpoint``), each at its own `every` cadence over the run's
-checkpoint schedule. Writes one row per checkpoint (step, tokens + metric keys) to
+checkpoint schedule (train/core/schedules.py run_schedule: the fixed schedule, or under adaptive
+density the run's own checkpoints). Writes one row per checkpoint (step, tokens + metric keys) to
 RUN_DIR/recomputed.jsonl (or --out). Callback names are the keys of the callbacks config: the
 run's own saved entries first, then those of conf/callbacks/ (default.yaml, and the optional
 ones such as `llc` in with_llc.yaml) for callbacks added since, so new metrics can be computed
@@ -34,7 +35,7 @@ from train.core import edge, outputs, rundir
 from train.core.callbacks import RunContext, evaluate_checkpoint, instantiate_callbacks, prepare_callbacks, with_providers
 from train.core.config import ConfigError
 from train.core.runs import RunError, open_run
-from train.core.schedules import run_steps
+from train.core.schedules import run_schedule
 
 CALLBACK_CONFIGS = Path(__file__).resolve().parents[1] / "conf" / "callbacks"
 
@@ -99,7 +100,7 @@ def recompute(run_dir: Path, names: list[str] | None = None, out: Path | None = 
     model, _ = run.load_model(with_weights[0], device)
     ctx = RunContext(model, run.probes().to(device))
     callbacks = prepare_callbacks(instantiate_callbacks(configs), ctx)
-    _, _, schedule = run_steps(cfg)
+    schedule = run_schedule(cfg, [r[N.STEP] for r in run.rows if N.EVENT not in r and N.STEP in r])
     all_steps = [c.step for c in run.checkpoints()]
     rows, ran = [], ran if ran is not None else {}
     ran.update(dict.fromkeys((cb.name for cb in callbacks), 0))

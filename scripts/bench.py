@@ -1,9 +1,14 @@
 """Speed benchmark of training and probing, on one machine, in one process:
 
     uv run --all-extras python scripts/bench.py [--quick] [--device auto|cpu|cuda] [--out FILE.json]
+    uv run --all-extras python scripts/bench.py --runs [--quick] [--corpus FILE.txt] [--no-long] [--out FILE.json]
 
 It prints a machine line and markdown tables, and with --out writes every number as JSON. The
-measurements live in scripts/bench_*.py (timing, machine, steps, trainer, report); what they are:
+measurements live in scripts/bench_*.py (timing, machine, steps, trainer, runs, report); sections
+1 to 6 are what one process measures in a few minutes; --runs measures whole runs instead
+(sections 7 and 8, scripts/bench_runs.py: checkpoint schedules, thread settings), which takes
+about an hour in full (--no-long leaves out the 10x longer run, --quick makes every run tiny).
+What the sections are:
 
 1. matmul peak: the best FLOP/s (2 n^3 / t) of square matmuls of a few sizes, best of several
    repeats; fp32 on CPU, bf16 on CUDA. It is this machine's measured peak, not a datasheet's.
@@ -41,6 +46,15 @@ measurements live in scripts/bench_*.py (timing, machine, steps, trainer, report
    trains, reset before each size where Linux allows it (/proc/self/clear_refs), else the
    process high-water mark of resource.getrusage; it includes the interpreter and libraries. On
    CUDA torch.cuda.max_memory_allocated, reset per size.
+7. (--runs) checkpoint schedules: the default run, its 1-layer control, `text_cpu` (with
+   --corpus) and a 10x longer run, on the fixed schedule and under adaptive density, 3 seeds
+   (--quick: one seed of tiny runs), trained in this process (its thread count): the callbacks'
+   and the density watch's share of the run's wall, checkpoints (zoomed), the phase-change window
+   of `python -m analysis`, the checkpoints in it and its edges against the fixed schedule's.
+8. (--runs) thread settings: the default run (--quick: a tiny smoke run) as `python -m train` in a
+   subprocess, wall from start to exit, for threads=1, 2, auto and 2 with OMP_WAIT_POLICY=PASSIVE,
+   idle and beside one busy process started by the benchmark, interleaved, median of 3 (--quick:
+   threads=auto once, idle). Definitions of both: scripts/bench_runs.py.
 
 Model FLOPs per token of a training step (H = n_heads, E = d_head, L = n_layers, T = n_ctx,
 V = d_vocab, D = d_model):
@@ -78,7 +92,8 @@ if str(ROOT) not in sys.path:  # run as a script: the project's packages and the
 import torch  # noqa: E402
 
 from scripts.bench_machine import machine_info, matmul_peak, process_peak_rss  # noqa: E402
-from scripts.bench_report import machine_line, tables  # noqa: E402
+from scripts.bench_report import machine_line, schedule_tables, tables, thread_tables  # noqa: E402
+from scripts.bench_runs import bench_schedules, bench_threads, runs_for  # noqa: E402
 from scripts.bench_steps import bench_size, import_transformer_lens, warm_up_libraries  # noqa: E402
 from scripts.bench_timing import settings_for  # noqa: E402
 from scripts.bench_trainer import bench_compile, bench_loop, bench_probes  # noqa: E402
@@ -112,6 +127,17 @@ def run_all(device: torch.device, quick: bool, use_tl: bool = True, say=print) -
     return result
 
 
+def run_whole(device: torch.device, quick: bool, corpus: Path | None, long: bool, say=print) -> dict[str, Any]:
+    """Sections 7 and 8 (scripts/bench_runs.py): whole runs."""
+    r = runs_for(quick, corpus, long)
+    t0 = time.perf_counter()
+    result: dict[str, Any] = {"machine": machine_info(device), "quick": quick, "runs": dataclasses.asdict(r)}
+    result["schedules"] = bench_schedules(device, r, say)
+    result["threads"] = bench_threads(r, say)
+    result["wall_seconds"] = time.perf_counter() - t0
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="fewer repeats and sizes (about a minute on 2 cores)")
@@ -119,8 +145,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write every number as JSON here")
     parser.add_argument("--without-transformer-lens", action="store_true",
                         help="leave TransformerLens out even when it is installed")
+    parser.add_argument("--runs", action="store_true", help="whole runs: checkpoint schedules and thread settings")
+    parser.add_argument("--corpus", type=Path, help="with --runs: a text file for the text_cpu case")
+    parser.add_argument("--no-long", action="store_true", help="with --runs: leave out the 10x longer run")
     args = parser.parse_args(argv)
     device = select_device(args.device)
+    if args.runs:
+        return _main_runs(args, device)
     result = run_all(device, args.quick, not args.without_transformer_lens,
                      say=lambda line: print(line, file=sys.stderr, flush=True))
     result["wall_seconds_with_imports"] = time.perf_counter() - _T_START
@@ -129,6 +160,23 @@ def main(argv: list[str] | None = None) -> int:
     print(tables(result))
     print(f"\n{'quick' if args.quick else 'full'} benchmark: {result['wall_seconds']:.0f} s measuring, "
           f"{result['wall_seconds_with_imports']:.0f} s with the imports")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+def _main_runs(args, device: torch.device) -> int:
+    result = run_whole(device, args.quick, args.corpus, not args.no_long,
+                       say=lambda line: print(line, file=sys.stderr, flush=True))
+    m = result["machine"]
+    print(f"machine: {m['cpu']}, {m['cpu_count']} cores ({m['cpu_usable']} usable), torch {m['torch']} with "
+          f"{m['torch_threads']} threads in this process")
+    print()
+    print(schedule_tables(result["schedules"]))
+    print()
+    print(thread_tables(result["threads"]))
+    print(f"\n{'quick' if args.quick else 'full'} whole-run benchmark: {result['wall_seconds']:.0f} s")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

@@ -79,3 +79,41 @@ def tables(r: dict[str, Any]) -> str:
     else:
         lines.append("| train.compile=true gain (Trainer) | n/a | train/core/config.py TrainConfig has no `compile` flag |")
     return "\n".join(lines)
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def tokens(x: float | None) -> str:
+    return "none" if x is None else f"{x / 1e6:.3f}M"
+
+
+def schedule_tables(results: list[dict[str, Any]]) -> str:
+    """Section 7 (scripts/bench_runs.py): one row per run."""
+    lines = ["| case | seed | schedule | checkpoints (zoomed) | callbacks / wall | watch / wall | run wall | "
+             "window (start - end) | checkpoints in window | edge shift vs fixed (start, end) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        w, shift = r["window"], r["edge_shift"]
+        window = "none" if w is None else f"{tokens(w['start_tokens'])} - {tokens(w['end_tokens'])}"
+        moved = "n/a" if shift is None else f"{pct(shift['start'])}, {pct(shift['end'])}"
+        lines.append(f"| {r['case']} | {r['seed']} | {r['schedule']} | {r['checkpoints']} ({r['zoomed']}) | "
+                     f"{pct(r['callback_share'])} | {pct(r['watch_share'])} | {r['run_seconds']:.1f} s | {window} | "
+                     f"{'n/a' if r['in_window'] is None else r['in_window']} | {moved} |")
+    return "\n".join(lines)
+
+
+def thread_tables(t: dict[str, Any]) -> str:
+    """Section 8 (scripts/bench_runs.py): median wall per thread setting, idle and busy."""
+    busy = "busy" in t["median_wall"]
+    lines = [f"| threads ({t['config']} run) | idle wall | " + ("beside a busy process | busy / idle | " if busy else "")
+             + "auto chose |", "|---|---|" + ("---|---|" if busy else "") + "---|"]
+    for setting, idle in t["median_wall"]["idle"].items():
+        chose = "; ".join(f"{c}: {', '.join(sorted(set(l.split(', ', 1)[-1] for l in by[setting])))}"
+                          for c, by in t["start_lines"].items())
+        row = f"| {setting} | {idle:.1f} s | "
+        if busy:
+            row += f"{t['median_wall']['busy'][setting]:.1f} s | {t['busy_over_idle'][setting]:.2f}x | "
+        lines.append(row + f"{chose if setting == 'auto' else ''} |")
+    return "\n".join(lines)

@@ -118,12 +118,13 @@ STATUS_KEY = "_status"  # the status.json writes (rundir.write_status), under th
 
 
 @contextlib.contextmanager
-def time_inside(trainer, device: torch.device):
-    """Yields the seconds spent in the Trainer's methods LOOP_METHODS, in the status writes
-    (train/core/rundir.py write_status) and in the data's `batch` while the block runs, filled
-    in as it goes (wrappers: instance attributes on the trainer and its data, the module's
-    function replaced until the block ends)."""
-    spent = {name: 0.0 for name in (*LOOP_METHODS, STATUS_KEY, "data.batch")}
+def time_inside(trainer, device: torch.device, extra: tuple[tuple[Any, str, str], ...] = ()):
+    """Yields the seconds spent in the Trainer's methods LOOP_METHODS, in the methods of `extra`
+    ((object, method name, key)), in the status writes (train/core/rundir.py write_status) and in
+    the data's `batch` while the block runs, filled in as it goes (wrappers: instance attributes
+    on the trainer, its data and the `extra` objects, the module's function replaced until the
+    block ends)."""
+    spent = {name: 0.0 for name in (*LOOP_METHODS, *(key for _, _, key in extra), STATUS_KEY, "data.batch")}
 
     def wrap(obj, attr: str, key: str) -> None:
         method = getattr(obj, attr)
@@ -141,6 +142,8 @@ def time_inside(trainer, device: torch.device):
 
     for name in LOOP_METHODS:
         wrap(trainer, name, name)
+    for obj, attr, key in extra:
+        wrap(obj, attr, key)
     wrap(trainer.data, "batch", "data.batch")
     write_status = rundir.write_status
     wrap(rundir, "write_status", STATUS_KEY)

@@ -34,6 +34,22 @@ def single_thread():
 
 
 @pytest.fixture(scope="session")
+def adaptive_run(tmp_path_factory):
+    """A finished run under adaptive checkpoint density (tests/presets.py ADAPTIVE_TINY, the basic
+    callbacks), trained in this process with one thread: what the adaptive resume and torchrun
+    tests must reproduce."""
+    from tests.presets import ADAPTIVE_TINY
+    from tests.reliability import drop_extra_callbacks, train_in_process
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return train_in_process(tmp_path_factory.mktemp("adaptive") / "run", ADAPTIVE_TINY + drop_extra_callbacks())
+    finally:
+        torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
 def two_layer_run(tmp_path_factory):
     """A real short 2-layer training run (shared by every test that needs one)."""
     from tests.helpers import train_run

@@ -37,6 +37,11 @@ SERIES_RUN = [*CPU, "train.total_tokens=120000", "checkpoint.n_log=5", "checkpoi
 TINY = [*CPU, "model.d_model=32", "train.total_tokens=300000", "checkpoint.n_log=10", "checkpoint.n_linear=5",
         "probes.n_heldout=32"]
 
+# TINY under adaptive checkpoint density, with a floor low enough for the tiny model's small moves
+# to take zoomed, lead-in and tail checkpoints (20 checkpoints): exact resume, and one process
+# against two (torchrun), both against one run (tests/conftest.py adaptive_run).
+ADAPTIVE_TINY = [*TINY, "checkpoint=adaptive", "checkpoint.adaptive.min_change=0.002"]
+
 # 146 steps of a 32-wide model, 20 checkpoints: one process against two (torchrun).
 DISTRIBUTED = [*CPU, "model.d_model=32", "train.total_tokens=600000", "checkpoint.n_log=10", "checkpoint.n_linear=10",
                "probes.n_heldout=32"]

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import cli_env, compose_config
-from tests.presets import DISTRIBUTED
+from tests.presets import ADAPTIVE_TINY, DISTRIBUTED
+from tests.reliability import drop_extra_callbacks
 from train import distributed as D
 from train.core import rundir
 from train.cli import run
@@ -90,6 +91,22 @@ def test_two_ranks_train_what_one_process_trains(single, two_ranks):
     assert rundir.read_status(run_dirs[0])["state"] == "finished"
     assert [d.name for d in rundir.list_checkpoints(run_dirs[0])] == [d.name for d in rundir.list_checkpoints(single)]
     assert proc.stdout.count("run directory:") == 1  # rank 0 alone reports
+
+
+@pytest.mark.slow
+def test_adaptive_density_decides_the_same_under_torchrun(tmp_path, adaptive_run):
+    """Under adaptive checkpoint density rank 0 decides at every watch and the other rank follows:
+    the same checkpoints, for the same reasons, with the rows of one process (`adaptive_run`,
+    tests/conftest.py)."""
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "tmp").mkdir()
+    proc = _torchrun(*ADAPTIVE_TINY, *drop_extra_callbacks(), cwd=tmp_path / "cwd", tmpdir=tmp_path / "tmp")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = [p.parent for p in (tmp_path / "cwd").rglob(rundir.METRICS_FILE)]
+    rows, reference = rundir.read_metrics(run_dir), rundir.read_metrics(adaptive_run)
+    assert {r["checkpoint/reason"] for r in reference} == {"base", "zoom", "lead-in", "tail"}
+    assert [(r["step"], r["checkpoint/reason"]) for r in rows] == [(r["step"], r["checkpoint/reason"]) for r in reference]
+    _assert_rows_agree(rows, reference)
 
 
 @pytest.mark.slow

@@ -22,7 +22,7 @@ from tests.helpers import cli as _cli
 from tests.helpers import cli_env as _env
 from tests.helpers import compose_config
 from tests.helpers import one_line_error as _one_line_error
-from tests.presets import SIX_STEPS, TINY
+from tests.presets import ADAPTIVE_TINY, SIX_STEPS, TINY
 from tests.reliability import checkpoints, drop_extra_callbacks, snapshot, train_in_process, wait_for
 from train.core import checkpoint as ckpt
 from train.core import rundir
@@ -102,6 +102,44 @@ def test_sigkill_and_sigterm_resume_is_bit_identical(reference, interrupted):
     assert status["state"] == "finished" and len(status["resumed_from_steps"]) == 2
     assert status["wall_seconds"] > killed_seconds  # the SIGKILLed segment counts
     assert not interrupted["stale_tmp_left"]
+
+
+@pytest.mark.slow
+def test_adaptive_density_resumes_with_the_same_rows_and_checkpoints(tmp_path, single_thread, adaptive_run):
+    """Under adaptive checkpoint density a run SIGKILLed, resumed, stopped by SIGTERM between
+    watches (weights kept for lead-in checkpoints go into the interrupt checkpoint) and resumed
+    again takes the same checkpoints for the same reasons, with the same rows and weights, as an
+    uninterrupted run (`adaptive_run`, tests/conftest.py)."""
+    overrides, reference = ADAPTIVE_TINY + drop_extra_callbacks(), adaptive_run
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "train", *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT,
+                            env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: len(checkpoints(run_dir)) >= 6, proc)
+    proc.send_signal(signal.SIGKILL)
+    out, _ = proc.communicate(timeout=60)
+    # the run's first lines: where it writes, then device and threads, data, model, tokens, schedule
+    assert out.startswith(f"training in {run_dir}\n  device cpu, 1 thread (auto: OMP_NUM_THREADS=1)\n"), out
+    assert "adaptive checkpoints: 14 base" in out
+    proc = subprocess.Popen([sys.executable, "-m", "train", f"resume={run_dir}"], cwd=ROOT, env=_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(lambda: (run_dir / "checkpoints" / "step_0000040").is_dir(), proc)  # lead-ins at 44, 50 come at 52
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    stop = int(next(line for line in err.splitlines() if line.startswith("received SIGTERM")).split("at step ")[1]
+               .split(";")[0])
+    kept = ckpt.load_train_state(rundir.checkpoint_dir(run_dir, stop))["watch"]["kept"]
+    if 44 <= stop < 52:  # weights kept since the watch at 44 for the lead-ins decided at 52 are in the state
+        assert 44 in {int(k) for k in kept}, (stop, list(kept))
+    train_in_process(run_dir, [f"resume={run_dir}"])
+    ref_rows, rows = read_metrics(reference / "metrics.jsonl"), read_metrics(run_dir / "metrics.jsonl")
+    assert {r["checkpoint/reason"] for r in ref_rows} == {"base", "zoom", "lead-in", "tail"}
+    assert rows == ref_rows
+    assert checkpoints(run_dir) == checkpoints(reference)
+    for name in checkpoints(reference):
+        a = (reference / "checkpoints" / name / rundir.MODEL_FILE).read_bytes()
+        assert a == (run_dir / "checkpoints" / name / rundir.MODEL_FILE).read_bytes(), name
 
 
 @pytest.mark.slow

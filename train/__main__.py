@@ -96,7 +96,7 @@ def main(cfg: DictConfig) -> None:
 
     try:
         with console_to_log():  # the run's lines also go to its Hydra log, RUN_DIR/__main__.log
-            run(cfg, Path(HydraConfig.get().runtime.output_dir))
+            run(cfg, Path(HydraConfig.get().runtime.output_dir), set_threads=True)
     except HydraException:  # a sweep job's failure, reported already (train/cli.py fail)
         raise
     except Exception as e:  # noqa: BLE001 - the edge (train/core/edge.py): what run did not report

@@ -65,6 +65,27 @@ def fail(message: str, code: int = EXIT_USAGE) -> None:
     raise SystemExit(code)
 
 
+def start_lines(trainer, run_dir: Path, threads: str) -> str:
+    """What a run says when it starts: where it writes, and the settings that decide its time and
+    results (device and threads, data, model size, tokens, checkpoints)."""
+    from train.core.config import DATA_OPTIONS
+
+    cfg, d = trainer.cfg, trainer.cfg.data
+    option = next((o for o, schema in DATA_OPTIONS.items() if schema._target_ == d._target_), d._target_)
+    params = sum(p.numel() for p in trainer.model.parameters())
+    m = cfg.model
+    if trainer.watch is None:
+        schedule = f"{len(trainer.checkpoint_steps)} checkpoints (fixed schedule)"
+    else:
+        schedule = f"adaptive checkpoints: {len(trainer.checkpoint_steps)} base, more where the model changes"
+    return "\n".join([f"training in {run_dir}",
+                      f"  device {trainer.device}, {threads}",
+                      f"  data={option}: vocabulary {d.vocab_size}, context {d.n_ctx}",
+                      f"  model: {m.n_layers} layers x {m.n_heads} heads, d_model {m.d_model}, {params:,} parameters",
+                      f"  {trainer.total_steps * trainer.tokens_per_step:,} tokens in {trainer.total_steps:,} steps "
+                      f"of {cfg.train.batch_size} x {d.n_ctx}; {schedule}"])
+
+
 def summarize(row: dict, run_dir: Path, seconds: float | None) -> str:
     from train.core import names as N
 
@@ -132,11 +153,12 @@ def _fail(ranks: Ranks, message: str, code: int, quiet: bool) -> None:
     fail(f"rank {ranks.world.rank}: {message}", code)
 
 
-def run(cfg: DictConfig, run_dir: Path) -> dict:
+def run(cfg: DictConfig, run_dir: Path, set_threads: bool = False) -> dict:
     """Start or resume a run; exits (SystemExit) with the codes in the module docstring. A new
     run that fails before training removes what its start wrote (outputs.remove_stub). Under a
     launcher of several processes (WORLD_SIZE > 1) this process joins the group first and
-    leaves it at the end (train/ranks.py)."""
+    leaves it at the end (train/ranks.py). `set_threads` (the command line): set torch's threads
+    from the config (train/threads.py) before the trainer is built."""
     try:
         world = distributed.world_from_env()
     except ConfigError as e:
@@ -149,7 +171,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
             _fail(ranks, user_error(e), EXIT_USAGE, quiet=True)
     error = None
     try:
-        return _run(cfg, Path(run_dir), ranks)
+        return _run(cfg, Path(run_dir), ranks, set_threads)
     except BaseException as e:
         error = e
         raise
@@ -157,10 +179,11 @@ def run(cfg: DictConfig, run_dir: Path) -> dict:
         ranks.end(error)
 
 
-def _run(cfg: DictConfig, run_dir: Path, ranks: Ranks) -> dict:
+def _run(cfg: DictConfig, run_dir: Path, ranks: Ranks, set_threads: bool = False) -> dict:
     from train.loop import Trainer
 
     start = _configure(cfg, run_dir, ranks)
+    threads = _threads(start, set_threads)
     if _multirun() and start.cfg.device == "auto":  # one GPU per job where there are several
         from train.core.device import cuda_count
 
@@ -171,6 +194,8 @@ def _run(cfg: DictConfig, run_dir: Path, ranks: Ranks) -> dict:
             trainer, checkpoint = ranks.start(lambda: startup.begin(Trainer, start, ranks.world),
                                               lambda: (startup.build_trainer(Trainer, start.cfg, start.run_dir,
                                                                              ranks.world), None))
+            if ranks.main:
+                print(start_lines(trainer, start.run_dir, threads), flush=True)
             row = trainer.run(checkpoint, start.status)
     except BaseException as e:
         _stopped(e, start.run_dir, ranks, trainer)
@@ -182,6 +207,22 @@ def _run(cfg: DictConfig, run_dir: Path, ranks: Ranks) -> dict:
     status = rundir.read_status(start.run_dir) or {}
     print(summarize(row, start.run_dir, status.get("wall_seconds")))
     return row
+
+
+def _threads(start: Start, set_threads: bool) -> str:
+    """Set torch's threads (train/threads.py) when asked to; returns what the run says of them."""
+    from train import threads
+
+    if not set_threads:
+        import torch
+
+        return f"{torch.get_num_threads()} threads (this process's)"
+    resumed = None
+    if start.resuming:
+        with contextlib.suppress(ValueError, OSError):  # a damaged checkpoint is refused where it is read
+            point = rundir.resume_point(start.run_dir)
+            resumed = None if point is None else rundir.read_meta(point).get("threads")
+    return threads.apply(start.cfg.get("threads", threads.AUTO), resumed)
 
 
 def _configure(cfg: DictConfig, run_dir: Path, ranks: Ranks) -> Start:

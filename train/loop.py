@@ -1,13 +1,15 @@
 """The training loop: AdamW with a learning-rate schedule, gradient clipping, bf16 autocast on CUDA,
-callbacks and checkpoints on the checkpoint schedule (train/core/schedules.py), exact resume
-(train/state.py), numerical faults (train/faults.py) and safe stops. Files in the run directory are
-written through train/core/rundir.py.
+callbacks and checkpoints on the checkpoint schedule (train/core/schedules.py: fixed, or under
+adaptive density a base schedule plus checkpoints where a watch every few steps sees the model
+change), exact resume (train/state.py), numerical faults (train/faults.py) and safe stops. Files in
+the run directory are written through train/core/rundir.py.
 
 With several processes (train/distributed.py) every rank runs this loop on its rows of each
 step's batch under DistributedDataParallel; rank 0 alone evaluates, saves and writes, and the
 ranks meet where train/ranks.py says: before the first step (the resumed state), at every
-checkpoint (rank 0's outcome), at every step's stop check and loss, and at the end. With
-`train.compile` the training step runs through `torch.compile`."""
+checkpoint (rank 0's outcome; under adaptive density at every watch, where rank 0 decides), at
+every step's stop check and loss, and at the end. With `train.compile` the training step runs
+through `torch.compile`."""
 from __future__ import annotations
 
 import contextlib
@@ -31,13 +33,14 @@ from train.core.config import validate
 from train.core.device import autocast, select_device
 from train.core.model import next_token_loss
 from train.core.probes import probes_from_config
-from train.core.schedules import lr_multiplier, run_steps
+from train.core.schedules import adaptive, lr_multiplier, run_steps
 from train.faults import Divergence, FiniteCheck, TrainingError
 from train.live import LiveDetection
 from train.loggers import NullLogger
 from train.ranks import Ranks
 from train.signals import STOP, StopSignal
 from train.state import Saver, seed_everything
+from train.watch import Watch, explain
 
 
 class Trainer:
@@ -56,6 +59,7 @@ class Trainer:
         self.ranks = Ranks(world)
         self.rows = world.rows(cfg.train.batch_size)  # this rank's rows of each step's batch
         self.device = torch.device(world.device) if world.enabled else select_device(cfg.device)
+        # the fixed schedule, or under adaptive density the base schedule (`self.watch` adds to it)
         self.tokens_per_step, self.total_steps, self.checkpoint_steps = run_steps(cfg)
         seed_everything(cfg.seed)
         self.data = instantiate(cfg.data)
@@ -64,6 +68,10 @@ class Trainer:
         self.probes = probes_from_config(self.data, cfg.data.n_ctx, cfg.probes).to(self.device) if self.main else None
         self.ctx = RunContext(self.model, self.probes)
         self.callbacks = prepare_callbacks(instantiate_callbacks(cfg.callbacks), self.ctx) if self.main else []
+        # adaptive density (train/watch.py): its decisions on every rank, its probes on rank 0
+        self.watch = Watch(cfg, self.model, self.probes, self.checkpoint_steps, self.tokens_per_step) \
+            if adaptive(cfg) else None
+        self.decision = None  # why the checkpoint being taken was taken (adaptive density)
         deferred = self.device.type == "cuda" if self.defer_checks is None else self.defer_checks
         self.finite = FiniteCheck(self.device, deferred, self.tokens_per_step)
         self.divergence = Divergence(cfg, self.tokens_per_step)
@@ -92,15 +100,22 @@ class Trainer:
     def save(self, kind: str = rundir.SCHEDULED) -> Path:
         """Checkpoint this step (train/state.py Saver.save: copied now, written by the background
         writer). Returns the checkpoint's directory."""
-        return self.saver.save(self.step, kind, self.loss_sum, self.loss_count)
+        watch = None if self.watch is None else self.watch.state_dict()
+        return self.saver.save(self.step, kind, self.loss_sum, self.loss_count, watch)
 
     def restore(self, path: Path) -> None:
-        """Load model, optimizer, scheduler, RNG and the running train-loss sums of a checkpoint.
-        Everything is read and checked before anything is changed on disk."""
-        self.step, self.loss_sum, self.loss_count = self.saver.restore(path, self.device)
+        """Load model, optimizer, scheduler, RNG, the running train-loss sums and the density
+        watch of a checkpoint. Everything is read and checked before anything is changed on disk."""
+        self.step, self.loss_sum, self.loss_count, watch = self.saver.restore(path, self.device)
         if not 0 <= self.step <= self.total_steps:
             raise rundir.CheckpointError(f"checkpoint {path} is at step {self.step}, outside this run's "
                                          f"{self.total_steps} steps")
+        if self.watch is not None:
+            try:
+                self.watch.load_state_dict(watch, self.device)
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise rundir.CheckpointError(f"resume state in {path} has no adaptive-density watch that fits "
+                                             f"this run ({e})") from None
 
     def take_resume_state(self, state: dict[str, Any] | None) -> bool:
         """Apply rank 0's resume state (train/state.py Saver.resume_state) on another rank; True
@@ -127,13 +142,19 @@ class Trainer:
         return module
 
     # -- one checkpoint ------------------------------------------------------------------------
-    def evaluate(self) -> dict[str, Any]:
+    def evaluate(self, lr: float | None = None) -> dict[str, Any]:
+        """This checkpoint's row (`lr`: the learning rate at its step, the optimizer's by default)."""
         self.model.eval()
         self.ctx.step, self.ctx.tokens = self.step, self.step * self.tokens_per_step
-        self.ctx.checkpoint_index = self.checkpoint_steps.index(self.step)
-        row: dict[str, Any] = {N.STEP: self.step, N.TOKENS: self.ctx.tokens, N.LR: self.optimizer.param_groups[0]["lr"]}
+        taken = self.checkpoint_steps if self.watch is None else self.watch.decide.taken
+        self.ctx.checkpoint_index = taken.index(self.step)  # `every` counts the checkpoints taken
+        lr = self.optimizer.param_groups[0]["lr"] if lr is None else lr
+        row: dict[str, Any] = {N.STEP: self.step, N.TOKENS: self.ctx.tokens, N.LR: lr}
         if self.loss_count:
             row[N.LOSS_TRAIN] = float(self.loss_sum) / self.loss_count
+        if self.decision is not None:
+            row |= explain(self.decision)
+            self.decision = None
         self.loss_sum.zero_()
         self.loss_count = 0
         row |= evaluate_checkpoint(self.callbacks, self.ctx)
@@ -143,10 +164,7 @@ class Trainer:
     def _checkpoint(self) -> dict[str, Any]:
         """Rank 0 at a scheduled checkpoint (train/ranks.py, 4): evaluate, write the row, log,
         save, then check for divergence. Returns the row."""
-        row = self.evaluate()
-        self.writer.submit(lambda: self.metrics.write(row))
-        self.logger.log(row | {N.ELAPSED: time.perf_counter() - self.t0})
-        self.live.update(row)
+        row = self._emit(self.evaluate())
         self.save()
         step, seconds = self.step, time.perf_counter() - self.t0
         self.writer.submit(lambda: self._status(rundir.RUNNING, seconds, step=step))  # wall time survives SIGKILL
@@ -156,6 +174,46 @@ class Trainer:
             self.bar.set_postfix(loss=f"{row[N.LOSS_HELDOUT]:.3f}", refresh=False)
         self.divergence.check(row, self.step)
         return row
+
+    def _emit(self, row: dict[str, Any]) -> dict[str, Any]:
+        """Write a checkpoint's row, log it and show it to the live detection."""
+        self.writer.submit(lambda: self.metrics.write(row))
+        self.logger.log(row | {N.ELAPSED: time.perf_counter() - self.t0})
+        self.live.update(row)
+        return row
+
+    def _watch(self) -> dict[str, Any] | None:
+        """Rank 0 at a watched step under adaptive density (train/ranks.py, 4): decide, take the
+        lead-in checkpoints (from kept weights) and this step's checkpoint when it decided so, and
+        keep this step's weights when the decisions keep it. Returns this step's row (None: no
+        checkpoint here)."""
+        w = self.watch
+        decisions = w.decide.decide(self.step, w.values(self.model, self.step))
+        row = None
+        for d in decisions:
+            self.decision = d
+            if d.step < self.step:
+                self._lead_in(d.step)
+            else:
+                w.keep(self.step, self.model, self.loss_sum, self.loss_count, self.optimizer.param_groups[0]["lr"])
+                row = self._checkpoint()
+        w.keep(self.step, self.model, self.loss_sum, self.loss_count, self.optimizer.param_groups[0]["lr"])
+        return row
+
+    def _lead_in(self, step: int) -> None:
+        """Rank 0: the lead-in checkpoint at an earlier watched `step` (adaptive density), from its
+        kept weights: its row (the train loss since the previous checkpoint up to it) and its
+        weights, without resume state; the model gets this step's weights back."""
+        kept, now = self.watch.kept[step], ckpt.snapshot(self.model.state_dict())
+        total_sum, total_count, here = self.loss_sum, self.loss_count, self.step
+        self.model.load_state_dict(kept.weights)
+        self.step, self.loss_sum, self.loss_count = step, kept.loss_sum.clone(), kept.loss_count
+        try:
+            self._emit(self.evaluate(kept.lr))
+            self.saver.save(step, rundir.SCHEDULED, self.loss_sum, 0, weights=kept.weights)
+        finally:
+            self.model.load_state_dict(now)
+            self.step, self.loss_sum, self.loss_count = here, total_sum - kept.loss_sum, total_count - kept.loss_count
 
     def _checkpoint_elsewhere(self) -> dict[str, Any]:
         """Another rank at a scheduled checkpoint, once rank 0 has saved it: no row here."""
@@ -207,6 +265,7 @@ class Trainer:
                                      lambda: self.saver.resume_state(self.step), self.take_resume_state)
         self.train_module = self.training_module()  # after the restore: DDP hands rank 0's weights on
         pending = [s for s in self.checkpoint_steps if s > self.step or (not restored and s == self.step)]
+        self.watched_at = self.step if restored else -1  # a restored step was watched before
         self.bar = tqdm(total=self.total_steps * self.tokens_per_step, initial=self.step * self.tokens_per_step,
                         unit="tok", unit_scale=True, dynamic_ncols=True, disable=not (sys.stderr.isatty() and self.main),
                         desc=f"{self.cfg.model.n_layers}L")
@@ -259,10 +318,17 @@ class Trainer:
         while True:
             saved_now = False
             try:
-                due = bool(pending) and pending[0] == self.step
+                if self.watch is None:
+                    due = bool(pending) and pending[0] == self.step
+                else:
+                    due = self.watch.decide.due(self.step) and self.step != self.watched_at
                 if due or self.step >= self.total_steps:
                     self.finite.check(self.step)
-                if due:
+                if due and self.watch is not None:
+                    row = self.ranks.watch(self._watch, self._checkpoint_elsewhere)
+                    if row is not None:
+                        last_row, saved_now = row, True
+                elif due:
                     pending.pop(0)
                     last_row = self.ranks.checkpoint(self._checkpoint, self._checkpoint_elsewhere)
                     saved_now = True
@@ -277,7 +343,9 @@ class Trainer:
                 tokens = self.data.batch(self.step, self.cfg.train.batch_size)
                 if self.world.enabled:  # the global batch on every rank, of which this rank trains its rows
                     tokens = tokens[self.rows]
-                self.train_step(tokens.to(self.device, non_blocking=True))
+                loss = self.train_step(tokens.to(self.device, non_blocking=True))
+                if self.watch is not None and self.main:
+                    self.watch.add_loss(loss)
             except TrainingError as e:
                 self._error = str(e)
                 if self.main:

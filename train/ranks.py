@@ -14,7 +14,9 @@ them:
                others take the step and the optimizer and scheduler state (the weights come when
                the model is wrapped in DistributedDataParallel, which broadcasts rank 0's).
 4. checkpoint  at each scheduled checkpoint rank 0 evaluates, writes the row and saves; the
-               others wait for the outcome.
+               others wait for the outcome. Under adaptive density (`watch`) at each watched step
+               rank 0 decides whether to take a checkpoint, and takes it; the others learn whether
+               it did.
 5. stop        after each step every rank learns of a stop signal that reached any rank; rank 0
                then writes the interrupt checkpoint and says so, and the others wait.
 6. end         the ranks that know how the run ended meet at a barrier and leave the group; a
@@ -34,7 +36,7 @@ from typing import Any, Callable, Iterator, TypeVar
 
 from omegaconf import OmegaConf
 
-from train.core.config import typed_config
+from train.core.saved_config import typed_config
 from train.distributed import SINGLE, World, agree_stop, broadcast, finish, mark_shared, shared, start, world_from_env
 from train.startup import Start
 
@@ -169,6 +171,17 @@ class Ranks:
                 return lead()
         _follow(self.world)
         return done()
+
+    def watch(self, lead: Callable[[], T | None], done: Callable[[], T]) -> T | None:
+        """4, under adaptive density. Rank 0: `lead()`, which decides and takes the checkpoint it
+        decided on (None: none). The others: whether it took one, and then `done()` (None when
+        it took none)."""
+        if self.main:
+            with _leading(self.world) as box:
+                result = lead()
+                box.value = result is not None
+            return result
+        return done() if _follow(self.world) else None
 
     def stop(self, received: int | None, check: Callable[[], None], lead: Callable[[int], None]) -> int | None:
         """5. The stop signal that reached any rank (`received` here; distributed.agree_stop),

@@ -25,9 +25,9 @@ from train.core.config import ConfigError, validate
 from train.core.saved_config import differences, load_saved_config
 from train.sweep import requeued_job
 
-# Overrides that may accompany resume=: where it runs and how it logs. Everything else is the
-# config the run started with (its config.yaml).
-RESUME_OVERRIDABLE = ("resume", "device", "logger")
+# Overrides that may accompany resume=: where it runs, on how many threads and how it logs.
+# Everything else is the config the run started with (its config.yaml).
+RESUME_OVERRIDABLE = ("resume", "device", "threads", "logger")
 # resume=auto: the same command again (a requeued job) continues the run in its run directory
 # when that holds one of the same config, and starts it there otherwise.
 RESUME_AUTO = "auto"
@@ -85,7 +85,7 @@ def resumed_config(cfg: DictConfig, run_dir: Path, same_command: bool = False) -
                                for k in changed[:3])
             raise ConfigError(f"resume={RESUME_AUTO}: {run_dir} holds a run of another config ({values}); "
                               f"choose another directory")
-    merged.resume, merged.device = str(run_dir), cfg.device
+    merged.resume, merged.device, merged.threads = str(run_dir), cfg.device, cfg.get("threads", "auto")
     if same_command or any(_override_key(o).split(".")[0] == "logger" for o in overrides):
         merged.logger = cfg.logger
     return merged

@@ -61,37 +61,46 @@ class Saver:
         self.model, self.optimizer, self.scheduler, self.writer = model, optimizer, scheduler, writer
         self.last_saved: int | None = None
 
-    def save(self, step: int, kind: str, loss_sum: torch.Tensor, loss_count: int) -> Path:
-        """Checkpoint `step`, with the running train-loss sums: the weights and training state
-        are copied now and written, with the pruning of older checkpoints, by the writer, which
-        sets `last_saved` once the checkpoint is in place. Returns the checkpoint's directory."""
+    def save(self, step: int, kind: str, loss_sum: torch.Tensor, loss_count: int,
+             watch: dict[str, Any] | None = None, weights: dict[str, torch.Tensor] | None = None) -> Path:
+        """Checkpoint `step`, with the running train-loss sums and the adaptive-density watch
+        (`watch`, train/watch.py; None on the fixed schedule): the weights and training state are
+        copied now and written, with the pruning of older checkpoints, by the writer, which sets
+        `last_saved` once the checkpoint is in place. Given `weights` (a lead-in checkpoint of an
+        earlier step), those are saved instead of the model's, without training state. Returns
+        the checkpoint's directory."""
         c = self.cfg.checkpoint
         # An interrupt checkpoint must always be resumable, whatever keep_resume_states says.
-        with_state = c.keep_resume_states > 0 or kind == rundir.INTERRUPT
-        meta = {"step": step, "tokens": step * self.tokens_per_step, "kind": kind,
+        with_state = weights is None and (c.keep_resume_states > 0 or kind == rundir.INTERRUPT)
+        meta = {"step": step, "tokens": step * self.tokens_per_step, "kind": kind, "threads": torch.get_num_threads(),
                 "model": OmegaConf.to_container(self.cfg.model, resolve=True),
                 "config": OmegaConf.to_container(self.cfg, resolve=True)}
-        weights = ckpt.snapshot(self.model.state_dict()) if c.save_weights or with_state else {}
-        state = ckpt.snapshot(self.train_state(loss_sum, loss_count)) if with_state else None
+        weights = ckpt.snapshot(self.model.state_dict() if weights is None else weights) \
+            if c.save_weights or with_state else {}
+        state = ckpt.snapshot(self.train_state(loss_sum, loss_count, watch)) if with_state else None
 
         def write() -> None:
             ckpt.save_checkpoint(self.run_dir, weights, meta, state, save_weights=c.save_weights)
             if kind != rundir.INTERRUPT:
                 rundir.prune(self.run_dir, step, c.keep_resume_states, c.save_weights)
-            self.last_saved = step
+            self.last_saved = max(step, self.last_saved or 0)
 
         self.writer.submit(write)
         return rundir.checkpoint_dir(self.run_dir, step)
 
-    def train_state(self, loss_sum: torch.Tensor, loss_count: int) -> dict[str, Any]:
+    def train_state(self, loss_sum: torch.Tensor, loss_count: int, watch: dict[str, Any] | None = None) -> dict[str, Any]:
         """A resumable checkpoint's training state (train_state.pt)."""
-        return {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                "rng": rng_state(), "loss_sum": loss_sum.detach().cpu(), "loss_count": loss_count}
+        state = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                 "rng": rng_state(), "loss_sum": loss_sum.detach().cpu(), "loss_count": loss_count}
+        if watch is not None:
+            state["watch"] = watch
+        return state
 
-    def restore(self, path: Path, device: torch.device) -> tuple[int, torch.Tensor, int]:
-        """Load the model, optimizer, scheduler and RNG of checkpoint `path`; returns its step and
-        running train-loss sums. Everything is read and checked before anything is changed on
-        disk; rundir.CheckpointError for a checkpoint that does not fit."""
+    def restore(self, path: Path, device: torch.device) -> tuple[int, torch.Tensor, int, dict[str, Any] | None]:
+        """Load the model, optimizer, scheduler and RNG of checkpoint `path`; returns its step,
+        running train-loss sums and adaptive-density watch (None: it has none). Everything is read
+        and checked before anything is changed on disk; rundir.CheckpointError for a checkpoint
+        that does not fit."""
         meta = rundir.read_meta(path)
         ckpt.check_same_model(meta, OmegaConf.to_container(self.cfg.model, resolve=True), path)
         ckpt.load_weights(self.model, path)
@@ -104,7 +113,7 @@ class Saver:
         except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as e:
             raise rundir.CheckpointError(f"resume state in {path} does not fit this run: {e}") from None
         self.last_saved = int(meta["step"])
-        return self.last_saved, loss_sum, loss_count
+        return self.last_saved, loss_sum, loss_count, state.get("watch")
 
     def resume_state(self, step: int) -> dict[str, Any]:
         """What the other ranks need of a restored checkpoint: the step, the optimizer and the

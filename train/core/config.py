@@ -5,7 +5,7 @@ misspelled key or a value of the wrong type fails at composition, before anythin
 so that `python -m train` rejects bad input with a one-line error before anything is built or
 written. This module owns the defaults (the YAML files in conf/ mirror them; a test keeps the two
 equal) and the allowed values of every named choice. Where a run goes is checked by train/core/rundir.py;
-configs saved by runs are read by train/core/saved_config.py.
+configs saved by runs are read, and plain configs typed (`typed_config`), by train/core/saved_config.py.
 
 Note on head sizes: `model.d_model` need not equal `n_heads * d_head`. W_O maps the concatenated
 head outputs (n_heads * d_head) back to d_model, so any positive combination is a valid model.
@@ -20,6 +20,8 @@ from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig
+
+from train.core.schedules import AdaptiveConfig, adaptive_problem
 
 
 @dataclass
@@ -133,13 +135,15 @@ class TrainConfig:
 @dataclass
 class CheckpointConfig:
     """When to evaluate and save (in tokens seen: the union of log-spaced and linearly spaced
-    points, train/core/schedules.py), and what each checkpoint keeps."""
+    points, or with `adaptive.enabled` a sparser one plus checkpoints where the model changes:
+    train/core/schedules.py), and what each checkpoint keeps."""
 
     n_log: int = 70
     n_linear: int = 40
     first_tokens: int = 20_000  # first log-spaced point after step 0
     save_weights: bool = True  # model.safetensors at every checkpoint (for later re-analysis)
     keep_resume_states: int = 1  # newest checkpoints that keep optimizer state for resuming
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
 
 
 @dataclass
@@ -180,6 +184,7 @@ class Config:
     callbacks: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
     device: str = "auto"  # auto (cuda, then mps, then cpu) | cpu | cuda | cuda:N | mps
+    threads: str = "auto"  # torch's CPU threads: auto (train/threads.py) or a number
     resume: Optional[str] = None  # a run directory to continue, or auto (train/startup.py RESUME_AUTO)
     name: str = "induction"  # run name (wandb)
     live_detection_every: int = 10  # run the phase-change detector on the rows so far every k checkpoints; 0: off
@@ -211,20 +216,6 @@ def register_configs() -> None:
     for option, schema in DATA_OPTIONS.items():
         store.store(group="data", name=f"{option}_schema", node=schema)
     OmegaConf.register_new_resolver("pid", os.getpid, replace=True)
-
-
-def typed_config(values: dict[str, Any]) -> DictConfig:
-    """A plain config (e.g. a resolved one handed between processes) under the schema: `Config`,
-    its `data` section typed by the option whose builder `data._target_` names."""
-    from omegaconf import OmegaConf
-
-    data = values.get("data")
-    target = data.get("_target_") if isinstance(data, dict) else None
-    schema = DATA_SCHEMAS.get(target)
-    if schema is None:
-        raise ConfigError(f"data._target_={target!r} is no data option's builder; the builders are "
-                          f"{', '.join(DATA_SCHEMAS)}")
-    return OmegaConf.merge(OmegaConf.structured(Config), {"data": OmegaConf.structured(schema)}, values)
 
 
 # -- allowed values (checked by `validate`; the code that uses them imports them from here) -----
@@ -280,6 +271,9 @@ def validate(cfg: Any) -> None:
     for name, cb in (cfg.get("callbacks") or {}).items():
         if cb is not None and "every" in cb:
             _need(cb.every >= 1, f"callbacks.{name}.every must be >= 1, got {cb.every}")
+    threads = str(cfg.get("threads", "auto"))
+    _need(threads == "auto" or (threads.isdigit() and int(threads) >= 1),
+          f"threads must be auto or a positive number, got {threads!r}")
     from train.core import limits  # the model and a step's tensors fit the machine (a lower bound)
 
     try:
@@ -374,6 +368,8 @@ def _validate_training(cfg: Any) -> None:
     _need(cfg.checkpoint.n_log + cfg.checkpoint.n_linear <= MAX_CHECKPOINTS,
           f"checkpoint.n_log + checkpoint.n_linear must be at most {MAX_CHECKPOINTS:,}")
     _positive(cfg, "checkpoint", "first_tokens")
+    problem = adaptive_problem(cfg.checkpoint.get("adaptive"), cfg.probes.n_probes)
+    _need(problem is None, problem)
 
 
 def _validate_probes(cfg: Any) -> None:

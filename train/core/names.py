@@ -35,6 +35,11 @@ ELAPSED = "time/elapsed_s"  # loggers only (wall clock is not part of metrics.js
 HEATMAP = "heads/prefix_matching"  # wandb only: the layers x heads image of prefix matching
 OVERVIEW, CHARTS = "overview", "charts"  # wandb only: sections of the key scalars and of the per-family charts
 PHASE_CHANGE = "phase_change"  # wandb run summary only: the detected window (train/live.py)
+# checkpoint.adaptive only: why the checkpoint was taken ("base" or "zoom") and the watch behind it
+# (train/core/schedules.py Decision): the watched value that moved most for its threshold (a head
+# name, or loss/train), its change since the previous checkpoint, and that threshold
+CHECKPOINT_REASON, WATCH_CHANNEL = "checkpoint/reason", "checkpoint/watch"
+WATCH_CHANGE, WATCH_THRESHOLD = "checkpoint/watch_change", "checkpoint/watch_threshold"
 
 # per-head metrics
 PREFIX_MATCHING, DUPLICATE_TOKEN, PREVIOUS_TOKEN, COPYING = (

@@ -5,9 +5,8 @@ which Olsson et al. (2022) show the phase change.
 
 Smoothing
 ---------
-`smooth`: Gaussian-weighted local linear regression against ln tokens (train/core/smoothing.py),
-bandwidth `bandwidth` (0.12 ln tokens), widened to the distance of the `min_neighbors`-th
-nearest checkpoint; sigma = residual noise of the raw points around the smooth curve.
+`smooth` (train/core/smoothing.py): Gaussian-weighted local linear regression against ln tokens
+with the params' `bandwidth`, `min_neighbors`, `grid_points`, `spacing_weights` (see `detect_run`).
 
 Burn-in
 -------
@@ -69,7 +68,7 @@ but that is unfinished (`unfinished: true`). The verdict:
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -95,6 +94,7 @@ class PhaseParams:
     bump_min_nats: float = 0.05
     bump_min_depth: float = 1.0
     coincide_tol: float = 0.1
+    spacing_weights: bool = False
 
     def to_dict(self) -> dict[str, float]:
         return asdict(self)
@@ -126,9 +126,9 @@ def rounded(v: float) -> float | None:
 
 
 def smooth(tokens, values, params: PhaseParams = PhaseParams()) -> Smooth | None:
-    """The series smoothed against ln(tokens) (train/core/smoothing.py) with the params'
-    bandwidth, min_neighbors and grid_points; None if fewer than MIN_POINTS usable checkpoints."""
-    return smooth_xy(tokens, values, params.bandwidth, params.min_neighbors, params.grid_points)
+    """The series smoothed against ln(tokens) (train/core/smoothing.py) with the params' smoothing
+    settings; None if fewer than MIN_POINTS usable checkpoints."""
+    return smooth_xy(tokens, values, params.bandwidth, params.min_neighbors, params.grid_points, params.spacing_weights)
 
 
 # --------------------------------------------------------------------------- burn-in
@@ -392,9 +392,9 @@ def icl_key(run) -> str:
 
 
 def detect_run(run, params: PhaseParams = PhaseParams()) -> dict[str, Any]:
-    """`detect_phase_change` on a run's rows (a train.core.runs.Run): held-out loss, the ICL score
-    of `icl_key` and every head's prefix-matching score against tokens; the result names the ICL
-    key (`icl_key`). The analysis and live detection during training (train/live.py) call this."""
-    key = icl_key(run)
+    """`detect_phase_change` on a run's rows (a train.core.runs.Run; called by the analysis and by
+    train/live.py): held-out loss, the ICL score of `icl_key` (named in the result) and every head's
+    prefix-matching score, with `spacing_weights` if the rows say why each checkpoint was taken."""
+    key, params = icl_key(run), replace(params, spacing_weights=params.spacing_weights or run.has(N.CHECKPOINT_REASON))
     return {**detect_phase_change(run.tokens, run.series(N.LOSS_HELDOUT), run.series(key),
                                   run.head_series(N.PREFIX_MATCHING), params), "icl_key": key}

@@ -1,7 +1,8 @@
 """Configs saved by runs (a run's config.yaml, a checkpoint's meta.json), read as data, never as
 code: `load_saved_config` upgrades the names of older versions, refuses any key that would build
 something outside this project's registry (`known_components`), and types the values with the
-schema (train/core/config.py). `differences` compares two configs key by key (resume=auto)."""
+schema (train/core/config.py; `typed_config`, also for a resolved config handed between processes).
+`differences` compares two configs key by key (resume=auto)."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,10 +10,24 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from train.core.config import CONF_DIR, DATA_OPTIONS, ConfigError, typed_config
+from train.core.config import CONF_DIR, DATA_OPTIONS, DATA_SCHEMAS, Config, ConfigError
 
 # Hydra's instantiation keys other than `_target_`: never accepted from a saved config.
 HYDRA_SPECIAL_KEYS = ("_args_", "_partial_", "_recursive_", "_convert_")
+
+
+def typed_config(values: dict[str, Any]) -> DictConfig:
+    """A plain config (e.g. a resolved one handed between processes) under the schema: `Config`,
+    its `data` section typed by the option whose builder `data._target_` names."""
+    from omegaconf import OmegaConf
+
+    data = values.get("data")
+    target = data.get("_target_") if isinstance(data, dict) else None
+    schema = DATA_SCHEMAS.get(target)
+    if schema is None:
+        raise ConfigError(f"data._target_={target!r} is no data option's builder; the builders are "
+                          f"{', '.join(DATA_SCHEMAS)}")
+    return OmegaConf.merge(OmegaConf.structured(Config), {"data": OmegaConf.structured(schema)}, values)
 
 
 def known_components() -> dict[str, set[str]]:

@@ -6,7 +6,10 @@ is the smoothed value and its slope the derivative d y / d ln(tokens). The bandw
 phase detector's default 0.12, i.e. about +-12 % in tokens, train/core/phase.py PhaseParams) is
 widened locally to the distance of the `min_neighbors`-th nearest checkpoint where checkpoints
 are sparse. Noise level sigma = standard deviation of the residuals of the raw points around the
-smooth curve."""
+smooth curve. With `spacing_weights` (the phase detector turns it on for runs under adaptive
+checkpoint density, whose rows say why each checkpoint was taken) each checkpoint's weight is also
+multiplied by the stretch of x it stands for (`spacing`: half the distance to each neighbour), so
+that a cluster of checkpoints counts for the stretch it covers, not for its number."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,13 +26,17 @@ def clean_xy(tokens, values) -> tuple[np.ndarray, np.ndarray]:
     return np.log(t[keep][order]), y[keep][order]
 
 
-def local_linear(x, y, grid, bandwidth: float, min_neighbors: int = 4) -> tuple[np.ndarray, np.ndarray]:
-    """Gaussian-weighted local linear regression: (smoothed value, slope) at each grid point."""
+def local_linear(x, y, grid, bandwidth: float, min_neighbors: int = 4,
+                 weights=None) -> tuple[np.ndarray, np.ndarray]:
+    """Gaussian-weighted local linear regression: (smoothed value, slope) at each grid point;
+    `weights`: each point's weight besides the kernel's (None: all 1)."""
     x, y, grid = (np.asarray(a, dtype=float) for a in (x, y, grid))
     d = x[None, :] - grid[:, None]  # [G, N]
     k = min(max(min_neighbors, 2), len(x)) - 1
     h = np.maximum(bandwidth, np.sort(np.abs(d), axis=1)[:, k])
     w = np.exp(-0.5 * (d / h[:, None]) ** 2)
+    if weights is not None:
+        w = w * np.asarray(weights, dtype=float)[None, :]
     s0, s1, s2 = w.sum(1), (w * d).sum(1), (w * d * d).sum(1)
     t0, t1 = (w * y).sum(1), (w * d * y).sum(1)
     det = s0 * s2 - s1 * s1
@@ -50,15 +57,23 @@ class Smooth:
 MIN_POINTS = 5  # usable checkpoints (tokens > 0, finite value) a series needs to be smoothed
 
 
-def smooth_xy(tokens, values, bandwidth: float, min_neighbors: int, grid_points: int) -> Smooth | None:
-    """Smooth a series against ln(tokens) on `grid_points` points; None if fewer than MIN_POINTS
-    usable checkpoints."""
+def spacing(x: np.ndarray) -> np.ndarray:
+    """The stretch of sorted x each point stands for: half the distance to each neighbour (the
+    first and last points: half the distance to their one neighbour)."""
+    return np.diff(np.concatenate([[x[0]], (x[1:] + x[:-1]) / 2, [x[-1]]]))
+
+
+def smooth_xy(tokens, values, bandwidth: float, min_neighbors: int, grid_points: int,
+              spacing_weights: bool = False) -> Smooth | None:
+    """Smooth a series against ln(tokens) on `grid_points` points, each point weighted by its
+    `spacing` if `spacing_weights`; None if fewer than MIN_POINTS usable checkpoints."""
     x, y = clean_xy(tokens, values)
     if len(x) < MIN_POINTS or x[-1] - x[0] <= 0:
         return None
     grid = np.linspace(x[0], x[-1], grid_points)
-    value, slope = local_linear(x, y, grid, bandwidth, min_neighbors)
-    at_points, _ = local_linear(x, y, x, bandwidth, min_neighbors)
+    weights = spacing(x) if spacing_weights else None
+    value, slope = local_linear(x, y, grid, bandwidth, min_neighbors, weights)
+    at_points, _ = local_linear(x, y, x, bandwidth, min_neighbors, weights)
     resid = y - at_points
     sigma = float(np.sqrt(np.nanmean(resid ** 2))) if len(resid) else 0.0
     return Smooth(x, y, grid, value, slope, sigma)
