@@ -10,6 +10,11 @@ sys.dont_write_bytecode = False
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# The suite runs in two worker processes (pyproject: pytest-xdist's -n 2): one torch thread each,
+# so the two never fight over the cores (and every process, subprocesses included, has one).
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    torch.set_num_threads(1)
+
 # Tests never reach the network: wandb stays offline, Hugging Face stays offline.
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
