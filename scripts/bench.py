@@ -1,7 +1,7 @@
 """Speed benchmark of training and probing, on one machine, in one process:
 
     uv run --all-extras python scripts/bench.py [--quick] [--device auto|cpu|cuda] [--out FILE.json]
-    uv run --all-extras python scripts/bench.py --runs [--quick] [--corpus FILE.txt] [--no-long] [--out FILE.json]
+    uv run --all-extras python scripts/bench.py --runs [--quick] [--corpus FILE.txt] [--no-long] [--repeats N] [--out FILE.json]
 
 It prints a machine line and markdown tables, and with --out writes every number as JSON. The
 measurements live in scripts/bench_*.py (timing, machine, steps, trainer, runs, report); sections
@@ -127,9 +127,10 @@ def run_all(device: torch.device, quick: bool, use_tl: bool = True, say=print) -
     return result
 
 
-def run_whole(device: torch.device, quick: bool, corpus: Path | None, long: bool, say=print) -> dict[str, Any]:
+def run_whole(device: torch.device, quick: bool, corpus: Path | None, long: bool, say=print,
+              repeats: int = 3) -> dict[str, Any]:
     """Sections 7 and 8 (scripts/bench_runs.py): whole runs."""
-    r = runs_for(quick, corpus, long)
+    r = runs_for(quick, corpus, long, repeats)
     t0 = time.perf_counter()
     result: dict[str, Any] = {"machine": machine_info(device), "quick": quick, "runs": dataclasses.asdict(r)}
     result["schedules"] = bench_schedules(device, r, say)
@@ -148,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", action="store_true", help="whole runs: checkpoint schedules and thread settings")
     parser.add_argument("--corpus", type=Path, help="with --runs: a text file for the text_cpu case")
     parser.add_argument("--no-long", action="store_true", help="with --runs: leave out the 10x longer run")
+    parser.add_argument("--repeats", type=int, default=3, help="with --runs: thread runs per setting and condition")
     args = parser.parse_args(argv)
     device = select_device(args.device)
     if args.runs:
@@ -168,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main_runs(args, device: torch.device) -> int:
     result = run_whole(device, args.quick, args.corpus, not args.no_long,
-                       say=lambda line: print(line, file=sys.stderr, flush=True))
+                       say=lambda line: print(line, file=sys.stderr, flush=True), repeats=args.repeats)
     m = result["machine"]
     print(f"machine: {m['cpu']}, {m['cpu_count']} cores ({m['cpu_usable']} usable), torch {m['torch']} with "
           f"{m['torch_threads']} threads in this process")

@@ -3,7 +3,8 @@ and what the thread setting does beside a busy process.
 
 7. schedules: the default run (and the cases of `Runs.cases`: its 1-layer control, `text_cpu`
    on --corpus, a 10x longer run) trained in this process through `train.loop.Trainer`, once on
-   the fixed schedule and once under adaptive density (`checkpoint=adaptive`), for each seed.
+   the fixed schedule and once under adaptive density (`checkpoint=adaptive`), for each seed
+   (`text_cpu` and the longer run, 4 and 10 times the default run's tokens: the first seed only).
    Per run: the wall time of `Trainer.run`, the seconds in `Trainer.evaluate` (the callbacks) and
    in the watch of adaptive density (train/watch.py Watch.values and Watch.keep: the probe and the
    kept weights), each as a share of that wall; the checkpoints
@@ -53,10 +54,11 @@ class Runs:
     thread_settings: tuple[str, ...] = tuple(THREAD_SETTINGS)
     thread_timeout: float = 1800.0  # seconds one thread run may take
     busy: bool = True  # also beside a busy process
+    first_seed_only: tuple[str, ...] = ()  # cases too costly for every seed: the first seed only
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def runs_for(quick: bool, corpus: Path | None = None, long: bool = True) -> Runs:
+def runs_for(quick: bool, corpus: Path | None = None, long: bool = True, repeats: int = 3) -> Runs:
     if quick:  # a 32-wide model, 15 steps, the basic callbacks; one thread run
         tiny = ["model.d_model=32", "train.total_tokens=61440", "checkpoint.n_log=10", "checkpoint.n_linear=5",
                 "probes.n_heldout=16", *(f"callbacks.{c}=null" for c in ("circuits", "robustness", "induction", "ablation"))]
@@ -67,7 +69,8 @@ def runs_for(quick: bool, corpus: Path | None = None, long: bool = True) -> Runs
         cases["text_cpu"] = ["experiment=text_cpu", f"data.source={corpus}"]
     if long:
         cases["10x longer (40M tokens)"] = ["train.total_tokens=40000000"]
-    return Runs(cases=cases, seeds=(0, 1, 2), thread_overrides=(), repeats=3)
+    costly = tuple(c for c in cases if c.startswith(("text_cpu", "10x")))  # 4x and 10x the default run's tokens
+    return Runs(cases=cases, seeds=(0, 1, 2), thread_overrides=(), repeats=repeats, first_seed_only=costly)
 
 
 # -- 7. schedules ----------------------------------------------------------------------------------
@@ -125,7 +128,7 @@ def bench_schedules(device: torch.device, r: Runs, say=print) -> list[dict[str, 
     then the adaptive one, whose edges are compared with it."""
     results = []
     for case, overrides in r.cases.items():
-        for seed in r.seeds:
+        for seed in r.seeds[:1] if case in r.first_seed_only else r.seeds:
             fixed = None
             for schedule, extra in SCHEDULES.items():
                 say(f"{case}, seed {seed}, {schedule} schedule ...")
