@@ -47,14 +47,15 @@ What the sections are:
    process high-water mark of resource.getrusage; it includes the interpreter and libraries. On
    CUDA torch.cuda.max_memory_allocated, reset per size.
 7. (--runs) checkpoint schedules: the default run, its 1-layer control, `text_cpu` (with
-   --corpus) and a 10x longer run, on the fixed schedule and under adaptive density, 3 seeds
-   (--quick: one seed of tiny runs), trained in this process (its thread count): the callbacks'
-   and the density watch's share of the run's wall, checkpoints (zoomed), the phase-change window
-   of `python -m analysis`, the checkpoints in it and its edges against the fixed schedule's.
+   --corpus) and a 10x longer run, on a dense reference schedule, on the fixed schedule and under
+   adaptive density, 3 seeds (--quick: one seed of tiny runs), trained in this process (its
+   thread count): the callbacks' and the density watch's share of the run's wall, checkpoints
+   (zoomed), the phase-change window of `python -m analysis`, the checkpoints in it and its edges
+   against the fixed schedule's and the dense reference's.
 8. (--runs) thread settings: the default run (--quick: a tiny smoke run) as `python -m train` in a
    subprocess, wall from start to exit, for threads=1, 2, auto and 2 with OMP_WAIT_POLICY=PASSIVE,
    idle and beside one busy process started by the benchmark, interleaved, median of 3 (--quick:
-   threads=auto once, idle). Definitions of both: scripts/bench_runs.py.
+   threads=auto once, idle; --no-threads: left out). Definitions of both: scripts/bench_runs.py.
 
 Model FLOPs per token of a training step (H = n_heads, E = d_head, L = n_layers, T = n_ctx,
 V = d_vocab, D = d_model):
@@ -128,13 +129,14 @@ def run_all(device: torch.device, quick: bool, use_tl: bool = True, say=print) -
 
 
 def run_whole(device: torch.device, quick: bool, corpus: Path | None, long: bool, say=print,
-              repeats: int = 3) -> dict[str, Any]:
-    """Sections 7 and 8 (scripts/bench_runs.py): whole runs."""
+              repeats: int = 3, threads: bool = True) -> dict[str, Any]:
+    """Sections 7 and 8 (scripts/bench_runs.py): whole runs (8 only with `threads`)."""
     r = runs_for(quick, corpus, long, repeats)
     t0 = time.perf_counter()
     result: dict[str, Any] = {"machine": machine_info(device), "quick": quick, "runs": dataclasses.asdict(r)}
     result["schedules"] = bench_schedules(device, r, say)
-    result["threads"] = bench_threads(r, say)
+    if threads:
+        result["threads"] = bench_threads(r, say)
     result["wall_seconds"] = time.perf_counter() - t0
     return result
 
@@ -150,6 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--corpus", type=Path, help="with --runs: a text file for the text_cpu case")
     parser.add_argument("--no-long", action="store_true", help="with --runs: leave out the 10x longer run")
     parser.add_argument("--repeats", type=int, default=3, help="with --runs: thread runs per setting and condition")
+    parser.add_argument("--no-threads", action="store_true", help="with --runs: leave out the thread settings")
     args = parser.parse_args(argv)
     device = select_device(args.device)
     if args.runs:
@@ -170,14 +173,16 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main_runs(args, device: torch.device) -> int:
     result = run_whole(device, args.quick, args.corpus, not args.no_long,
-                       say=lambda line: print(line, file=sys.stderr, flush=True), repeats=args.repeats)
+                       say=lambda line: print(line, file=sys.stderr, flush=True), repeats=args.repeats,
+                       threads=not args.no_threads)
     m = result["machine"]
     print(f"machine: {m['cpu']}, {m['cpu_count']} cores ({m['cpu_usable']} usable), torch {m['torch']} with "
           f"{m['torch_threads']} threads in this process")
     print()
     print(schedule_tables(result["schedules"]))
-    print()
-    print(thread_tables(result["threads"]))
+    if "threads" in result:
+        print()
+        print(thread_tables(result["threads"]))
     print(f"\n{'quick' if args.quick else 'full'} whole-run benchmark: {result['wall_seconds']:.0f} s")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -85,6 +85,10 @@ def pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
+def signed_pct(x: float) -> str:
+    return f"{100 * x:+.1f}%"
+
+
 def tokens(x: float | None) -> str:
     return "none" if x is None else f"{x / 1e6:.3f}M"
 
@@ -92,15 +96,17 @@ def tokens(x: float | None) -> str:
 def schedule_tables(results: list[dict[str, Any]]) -> str:
     """Section 7 (scripts/bench_runs.py): one row per run."""
     lines = ["| case | seed | schedule | checkpoints (zoomed) | callbacks / wall | watch / wall | run wall | "
-             "window (start - end) | checkpoints in window | edge shift vs fixed (start, end) |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "window (start - end) | checkpoints in window | edge shift vs fixed (start, end) | "
+             "edge error vs dense (start, end) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        w, shift = r["window"], r["edge_shift"]
+        w = r["window"]
         window = "none" if w is None else f"{tokens(w['start_tokens'])} - {tokens(w['end_tokens'])}"
-        moved = "n/a" if shift is None else f"{pct(shift['start'])}, {pct(shift['end'])}"
+        moved, error = (("n/a" if e is None else f"{fmt(e['start'])}, {fmt(e['end'])}")
+                        for e, fmt in ((r["edge_shift"], pct), (r.get("edge_error"), signed_pct)))
         lines.append(f"| {r['case']} | {r['seed']} | {r['schedule']} | {r['checkpoints']} ({r['zoomed']}) | "
                      f"{pct(r['callback_share'])} | {pct(r['watch_share'])} | {r['run_seconds']:.1f} s | {window} | "
-                     f"{'n/a' if r['in_window'] is None else r['in_window']} | {moved} |")
+                     f"{'n/a' if r['in_window'] is None else r['in_window']} | {moved} | {error} |")
     return "\n".join(lines)
 
 

@@ -3,14 +3,18 @@ and what the thread setting does beside a busy process.
 
 7. schedules: the default run (and the cases of `Runs.cases`: its 1-layer control, `text_cpu`
    on --corpus, a 10x longer run) trained in this process through `train.loop.Trainer`, once on
-   the fixed schedule and once under adaptive density (`checkpoint=adaptive`), for each seed
-   (`text_cpu` and the longer run, 4 and 10 times the default run's tokens: the first seed only).
+   a dense reference schedule (`DENSE`: 300 log-spaced points, only the callbacks the phase
+   detector reads, no weights saved), once on the fixed schedule and once under adaptive density
+   (`checkpoint=adaptive`), for each seed (`text_cpu` and the longer run, 4 and 10 times the
+   default run's tokens: the first seed only). The training is the same in the three runs (the
+   checkpoints draw no random numbers), so they differ only in where the rows are measured.
    Per run: the wall time of `Trainer.run`, the seconds in `Trainer.evaluate` (the callbacks) and
    in the watch of adaptive density (train/watch.py Watch.values and Watch.keep: the probe and the
    kept weights), each as a share of that wall; the checkpoints
    (zoomed ones apart); the phase-change window of `python -m analysis` (train/core/phase.py
    detect_run on the run's rows), the checkpoints inside it, and each edge's distance in tokens
-   from the fixed schedule's edge of the same case and seed (relative: |a - f| / f).
+   from the fixed schedule's edge of the same case and seed (relative: |a - f| / f) and from the
+   dense reference's (signed: (a - d) / d, the error of the window a schedule resolves).
 8. threads: `python -m train` of the default config as a subprocess (logger=none, its own run
    directory, OMP_NUM_THREADS and MKL_NUM_THREADS removed from its environment), wall seconds from
    start to exit, for each thread setting (`threads=1`, `threads=2`, `threads=auto`, and 2 threads
@@ -40,7 +44,9 @@ from scripts.bench_trainer import default_trainer, time_inside
 from scripts.bench_timing import timed
 
 ROOT = Path(__file__).resolve().parents[1]
-SCHEDULES = {"fixed": [], "adaptive": ["checkpoint=adaptive"]}
+DENSE = ["checkpoint.n_log=300", "checkpoint.n_linear=0", "checkpoint.save_weights=false",
+         *(f"callbacks.{c}=null" for c in ("circuits", "robustness", "induction", "ablation"))]
+SCHEDULES = {"dense": DENSE, "fixed": [], "adaptive": ["checkpoint=adaptive"]}
 THREAD_SETTINGS = {"1": (["threads=1"], {}), "2": (["threads=2"], {}), "auto": (["threads=auto"], {}),
                    "2, OMP_WAIT_POLICY=PASSIVE": (["threads=2"], {"OMP_WAIT_POLICY": "PASSIVE"})}
 
@@ -96,9 +102,15 @@ def resolution(rows: list[dict[str, Any]], window: dict[str, Any] | None) -> dic
 
 def edge_shift(window: dict[str, Any] | None, fixed: dict[str, Any] | None) -> dict[str, float] | None:
     """|adaptive edge - fixed edge| / fixed edge, per edge (None when either has no window)."""
-    if window is None or fixed is None:
+    error = edge_error(window, fixed)
+    return None if error is None else {k: abs(v) for k, v in error.items()}
+
+
+def edge_error(window: dict[str, Any] | None, reference: dict[str, Any] | None) -> dict[str, float] | None:
+    """(edge - reference edge) / reference edge, per edge (None when either has no window)."""
+    if window is None or reference is None:
         return None
-    return {k: abs(window[f"{k}_tokens"] - fixed[f"{k}_tokens"]) / fixed[f"{k}_tokens"] for k in ("start", "end")}
+    return {k: (window[f"{k}_tokens"] - reference[f"{k}_tokens"]) / reference[f"{k}_tokens"] for k in ("start", "end")}
 
 
 def schedule_run(device: torch.device, overrides: list[str]) -> dict[str, Any]:
@@ -124,19 +136,19 @@ def schedule_run(device: torch.device, overrides: list[str]) -> dict[str, Any]:
 
 
 def bench_schedules(device: torch.device, r: Runs, say=print) -> list[dict[str, Any]]:
-    """Every case x seed x schedule (module docstring, 7); the fixed run of a case and seed first,
-    then the adaptive one, whose edges are compared with it."""
+    """Every case x seed x schedule (module docstring, 7), in the order of SCHEDULES: the dense
+    reference and the fixed schedule of a case and seed before the adaptive run compared with them."""
     results = []
     for case, overrides in r.cases.items():
         for seed in r.seeds[:1] if case in r.first_seed_only else r.seeds:
-            fixed = None
+            windows: dict[str, Any] = {}
             for schedule, extra in SCHEDULES.items():
                 say(f"{case}, seed {seed}, {schedule} schedule ...")
                 res = schedule_run(device, [*overrides, f"seed={seed}", *extra])
                 res |= {"case": case, "seed": seed, "schedule": schedule}
-                if schedule == "fixed":
-                    fixed = res["window"]
-                res["edge_shift"] = edge_shift(res["window"], fixed)
+                windows[schedule] = res["window"]
+                res["edge_shift"] = edge_shift(res["window"], windows.get("fixed"))
+                res["edge_error"] = edge_error(res["window"], windows.get("dense"))
                 results.append(res)
     return results
 

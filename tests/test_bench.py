@@ -120,10 +120,11 @@ def test_quick_whole_run_benchmark_reports_both_sections(tmp_path, capsys):
     assert main(["--runs", "--quick", "--device", "cpu", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     runs = {x["schedule"]: x for x in r["schedules"]}
-    assert set(runs) == {"fixed", "adaptive"}
+    assert list(runs) == ["dense", "fixed", "adaptive"]
     for x in runs.values():
         assert positive(x["run_seconds"]) and 0 < x["callback_share"] < 1 and x["checkpoints"] >= 2
     assert runs["fixed"]["watch_share"] == 0 and 0 < runs["adaptive"]["watch_share"] < 1
+    assert runs["dense"]["checkpoints"] > runs["fixed"]["checkpoints"]  # every step of the tiny run
     t = r["threads"]
     assert set(t["median_wall"]) == {"idle"} and set(t["median_wall"]["idle"]) == {"auto"}
     assert positive(t["median_wall"]["idle"]["auto"]) and t["busy_over_idle"] == {}
@@ -137,18 +138,19 @@ def test_quick_whole_run_benchmark_reports_both_sections(tmp_path, capsys):
 def test_whole_run_tables_and_resolution():
     """The whole-run sections' arithmetic and tables on given numbers (scripts/bench_runs.py)."""
     from scripts.bench_report import schedule_tables, thread_tables
-    from scripts.bench_runs import edge_shift, resolution, thread_summary
+    from scripts.bench_runs import edge_error, edge_shift, resolution, thread_summary
 
     window = {"start_tokens": 100.0, "steepest_tokens": 150.0, "end_tokens": 200.0}
     rows = [{"step": i, "tokens": 50 * i, **({"checkpoint/reason": "zoom"} if i in (3, 4) else {})} for i in range(6)]
     res = resolution(rows + [{"event": "nonfinite", "step": 6, "tokens": 300}], window)
     assert res == {"checkpoints": 6, "zoomed": 2, "window": window, "in_window": 3}
     assert edge_shift({"start_tokens": 110.0, "end_tokens": 190.0}, window) == pytest.approx({"start": 0.1, "end": 0.05})
+    assert edge_error({"start_tokens": 110.0, "end_tokens": 190.0}, window) == pytest.approx({"start": 0.1, "end": -0.05})
     assert edge_shift(None, window) is None and resolution(rows, None)["in_window"] is None
     run = {"case": "default", "seed": 0, "schedule": "adaptive", "callback_share": 0.08, "watch_share": 0.02,
-           "run_seconds": 30.0, "edge_shift": {"start": 0.01, "end": 0.04}} | res
-    assert ("| default | 0 | adaptive | 6 (2) | 8.0% | 2.0% | 30.0 s | 0.000M - 0.000M | 3 | 1.0%, 4.0% |"
-            in schedule_tables([run]))
+           "run_seconds": 30.0, "edge_shift": {"start": 0.01, "end": 0.04}, "edge_error": {"start": 0.02, "end": -0.03}}
+    assert ("| default | 0 | adaptive | 6 (2) | 8.0% | 2.0% | 30.0 s | 0.000M - 0.000M | 3 | 1.0%, 4.0% | +2.0%, -3.0% |"
+            in schedule_tables([run | res]))
     walls = {"idle": {"1": [41.0, 40.0, 39.0], "auto": [30.0]}, "busy": {"1": [44.0], "auto": [45.0]}}
     threads = thread_summary("default", walls, {
         "idle": {"1": ["  device cpu, 1 thread (set)"], "auto": ["  device cpu, 2 threads (auto: x)"]},

@@ -80,10 +80,14 @@ def test_a_rise_gets_zoomed_checkpoints_inside_it_a_lead_in_before_and_a_tail_af
     # one farther from it: gaps grow away from the zoomed stretch
     assert len(lead) == 2 and 300 < lead[0] < lead[1] < zoomed[0], (lead, zoomed)
     assert math.log(lead[1] / lead[0]) > math.log(zoomed[0] / lead[1])
-    # the tail: gaps (in ln steps) after the last zoom growing by 1.5 (on the grid of watched steps)
-    after = [zoomed[-1], *tail]
-    gaps = [math.log(b / a) for a, b in zip(after, after[1:])]
-    assert len(tail) >= 3 and gaps[-1] > 2 * gaps[0] and all(b > 0.9 * a for a, b in zip(gaps, gaps[1:])), after
+    # the tail: the k-th tail checkpoint at the first watched step (every 2) at or after
+    # x_z + u (1.5 + ... + 1.5^k) (z: the last zoom, u: its gap): gaps growing back to the base
+    # schedule's, a base checkpoint on the way (400) not counting
+    z = [t for t, _ in taken].index(zoomed[-1])
+    u = math.log(zoomed[-1] / taken[z - 1][0])
+    targets = [math.log(zoomed[-1]) + u * sum(1.5 ** j for j in range(1, k + 1)) for k in range(1, len(tail) + 1)]
+    assert all(math.log(t - 2) < x <= math.log(t) for t, x in zip(tail, targets)), (tail, [math.exp(x) for x in targets])
+    assert len(tail) >= 3 and BASE_STEPS[4] in [t for t, _ in taken[z:]], taken[z:]
     # min_gap: no two checkpoints closer than 1% in tokens (steps: tokens per step is constant)
     steps = sorted(t for t, _ in taken)
     assert steps == [t for t, _ in taken] and all((b - a) / max(a, 1) >= 0.01 for a, b in zip(steps, steps[1:]))
@@ -231,3 +235,25 @@ def test_the_watch_measures_prefix_matching_and_keeps_weights_apart(smoke_config
     again = Watch(cfg, model, probes, BASE_STEPS, 64)
     again.load_state_dict(w.state_dict(), torch.device("cpu"))
     assert torch.equal(again.kept[2].weights["blocks.1.attn.W_Q"], before) and again.kept[2].loss_count == 3
+
+
+def test_a_zoom_in_the_tail_does_not_start_the_tail_again_and_no_tail_just_before_a_base_step():
+    """A blip of L1H1 (+0.1 at step 420) while the tail of L1H0's rise runs: the watch zooms on
+    it, and the tail goes on at the points it had from the rise's last zoom; no tail checkpoint
+    is taken within min_gap before a base checkpoint (that one serves)."""
+    series = sigmoid_series(600, centre=360, width=12, noise=0.003)
+    plain = run_watch(watch(min_gap=0.01), series)
+    for t in range(420, 601):
+        series[t] = series[t] | {"L1H1": series[t]["L1H1"] + 0.1}
+    taken = run_watch(watch(min_gap=0.01), series)
+    blip = [t for t, d in taken if d.reason == ZOOM and t >= 420]
+    assert blip and blip[0] in (420, 422), taken
+    before_blip = [t for t, d in taken if d.reason == TAIL and t < blip[0]]
+    assert before_blip and reasons(taken, TAIL)[:len(before_blip)] == before_blip
+    # the tail after the blip: the points the rise's tail had (or the first watched step 1% after
+    # the blip), not a new tail growing from 1% gaps
+    plain_tail = reasons(plain, TAIL)
+    after = [t for t in reasons(taken, TAIL) if t > blip[-1]]
+    assert after and all(t in plain_tail or (t - blip[-1]) / blip[-1] < 0.02 for t in after), (after, plain_tail)
+    assert len(after) <= len([t for t in plain_tail if t > blip[-1]]) + 1
+    assert all((b - t) / t >= 0.01 for t, d in taken if d.reason == TAIL for b in BASE_STEPS if b > t)

@@ -103,7 +103,7 @@ class AdaptiveConfig:
     min_change: float = 0.02  # prefix matching
     min_gap: float = 0.02  # relative: 0.02 = 2% more tokens than at the last checkpoint
     growth: float = 1.5  # around zoomed checkpoints the gaps (in ln tokens) grow by at most this factor
-    lead_in: int = 2  # checkpoints before the first zoom of a stretch, from kept weights
+    lead_in: int = 4  # checkpoints before the first zoom of a stretch, from kept weights
     loss_change: Optional[float] = None  # nats; null: the training loss is no trigger
 
 
@@ -167,10 +167,12 @@ class DensityWatch:
       `kept` at least `min_gap` from each other and from the checkpoints around them. Kept (the
       trainer keeps their weights): the watched steps since the last checkpoint that are the first
       in their bin of width ln(1 + min_gap) in x, back to the farthest lead-in target;
-    * TAIL after the last zoom z, whose gap to the checkpoint before it is u: at
-      x_z + u (g + ... + g^k), k = 1, 2, ..., until u g^k exceeds the base schedule's log spacing
-      (ln(last base step / first) / (n_log - 1)), so that the spacing grows back to the base
-      schedule's gradually (each at least `min_gap` after the last checkpoint).
+    * TAIL after the zoomed stretch's last zoom z (a zoom right after a tail checkpoint is the
+      watch catching the rise's slow end and does not start a new stretch), whose gap to the
+      checkpoint before it is u: at x_z + u (g + ... + g^k), k = 1, 2, ..., until u g^k exceeds
+      the base schedule's log spacing (ln(last base step / first) / (n_log - 1)), so that the
+      spacing grows back to the base schedule's gradually (each at least `min_gap` after the last
+      checkpoint and before the next base one).
 
     Values at base steps between regular watches set the reference but not the noise history.
     The state (`state_dict`) is plain numbers, saved with every resumable checkpoint."""
@@ -254,22 +256,24 @@ class DensityWatch:
             lead = [] if self.reasons[-1] in (ZOOM, TAIL) else [Decision(k, LEAD_IN) for k in self._lead_in(step)]
             return [*lead, Decision(step, ZOOM, channel, change, threshold)]
         tail = self._tail()
-        if tail is not None and math.log(step) >= tail and gap >= self.s.min_gap:
+        base_ahead = min((b for b in self.base if b > step), default=math.inf)  # the next base checkpoint
+        if tail is not None and math.log(step) >= tail and gap >= self.s.min_gap \
+                and (base_ahead - step) / step >= self.s.min_gap:
             return [Decision(step, TAIL, channel, change, threshold)]
         return []
 
     def _tail(self) -> float | None:
-        """ln(step) of the next tail checkpoint (None: none due): after the last zoom z, whose gap
-        to the checkpoint before it is u (in ln tokens), the k-th tail point lies at
-        x_z + u (g + ... + g^k), k = tail checkpoints since z + 1, until u g^k exceeds the base
-        schedule's log spacing."""
-        if ZOOM not in self.reasons:
+        """ln(step) of the next tail checkpoint (None: none due): after the zoomed stretch's last
+        zoom z (one right after a tail checkpoint does not count), whose gap to the checkpoint
+        before it is u (in ln tokens), the k-th tail point lies at x_z + u (g + ... + g^k),
+        k = tail checkpoints since z + 1, until u g^k exceeds the base schedule's log spacing."""
+        r = self.reasons
+        stretch = [i for i in range(1, len(r)) if r[i] == ZOOM and r[i - 1] != TAIL]
+        if not stretch:
             return None
-        z = len(self.reasons) - 1 - self.reasons[::-1].index(ZOOM)
-        if z == 0:
-            return None
-        u, g = _ln_gap(self.taken[z - 1], self.taken[z]), self.s.growth
-        k = 1 + sum(r == TAIL for r in self.reasons[z + 1:])
+        z = stretch[-1]
+        u, k = _ln_gap(self.taken[z - 1], self.taken[z]), 1 + r[z + 1:].count(TAIL)
+        g = self.s.growth
         if u * g ** k > self.base_spacing:
             return None
         return math.log(max(self.taken[z], 1)) + u * sum(g ** j for j in range(1, k + 1))
@@ -312,6 +316,7 @@ class DensityWatch:
     def state_dict(self) -> dict[str, Any]:
         return {"channels": list(self.channels), "history": [list(r) for r in self.history],
                 "reference": self.reference, "taken": list(self.taken), "reasons": list(self.reasons),
+
                 "kept": list(self.kept)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

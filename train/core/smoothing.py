@@ -9,7 +9,13 @@ are sparse. Noise level sigma = standard deviation of the residuals of the raw p
 smooth curve. With `spacing_weights` (the phase detector turns it on for runs under adaptive
 checkpoint density, whose rows say why each checkpoint was taken) each checkpoint's weight is also
 multiplied by the stretch of x it stands for (`spacing`: half the distance to each neighbour), so
-that a cluster of checkpoints counts for the stretch it covers, not for its number."""
+that a cluster of checkpoints counts for the stretch it covers, not for its number; and sigma is
+measured only at the checkpoints whose kernel was not widened (`resolved`: the `min_neighbors`-th
+nearest checkpoint, itself included, lies within the bandwidth), each against the fit without
+spacing weights (all checkpoints if fewer than MIN_POINTS are resolved). Where the kernel had to be
+widened, as on a sparse base schedule across the initial loss descent, a residual measures how far
+the curve bends between checkpoints rather than their noise, and the weights of a sparse
+neighbour pull the fit at a dense cluster's points away from them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,14 +32,21 @@ def clean_xy(tokens, values) -> tuple[np.ndarray, np.ndarray]:
     return np.log(t[keep][order]), y[keep][order]
 
 
+def kernel_widths(x, grid, bandwidth: float, min_neighbors: int = 4) -> np.ndarray:
+    """The kernel's width at each grid point: the bandwidth, widened to the distance of the
+    `min_neighbors`-th nearest point (at least the 2nd, at most the last) where points are sparse."""
+    d = np.abs(np.asarray(x, dtype=float)[None, :] - np.asarray(grid, dtype=float)[:, None])
+    k = min(max(min_neighbors, 2), d.shape[1]) - 1
+    return np.maximum(bandwidth, np.sort(d, axis=1)[:, k])
+
+
 def local_linear(x, y, grid, bandwidth: float, min_neighbors: int = 4,
                  weights=None) -> tuple[np.ndarray, np.ndarray]:
     """Gaussian-weighted local linear regression: (smoothed value, slope) at each grid point;
     `weights`: each point's weight besides the kernel's (None: all 1)."""
     x, y, grid = (np.asarray(a, dtype=float) for a in (x, y, grid))
     d = x[None, :] - grid[:, None]  # [G, N]
-    k = min(max(min_neighbors, 2), len(x)) - 1
-    h = np.maximum(bandwidth, np.sort(np.abs(d), axis=1)[:, k])
+    h = kernel_widths(x, grid, bandwidth, min_neighbors)
     w = np.exp(-0.5 * (d / h[:, None]) ** 2)
     if weights is not None:
         w = w * np.asarray(weights, dtype=float)[None, :]
@@ -73,7 +86,10 @@ def smooth_xy(tokens, values, bandwidth: float, min_neighbors: int, grid_points:
     grid = np.linspace(x[0], x[-1], grid_points)
     weights = spacing(x) if spacing_weights else None
     value, slope = local_linear(x, y, grid, bandwidth, min_neighbors, weights)
-    at_points, _ = local_linear(x, y, x, bandwidth, min_neighbors, weights)
+    at_points, _ = local_linear(x, y, x, bandwidth, min_neighbors)  # the fit at each point, unweighted
     resid = y - at_points
+    if spacing_weights:
+        resolved = kernel_widths(x, x, bandwidth, min_neighbors) <= bandwidth
+        resid = resid[resolved] if resolved.sum() >= MIN_POINTS else resid
     sigma = float(np.sqrt(np.nanmean(resid ** 2))) if len(resid) else 0.0
     return Smooth(x, y, grid, value, slope, sigma)
