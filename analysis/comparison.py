@@ -77,9 +77,9 @@ def group_numbers(groups: dict[str, str]) -> dict[str, int]:
 
 
 def _option_name(target: Any) -> str:
-    from train.core.config import DATA_OPTIONS
+    from train.core.config import data_option
 
-    return next((o for o, schema in DATA_OPTIONS.items() if schema._target_ == target), MISSING)
+    return data_option(target, MISSING)
 
 
 def pca_trajectories(runs: list[Run]) -> tuple[list[tuple[Run, np.ndarray, np.ndarray]], np.ndarray] | None:

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,6 @@ class Runs:
     thread_timeout: float = 1800.0  # seconds one thread run may take
     busy: bool = True  # also beside a busy process
     first_seed_only: tuple[str, ...] = ()  # cases too costly for every seed: the first seed only
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def runs_for(quick: bool, corpus: Path | None = None, long: bool = True, repeats: int = 3) -> Runs:

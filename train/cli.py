@@ -68,10 +68,10 @@ def fail(message: str, code: int = EXIT_USAGE) -> None:
 def start_lines(trainer, run_dir: Path, threads: str) -> str:
     """What a run says when it starts: where it writes, and the settings that decide its time and
     results (device and threads, data, model size, tokens, checkpoints)."""
-    from train.core.config import DATA_OPTIONS
+    from train.core.config import data_option
 
     cfg, d = trainer.cfg, trainer.cfg.data
-    option = next((o for o, schema in DATA_OPTIONS.items() if schema._target_ == d._target_), d._target_)
+    option = data_option(d._target_, d._target_)
     params = sum(p.numel() for p in trainer.model.parameters())
     m = cfg.model
     if trainer.watch is None:

@@ -19,7 +19,7 @@ import re
 import sys
 from pathlib import Path
 
-from train.core.config import CONF_DIR, DATA_OPTIONS
+from train.core.config import CONF_DIR, DATA_OPTIONS, data_option
 
 HELP_FLAGS = ("--help", "-h")
 VALUE_FLAGS = ("--cfg", "-c", "--package", "-p")  # Hydra flags followed by a value
@@ -159,8 +159,7 @@ def unknown_key(key: str, overrides: list[str]) -> str:
 
 
 def _data_choice(cfg: dict) -> str:
-    target = (cfg.get("data") or {}).get("_target_")
-    return next((o for o, schema in DATA_OPTIONS.items() if schema._target_ == target), "?")
+    return data_option((cfg.get("data") or {}).get("_target_"), "?")
 
 
 def explain(e: Exception, overrides: list[str]) -> str:

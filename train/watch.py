@@ -43,12 +43,9 @@ class Watch:
         self.decide = DensityWatch(a, base_steps, tokens_per_step, floors)
         self.tokens = None if probes is None else probes.repeated[: a.watch_probes]
         self.mask = None if self.tokens is None else M.prefix_matching_mask(self.tokens)
+        self.watches_loss = a.loss_change is not None
         self.loss_sum, self.loss_count = 0.0, 0  # the training loss since the last regular watch
         self.kept: dict[int, Kept] = {}
-
-    @property
-    def watches_loss(self) -> bool:
-        return N.LOSS_TRAIN in self.decide.channels
 
     def add_loss(self, loss: torch.Tensor) -> None:
         if self.watches_loss:

@@ -107,6 +107,11 @@ DATA_OPTIONS = {"repeats": RepeatsDataConfig, "tokens": TokensDataConfig, "text"
 DATA_SCHEMAS = {schema._target_: schema for schema in DATA_OPTIONS.values()}
 
 
+def data_option(target: Any, default: Any = None) -> Any:
+    """The `data=OPTION` name whose schema has this `_target_` (`default` when none has)."""
+    return next((o for o, schema in DATA_OPTIONS.items() if schema._target_ == target), default)
+
+
 @dataclass
 class OptimConfig:
     lr: float = 3e-3

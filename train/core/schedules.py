@@ -256,11 +256,13 @@ class DensityWatch:
             lead = [] if self.reasons[-1] in (ZOOM, TAIL) else [Decision(k, LEAD_IN) for k in self._lead_in(step)]
             return [*lead, Decision(step, ZOOM, channel, change, threshold)]
         tail = self._tail()
-        base_ahead = min((b for b in self.base if b > step), default=math.inf)  # the next base checkpoint
-        if tail is not None and math.log(step) >= tail and gap >= self.s.min_gap \
-                and (base_ahead - step) / step >= self.s.min_gap:
+        if tail is not None and math.log(step) >= tail and gap >= self.s.min_gap and not self._base_within(step):
             return [Decision(step, TAIL, channel, change, threshold)]
         return []
+
+    def _base_within(self, step: int) -> bool:
+        """Whether a base checkpoint follows `step` within `min_gap` (it serves as the tail's)."""
+        return any(b > step and (b - step) / step < self.s.min_gap for b in self.base)
 
     def _tail(self) -> float | None:
         """ln(step) of the next tail checkpoint (None: none due): after the zoomed stretch's last
@@ -316,7 +318,6 @@ class DensityWatch:
     def state_dict(self) -> dict[str, Any]:
         return {"channels": list(self.channels), "history": [list(r) for r in self.history],
                 "reference": self.reference, "taken": list(self.taken), "reasons": list(self.reasons),
-
                 "kept": list(self.kept)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
