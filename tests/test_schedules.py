@@ -69,28 +69,64 @@ def test_every_base_step_is_a_checkpoint_and_a_flat_stretch_gets_no_other():
 
 def test_a_rise_gets_zoomed_checkpoints_inside_it_a_lead_in_before_and_a_tail_after():
     series = sigmoid_series(600, centre=360, width=12, noise=0.003)
-    taken = run_watch(watch(min_gap=0.01), series)
+    w = watch(min_gap=0.01)
+    taken = run_watch(w, series)
     zoomed, lead, tail = reasons(taken, ZOOM), reasons(taken, LEAD_IN), reasons(taken, TAIL)
     # the rise: 10% to 90% of it between centre -+ 2.2 widths (334..386)
     assert len(zoomed) >= 8 and all(310 <= t <= 420 for t in zoomed), zoomed
     for t, d in taken:
         if d.reason == ZOOM:
             assert d.channel == "L1H0" and abs(d.change) > d.threshold >= 0.02
-    # two lead-ins, before the first zoom and after the base checkpoint before it, the farther
-    # one farther from it: gaps grow away from the zoomed stretch
-    assert len(lead) == 2 and 300 < lead[0] < lead[1] < zoomed[0], (lead, zoomed)
-    assert math.log(lead[1] / lead[0]) > math.log(zoomed[0] / lead[1])
+    # lead-ins before the first zoom and after the base checkpoint before it, the nearest two
+    # within a kept bin (ln(1 + min_gap)) of their targets x_zoom - u g and x_zoom - u (g + g^2):
+    # gaps growing away from the zoomed stretch
+    assert 2 <= len(lead) <= 4 and 300 < lead[0] and lead == sorted(lead) and lead[-1] < zoomed[0], (lead, zoomed)
+    for k, t in ((1, lead[-1]), (2, lead[-2])):
+        assert abs(math.log(t) - (math.log(zoomed[0]) - w._lead_distance(k))) <= math.log1p(0.01), (k, lead, zoomed)
     # the tail: the k-th tail checkpoint at the first watched step (every 2) at or after
-    # x_z + u (1.5 + ... + 1.5^k) (z: the last zoom, u: its gap): gaps growing back to the base
-    # schedule's, a base checkpoint on the way (400) not counting
-    z = [t for t, _ in taken].index(zoomed[-1])
-    u = math.log(zoomed[-1] / taken[z - 1][0])
-    targets = [math.log(zoomed[-1]) + u * sum(1.5 ** j for j in range(1, k + 1)) for k in range(1, len(tail) + 1)]
-    assert all(math.log(t - 2) < x <= math.log(t) for t, x in zip(tail, targets)), (tail, [math.exp(x) for x in targets])
+    # tail_targets(...)[k - 1] that is min_gap (1%) after the checkpoint before it: gaps growing
+    # back to the base schedule's, a base checkpoint on the way (400) not counting
+    steps = [t for t, _ in taken]
+    z = steps.index(zoomed[-1])
+    targets = tail_targets(w.s, zoomed[-1], math.log(zoomed[-1] / steps[z - 1]), len(tail))
+    for t, x in zip(tail, targets):
+        before = steps[steps.index(t) - 1]
+        assert math.log(t) >= x and t >= 1.01 * before, (t, math.exp(x), before)
+        assert math.log(t - 2) < x or t - 2 < 1.01 * before, (t, math.exp(x), before)  # the first such step
     assert len(tail) >= 3 and BASE_STEPS[4] in [t for t, _ in taken[z:]], taken[z:]
     # min_gap: no two checkpoints closer than 1% in tokens (steps: tokens per step is constant)
     steps = sorted(t for t, _ in taken)
     assert steps == [t for t, _ in taken] and all((b - a) / max(a, 1) >= 0.01 for a, b in zip(steps, steps[1:]))
+
+
+def tail_targets(s: AdaptiveConfig, last_zoom: int, u: float, n: int) -> list[float]:
+    """ln tokens of the first n tail targets after `last_zoom`, whose gap to the checkpoint before
+    it is u: x_z + d_1 + ... + d_k, d_k = growth x d_(k-1) (d_0 = u), at most tail_gap while the
+    tail is within tail_span of x_z."""
+    out, x, d = [], 0.0, u
+    for _ in range(n):
+        d *= s.growth
+        d = min(d, s.tail_gap) if x < s.tail_span else d
+        x += d
+        out.append(math.log(last_zoom) + x)
+    return out
+
+
+def test_the_tail_keeps_its_gaps_within_tail_gap_over_tail_span():
+    """Past a rise's last zoom the gaps between checkpoints stay within tail_gap (plus the watch
+    interval's rounding) for tail_span in ln tokens; without the cap (tail_span 0) they grow past
+    it there, with fewer tail checkpoints."""
+    series = sigmoid_series(600, centre=200, width=8, noise=0.003)
+    tails, widest = {}, {}
+    for span in (0.5, 0.0):
+        w = watch(min_gap=0.01, tail_span=span)
+        taken = run_watch(w, series)
+        steps, z = [t for t, _ in taken], reasons(taken, ZOOM)[-1]
+        after = [t for t in steps if z <= t <= z * math.exp(0.5)]
+        widest[span] = max(math.log(b / (a + 2)) for a, b in zip(after, after[1:]))
+        tails[span] = len(reasons(taken, TAIL))
+    assert widest[0.5] <= 0.08 < widest[0.0], widest
+    assert tails[0.5] > tails[0.0], tails
 
 
 def test_the_gap_and_the_floor_limit_the_zoom():

@@ -104,6 +104,8 @@ class AdaptiveConfig:
     min_gap: float = 0.02  # relative: 0.02 = 2% more tokens than at the last checkpoint
     growth: float = 1.5  # around zoomed checkpoints the gaps (in ln tokens) grow by at most this factor
     lead_in: int = 4  # checkpoints before the first zoom of a stretch, from kept weights
+    tail_gap: float = 0.08  # ln tokens: the tail's largest gap ...
+    tail_span: float = 0.5  # ... over this many ln tokens after a stretch's last zoom
     loss_change: Optional[float] = None  # nats; null: the training loss is no trigger
 
 
@@ -111,16 +113,17 @@ def adaptive_problem(a: Any, n_probes: int) -> str | None:
     """What is wrong with the values of an enabled `checkpoint.adaptive` (None: nothing)."""
     if a is None or not a.enabled:
         return None
-    bad = [f"{k}={a[k]}" for k in ("n_log", "n_linear", "min_change", "min_gap", "watch_gap", "lead_in")
+    bad = [f"{k}={a[k]}" for k in ("n_log", "n_linear", "min_change", "min_gap", "watch_gap", "lead_in", "tail_span")
            if not 0 <= a[k] < math.inf]
+    bad += [f"tail_gap={a.tail_gap}"] * (not 0 < a.tail_gap < math.inf)
     bad += [f"{k}={a[k]}" for k in ("watch_every", "watch_probes") if a[k] < 1]
     bad += [f"noise_window={a.noise_window}"] * (a.noise_window < MIN_INCREMENTS)
     bad += [f"{k}={a[k]}" for k in ("noise_multiple", "loss_change") if a[k] is not None and not 0 < a[k] < math.inf]
     bad += [f"growth={a.growth}"] * (not 1 < a.growth < math.inf)
     if bad:
         return (f"checkpoint.adaptive: {', '.join(bad)} out of range (n_log, n_linear, min_change, min_gap, watch_gap, "
-                f"lead_in >= 0; watch_every, watch_probes >= 1; noise_window >= {MIN_INCREMENTS}; noise_multiple, "
-                f"loss_change > 0; growth > 1)")
+                f"lead_in, tail_span >= 0; watch_every, watch_probes >= 1; noise_window >= {MIN_INCREMENTS}; "
+                f"noise_multiple, loss_change, tail_gap > 0; growth > 1)")
     if a.watch_probes > n_probes:
         return f"checkpoint.adaptive.watch_probes={a.watch_probes} exceeds probes.n_probes={n_probes}"
     return None
@@ -169,10 +172,14 @@ class DensityWatch:
       in their bin of width ln(1 + min_gap) in x, back to the farthest lead-in target;
     * TAIL after the zoomed stretch's last zoom z (a zoom right after a tail checkpoint is the
       watch catching the rise's slow end and does not start a new stretch), whose gap to the
-      checkpoint before it is u: at x_z + u (g + ... + g^k), k = 1, 2, ..., until u g^k exceeds
-      the base schedule's log spacing (ln(last base step / first) / (n_log - 1)), so that the
-      spacing grows back to the base schedule's gradually (each at least `min_gap` after the last
-      checkpoint and before the next base one).
+      checkpoint before it is u: at x_z + d_1 + ... + d_k, k = 1, 2, ..., the gaps growing from u
+      by g (d_k = u g^k), but no wider than `tail_gap` until the tail has passed x_z + `tail_span`,
+      and growing by g again from there, until a gap exceeds the base schedule's log spacing
+      (ln(last base step / first) / (n_log - 1)): the spacing grows back to the base schedule's
+      gradually, each at least `min_gap` after the last checkpoint and before the next base one.
+      The cap keeps the detector's smoothing kernel (bandwidth 0.12 in ln tokens, which needs
+      4 checkpoints within it) from widening where heads settle slowly after a rise: a widened
+      kernel there reaches into later drift and puts the window's end late.
 
     Values at base steps between regular watches set the reference but not the noise history.
     The state (`state_dict`) is plain numbers, saved with every resumable checkpoint."""
@@ -267,18 +274,24 @@ class DensityWatch:
     def _tail(self) -> float | None:
         """ln(step) of the next tail checkpoint (None: none due): after the zoomed stretch's last
         zoom z (one right after a tail checkpoint does not count), whose gap to the checkpoint
-        before it is u (in ln tokens), the k-th tail point lies at x_z + u (g + ... + g^k),
-        k = tail checkpoints since z + 1, until u g^k exceeds the base schedule's log spacing."""
+        before it is d_0 = u (in ln tokens), the k-th tail point lies at x_k = x_z + d_1 + ... + d_k,
+        k = tail checkpoints since z + 1, d_j = g d_(j-1), capped at `tail_gap` while
+        x_(j-1) < x_z + `tail_span`, until d_k exceeds the base schedule's log spacing."""
         r = self.reasons
         stretch = [i for i in range(1, len(r)) if r[i] == ZOOM and r[i - 1] != TAIL]
         if not stretch:
             return None
         z = stretch[-1]
         u, k = _ln_gap(self.taken[z - 1], self.taken[z]), 1 + r[z + 1:].count(TAIL)
-        g = self.s.growth
-        if u * g ** k > self.base_spacing:
+        x, gap = 0.0, u
+        for _ in range(k):
+            gap *= self.s.growth
+            if x < self.s.tail_span:
+                gap = min(gap, self.s.tail_gap)
+            x += gap
+        if gap > self.base_spacing:
             return None
-        return math.log(max(self.taken[z], 1)) + u * sum(g ** j for j in range(1, k + 1))
+        return math.log(max(self.taken[z], 1)) + x
 
     def _lead_in(self, step: int) -> list[int]:
         """Kept steps for the lead-in checkpoints (class docstring), oldest first."""
