@@ -83,14 +83,16 @@ def test_a_rise_gets_zoomed_checkpoints_inside_it_a_lead_in_before_and_a_tail_af
     assert 2 <= len(lead) <= 4 and 300 < lead[0] and lead == sorted(lead) and lead[-1] < zoomed[0], (lead, zoomed)
     for k, t in ((1, lead[-1]), (2, lead[-2])):
         assert abs(math.log(t) - (math.log(zoomed[0]) - w._lead_distance(k))) <= math.log1p(0.01), (k, lead, zoomed)
-    # the tail: the k-th tail checkpoint at the first watched step (every 2) at or after
-    # tail_targets(...)[k - 1] that is min_gap (1%) after the checkpoint before it: gaps growing
-    # back to the base schedule's, a base checkpoint on the way (400) not counting
+    # the tail: the k-th tail checkpoint at the first watched step (every 2) at or after its
+    # target (tail_targets), or d_k after the checkpoint before it if that is later (a base
+    # checkpoint on the way: 400), that is min_gap (1%) after that checkpoint: gaps growing back
+    # to the base schedule's
     steps = [t for t, _ in taken]
     z = steps.index(zoomed[-1])
     targets = tail_targets(w.s, zoomed[-1], math.log(zoomed[-1] / steps[z - 1]), len(tail))
-    for t, x in zip(tail, targets):
+    for t, (x, d) in zip(tail, targets):
         before = steps[steps.index(t) - 1]
+        x = max(x, math.log(before) + d)
         assert math.log(t) >= x and t >= 1.01 * before, (t, math.exp(x), before)
         assert math.log(t - 2) < x or t - 2 < 1.01 * before, (t, math.exp(x), before)  # the first such step
     assert len(tail) >= 3 and BASE_STEPS[4] in [t for t, _ in taken[z:]], taken[z:]
@@ -99,16 +101,16 @@ def test_a_rise_gets_zoomed_checkpoints_inside_it_a_lead_in_before_and_a_tail_af
     assert steps == [t for t, _ in taken] and all((b - a) / max(a, 1) >= 0.01 for a, b in zip(steps, steps[1:]))
 
 
-def tail_targets(s: AdaptiveConfig, last_zoom: int, u: float, n: int) -> list[float]:
-    """ln tokens of the first n tail targets after `last_zoom`, whose gap to the checkpoint before
-    it is u: x_z + d_1 + ... + d_k, d_k = growth x d_(k-1) (d_0 = u), at most tail_gap while the
-    tail is within tail_span of x_z."""
+def tail_targets(s: AdaptiveConfig, last_zoom: int, u: float, n: int) -> list[tuple[float, float]]:
+    """(x_z + d_1 + ... + d_k, d_k) in ln tokens for the first n tail checkpoints after
+    `last_zoom`, whose gap to the checkpoint before it is u: d_k = growth x d_(k-1) (d_0 = u), at
+    most tail_gap while d_1 + ... + d_(k-1) < tail_span."""
     out, x, d = [], 0.0, u
     for _ in range(n):
         d *= s.growth
         d = min(d, s.tail_gap) if x < s.tail_span else d
         x += d
-        out.append(math.log(last_zoom) + x)
+        out.append((math.log(last_zoom) + x, d))
     return out
 
 
@@ -275,8 +277,8 @@ def test_the_watch_measures_prefix_matching_and_keeps_weights_apart(smoke_config
 
 def test_a_zoom_in_the_tail_does_not_start_the_tail_again_and_no_tail_just_before_a_base_step():
     """A blip of L1H1 (+0.1 at step 420) while the tail of L1H0's rise runs: the watch zooms on
-    it, and the tail goes on at the points it had from the rise's last zoom; no tail checkpoint
-    is taken within min_gap before a base checkpoint (that one serves)."""
+    it, and the tail goes on with the gaps it had reached since the rise's last zoom; no tail
+    checkpoint is taken within min_gap before a base checkpoint (that one serves)."""
     series = sigmoid_series(600, centre=360, width=12, noise=0.003)
     plain = run_watch(watch(min_gap=0.01), series)
     for t in range(420, 601):
@@ -286,10 +288,13 @@ def test_a_zoom_in_the_tail_does_not_start_the_tail_again_and_no_tail_just_befor
     assert blip and blip[0] in (420, 422), taken
     before_blip = [t for t, d in taken if d.reason == TAIL and t < blip[0]]
     assert before_blip and reasons(taken, TAIL)[:len(before_blip)] == before_blip
-    # the tail after the blip: the points the rise's tail had (or the first watched step 1% after
-    # the blip), not a new tail growing from 1% gaps
-    plain_tail = reasons(plain, TAIL)
+    # the tail after the blip: its next gap d_k (k: tail checkpoints since the rise's last zoom
+    # + 1) after the blip, not a new tail growing from 1% gaps, and no more tail checkpoints
+    # than the rise's own tail had there
+    steps, plain_tail = [t for t, _ in taken], reasons(plain, TAIL)
+    z = [t for t in reasons(taken, ZOOM) if t < blip[0]][-1]
+    d_k = tail_targets(settings(min_gap=0.01), z, math.log(z / steps[steps.index(z) - 1]), len(before_blip) + 1)[-1][1]
     after = [t for t in reasons(taken, TAIL) if t > blip[-1]]
-    assert after and all(t in plain_tail or (t - blip[-1]) / blip[-1] < 0.02 for t in after), (after, plain_tail)
-    assert len(after) <= len([t for t in plain_tail if t > blip[-1]]) + 1
+    assert after and math.log(after[0] / blip[-1]) >= d_k > 0.02, (after, blip, d_k)
+    assert len(after) <= len([t for t in plain_tail if t > blip[-1]]), (after, plain_tail)
     assert all((b - t) / t >= 0.01 for t, d in taken if d.reason == TAIL for b in BASE_STEPS if b > t)

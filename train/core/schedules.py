@@ -174,7 +174,8 @@ class DensityWatch:
       watch catching the rise's slow end and does not start a new stretch), whose gap to the
       checkpoint before it is u: at x_z + d_1 + ... + d_k, k = 1, 2, ..., the gaps growing from u
       by g (d_k = u g^k), but no wider than `tail_gap` until the tail has passed x_z + `tail_span`,
-      and growing by g again from there, until a gap exceeds the base schedule's log spacing
+      and growing by g again from there (and at least d_k after the last checkpoint, where a base
+      checkpoint or a zoom came between), until a gap exceeds the base schedule's log spacing
       (ln(last base step / first) / (n_log - 1)): the spacing grows back to the base schedule's
       gradually, each at least `min_gap` after the last checkpoint and before the next base one.
       The cap keeps the detector's smoothing kernel (bandwidth 0.12 in ln tokens, which needs
@@ -274,9 +275,10 @@ class DensityWatch:
     def _tail(self) -> float | None:
         """ln(step) of the next tail checkpoint (None: none due): after the zoomed stretch's last
         zoom z (one right after a tail checkpoint does not count), whose gap to the checkpoint
-        before it is d_0 = u (in ln tokens), the k-th tail point lies at x_k = x_z + d_1 + ... + d_k,
+        before it is d_0 = u (in ln tokens), the k-th tail point lies at x_z + d_1 + ... + d_k, or
+        d_k after the last checkpoint if that is later (a base checkpoint or a zoom came between),
         k = tail checkpoints since z + 1, d_j = g d_(j-1), capped at `tail_gap` while
-        x_(j-1) < x_z + `tail_span`, until d_k exceeds the base schedule's log spacing."""
+        d_1 + ... + d_(j-1) < `tail_span`, until d_k exceeds the base schedule's log spacing."""
         r = self.reasons
         stretch = [i for i in range(1, len(r)) if r[i] == ZOOM and r[i - 1] != TAIL]
         if not stretch:
@@ -291,7 +293,7 @@ class DensityWatch:
             x += gap
         if gap > self.base_spacing:
             return None
-        return math.log(max(self.taken[z], 1)) + x
+        return max(math.log(max(self.taken[z], 1)) + x, math.log(max(self.taken[-1], 1)) + gap)
 
     def _lead_in(self, step: int) -> list[int]:
         """Kept steps for the lead-in checkpoints (class docstring), oldest first."""
