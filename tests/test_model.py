@@ -44,6 +44,26 @@ def test_fused_and_explicit_attention_agree(kw):
         assert torch.all(p.triu(1) == 0)  # causal
 
 
+@pytest.mark.parametrize("kw", CONFIGS + [dict(positional="learned", layernorm=True, n_layers=1)],
+                         ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
+def test_patterns_alone_are_the_forward_passs_patterns(kw, monkeypatch):
+    """attention_patterns leaves out the last layer's value mixing and output and the unembedding,
+    and gives the same numbers as the forward pass; metrics.attention_patterns's CPU chunks too."""
+    from train.core import metrics as M
+
+    m = _model(**kw)
+    tokens = torch.randint(0, 50, (40, 32))
+    with torch.no_grad():
+        full = m(tokens, return_patterns=True).patterns
+        alone = m.attention_patterns(tokens)
+    assert len(alone) == len(full) == m.n_layers
+    for a, b in zip(alone, full):
+        assert torch.equal(a, b)
+    assert torch.equal(M.attention_patterns(m, tokens), torch.stack(full))  # one chunk
+    monkeypatch.setattr(M, "PATTERN_CHUNK", 7 * m.n_heads * 32 * 32)  # chunks of 7 sequences, the last of 5
+    assert torch.equal(M.attention_patterns(m, tokens), torch.stack(full))
+
+
 @pytest.mark.parametrize("kw", CONFIGS, ids=lambda kw: "-".join(f"{k}={v}" for k, v in kw.items()))
 def test_future_tokens_do_not_change_earlier_logits(kw):
     m = _model(**kw)

@@ -5,7 +5,9 @@ A model adapter is anything the callbacks (train/core/callbacks.py) score throug
 project's model's interface (train/core/model.py), or the part of it named by its `capabilities`:
 
     logits     model(tokens).logits [batch, pos, d_vocab]
-    patterns   model(tokens, return_patterns=True).patterns: per layer [batch, n_heads, query, key]
+    patterns   model(tokens, return_patterns=True).patterns: per layer [batch, n_heads, query, key];
+               model.attention_patterns(tokens): the same list (the project's model leaves out
+               what no pattern depends on)
     z          model(tokens, z_hook=hook): hook(layer, z) reads or replaces the per-head attention
                outputs z [batch, n_heads, pos, d_head] before W_O; model.run_with_cache(tokens) ->
                (logits, ActivationCache: residual stream entering each layer, z per layer)
@@ -170,6 +172,10 @@ class HFAdapter:
 
     def __call__(self, tokens: torch.Tensor, return_patterns: bool = False, z_hook: ZHook | None = None) -> ModelOutput:
         return self._run(tokens, return_patterns, z_hook)[0]
+
+    def attention_patterns(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Every layer's pattern [batch, n_heads, query, key], as the project's model's."""
+        return self(tokens, return_patterns=True).patterns
 
     def run_with_cache(self, tokens: torch.Tensor, return_patterns: bool = False,
                        z_hook: ZHook | None = None) -> tuple[torch.Tensor, ActivationCache]:

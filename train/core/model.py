@@ -78,15 +78,23 @@ class Attention(nn.Module):
         return_pattern: bool = False,
         z_hook: ZHook | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if qk_pos is None:  # one matmul for all three projections
-            q, k, v = _project(x, (self.W_Q, self.W_K, self.W_V), (self.b_Q, self.b_K, self.b_V))
-        else:  # shortformer: positions enter the queries and keys only
-            q, k = _project(x + qk_pos, (self.W_Q, self.W_K), (self.b_Q, self.b_K))
-            (v,) = _project(x, (self.W_V,), (self.b_V,))
-        z, pattern = self.attend(q, k, v, rotary, return_pattern)
+        z, pattern = self.attend(*self.project(x, qk_pos), rotary, return_pattern)
         if z_hook is not None:
             z = z_hook(self.layer, z)
         return self.output(z), pattern
+
+    def project(self, x: torch.Tensor, qk_pos: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """(q, k, v), each [batch, n_heads, pos, d_head], of the (normalised) stream x."""
+        if qk_pos is None:  # one matmul for all three projections
+            return _project(x, (self.W_Q, self.W_K, self.W_V), (self.b_Q, self.b_K, self.b_V))
+        # shortformer: positions enter the queries and keys only
+        return (*_project(x + qk_pos, (self.W_Q, self.W_K), (self.b_Q, self.b_K)), *_project(x, (self.W_V,), (self.b_V,)))
+
+    def pattern(self, x: torch.Tensor, qk_pos: torch.Tensor | None = None, rotary: "Rotary | None" = None) -> torch.Tensor:
+        """The pattern [batch, n_heads, query, key] of forward(x, ..., return_pattern=True), the
+        same numbers, without mixing the values or writing the output."""
+        q, k, _ = self.project(x, qk_pos)
+        return self.softmax_pattern(*self.positions(q, k, rotary))
 
     def split_forward(self, x_q: torch.Tensor, x_k: torch.Tensor, x_v: torch.Tensor,
                       qk_pos: torch.Tensor | None = None, rotary: "Rotary | None" = None):
@@ -102,22 +110,32 @@ class Attention(nn.Module):
                return_pattern: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Per-head z [batch, n_heads, pos, d_head] (and the pattern) of queries, keys and values
         [batch, n_heads, pos, d_head]: smeared keys, rotary positions, causal softmax attention."""
+        q, k = self.positions(q, k, rotary)
+        pattern = None
+        if return_pattern:
+            pattern = self.softmax_pattern(q, k)
+            z = pattern @ v
+        else:
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return z, pattern
+
+    def positions(self, q: torch.Tensor, k: torch.Tensor, rotary: "Rotary | None") -> tuple[torch.Tensor, torch.Tensor]:
+        """Queries and keys with smeared keys and rotary positions applied."""
         if self.smear is not None:
             s = torch.sigmoid(self.smear)[None, :, None, None]
             k = torch.cat([k[:, :, :1], s * k[:, :, 1:] + (1 - s) * k[:, :, :-1]], dim=2)
         if rotary is not None:
             q, k = rotary(q), rotary(k)
-        pattern = None
-        if return_pattern:  # softmax(q k^T / sqrt(d_head) + causal mask), scaled and masked in one op
-            b, h, n, e = q.shape
-            mask = torch.full((n, n), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
-            scores = torch.baddbmm(mask, q.reshape(b * h, n, e), k.reshape(b * h, n, e).transpose(-1, -2),
-                                   alpha=1 / math.sqrt(self.d_head))
-            pattern = scores.softmax(dim=-1).view(b, h, n, n)
-            z = pattern @ v
-        else:
-            z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return z, pattern
+        return q, k
+
+    def softmax_pattern(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """softmax(q k^T / sqrt(d_head) + causal mask) [batch, n_heads, query, key], scaled and
+        masked in one op."""
+        b, h, n, e = q.shape
+        mask = torch.full((n, n), float("-inf"), dtype=q.dtype, device=q.device).triu(1)
+        scores = torch.baddbmm(mask, q.reshape(b * h, n, e), k.reshape(b * h, n, e).transpose(-1, -2),
+                               alpha=1 / math.sqrt(self.d_head))
+        return scores.softmax(dim=-1).view(b, h, n, n)
 
     def output(self, z: torch.Tensor) -> torch.Tensor:
         """What the heads write to the residual stream: z [batch, n_heads, pos, d_head] -> sum over
@@ -228,6 +246,19 @@ class AttnOnlyTransformer(nn.Module):
         z_hook: ZHook | None = None,
     ) -> ModelOutput:
         return self.run_from(0, self.embed(tokens), z_hook, return_patterns)
+
+    def attention_patterns(self, tokens: torch.Tensor) -> list[torch.Tensor]:
+        """Every layer's pattern [batch, n_heads, query, key]: forward(tokens, return_patterns=True)'s,
+        the same numbers, without what no pattern depends on (the last layer's value mixing and
+        output, the unembedding)."""
+        qk_pos = self.W_pos[: tokens.shape[1]] if self.positional == "shortformer" else None
+        x, patterns = self.embed(tokens), []
+        for l in range(self.n_layers - 1):
+            out, pattern = self.run_layer(l, x, qk_pos, return_pattern=True)
+            x = x + out
+            patterns.append(pattern)
+        last = self.blocks[-1]
+        return [*patterns, last.attn.pattern(last.ln1(x), qk_pos, self.rotary)]
 
     def run_with_cache(self, tokens: torch.Tensor, return_patterns: bool = False,
                        z_hook: ZHook | None = None) -> tuple[torch.Tensor, ActivationCache]:
