@@ -87,31 +87,40 @@ def test_a_rise_gets_zoomed_checkpoints_inside_it_a_lead_in_before_and_a_tail_af
     # target (tail_targets), or d_k after the checkpoint before it if that is later (a base
     # checkpoint on the way: 400), that is min_gap (1%) after that checkpoint: gaps growing back
     # to the base schedule's
-    steps = [t for t, _ in taken]
-    z = steps.index(zoomed[-1])
-    targets = tail_targets(w.s, zoomed[-1], math.log(zoomed[-1] / steps[z - 1]), len(tail))
-    for t, (x, d) in zip(tail, targets):
-        before = steps[steps.index(t) - 1]
-        x = max(x, math.log(before) + d)
-        assert math.log(t) >= x and t >= 1.01 * before, (t, math.exp(x), before)
-        assert math.log(t - 2) < x or t - 2 < 1.01 * before, (t, math.exp(x), before)  # the first such step
+    assert_tail_follows_its_targets(w, taken)
+    z = [t for t, _ in taken].index(zoomed[-1])
     assert len(tail) >= 3 and BASE_STEPS[4] in [t for t, _ in taken[z:]], taken[z:]
     # min_gap: no two checkpoints closer than 1% in tokens (steps: tokens per step is constant)
     steps = sorted(t for t, _ in taken)
     assert steps == [t for t, _ in taken] and all((b - a) / max(a, 1) >= 0.01 for a, b in zip(steps, steps[1:]))
 
 
-def tail_targets(s: AdaptiveConfig, last_zoom: int, u: float, n: int) -> list[tuple[float, float]]:
-    """(x_z + d_1 + ... + d_k, d_k) in ln tokens for the first n tail checkpoints after
-    `last_zoom`, whose gap to the checkpoint before it is u: d_k = growth x d_(k-1) (d_0 = u), at
-    most tail_gap while d_1 + ... + d_(k-1) < tail_span."""
+def tail_targets(s: AdaptiveConfig, last_zoom: int, u: float, before: list[int]) -> list[tuple[float, float]]:
+    """(x_z + d_1 + ... + d_k, d_k) in ln tokens for the tail checkpoints after `last_zoom`, whose
+    gap to the checkpoint before it is u, `before[k - 1]` the step of the checkpoint before the
+    k-th: d_k = growth x d_(k-1) (d_0 = u), at most tail_gap while that checkpoint lies less than
+    tail_span past the zoom."""
     out, x, d = [], 0.0, u
-    for _ in range(n):
+    for b in before:
         d *= s.growth
-        d = min(d, s.tail_gap) if x < s.tail_span else d
+        d = min(d, s.tail_gap) if math.log(b / last_zoom) < s.tail_span else d
         x += d
         out.append((math.log(last_zoom) + x, d))
     return out
+
+
+def assert_tail_follows_its_targets(w: DensityWatch, taken) -> None:
+    """Each tail checkpoint after the last zoom is the first watched step at or after its target
+    (tail_targets), or d_k after the checkpoint before it if that is later, and at least min_gap
+    after that checkpoint."""
+    s, steps, z = w.s, [t for t, _ in taken], reasons(taken, ZOOM)[-1]
+    tail = [t for t in reasons(taken, TAIL) if t > z]
+    before = [steps[steps.index(t) - 1] for t in tail]
+    for t, b, (x, d) in zip(tail, before, tail_targets(s, z, math.log(z / steps[steps.index(z) - 1]), before)):
+        x = max(x, math.log(b) + d)
+        assert math.log(t) >= x and t >= (1 + s.min_gap) * b, (t, math.exp(x), b)
+        earlier = t - w.interval(t)  # the watched step before
+        assert math.log(earlier) < x or earlier < (1 + s.min_gap) * b, (t, math.exp(x), b)  # the first such step
 
 
 def test_the_tail_keeps_its_gaps_within_tail_gap_over_tail_span():
@@ -129,6 +138,26 @@ def test_the_tail_keeps_its_gaps_within_tail_gap_over_tail_span():
         tails[span] = len(reasons(taken, TAIL))
     assert widest[0.5] <= 0.08 < widest[0.0], widest
     assert tails[0.5] > tails[0.0], tails
+
+
+def test_the_tail_gap_cap_ends_tail_span_past_the_last_zoom_with_base_checkpoints_between():
+    """The cap is a stretch of ln tokens, not a number of tail checkpoints: with base checkpoints
+    inside the tail (every 20 steps from 420 to 540), the tail follows its targets, its gaps stay
+    within tail_gap while the checkpoint before lies within tail_span (0.3) of the rise's last
+    zoom, and past that they grow beyond it from one tail checkpoint to the next."""
+    series = sigmoid_series(1200, centre=360, width=12, noise=0.003)
+    s = settings(min_gap=0.01, tail_span=0.3)
+    base = sorted({*BASE_STEPS, *range(420, 560, 20), 1200})
+    w = DensityWatch(s, base, 64, {"L1H0": s.min_change, "L1H1": s.min_change})
+    taken = run_watch(w, series)
+    steps, z = [t for t, _ in taken], reasons(taken, ZOOM)[-1]
+    gaps = {t: math.log(t / steps[steps.index(t) - 1]) for t in reasons(taken, TAIL)}
+    within = [t for t in gaps if math.log(steps[steps.index(t) - 1] / z) < s.tail_span]
+    past = [t for t in gaps if t not in within]
+    assert_tail_follows_its_targets(w, taken)
+    assert within and all(gaps[t] <= s.tail_gap + math.log1p(2 / t) for t in within), (gaps, z)
+    assert len(past) >= 4 and all(gaps[b] > gaps[a] for a, b in zip(past, past[1:])), (gaps, z)
+    assert gaps[past[-1]] > s.tail_gap * s.growth ** 2, (gaps, z)
 
 
 def test_the_gap_and_the_floor_limit_the_zoom():
@@ -293,7 +322,8 @@ def test_a_zoom_in_the_tail_does_not_start_the_tail_again_and_no_tail_just_befor
     # than the rise's own tail had there
     steps, plain_tail = [t for t, _ in taken], reasons(plain, TAIL)
     z = [t for t in reasons(taken, ZOOM) if t < blip[0]][-1]
-    d_k = tail_targets(settings(min_gap=0.01), z, math.log(z / steps[steps.index(z) - 1]), len(before_blip) + 1)[-1][1]
+    before = [steps[steps.index(t) - 1] for t in before_blip] + [blip[-1]]
+    d_k = tail_targets(settings(min_gap=0.01), z, math.log(z / steps[steps.index(z) - 1]), before)[-1][1]
     after = [t for t in reasons(taken, TAIL) if t > blip[-1]]
     assert after and math.log(after[0] / blip[-1]) >= d_k > 0.02, (after, blip, d_k)
     assert len(after) <= len([t for t in plain_tail if t > blip[-1]]), (after, plain_tail)

@@ -173,8 +173,9 @@ class DensityWatch:
     * TAIL after the zoomed stretch's last zoom z (a zoom right after a tail checkpoint is the
       watch catching the rise's slow end and does not start a new stretch), whose gap to the
       checkpoint before it is u: at x_z + d_1 + ... + d_k, k = 1, 2, ..., the gaps growing from u
-      by g (d_k = u g^k), but no wider than `tail_gap` until the tail has passed x_z + `tail_span`,
-      and growing by g again from there (and at least d_k after the last checkpoint, where a base
+      by g (d_k = u g^k), but no wider than `tail_gap` while the checkpoint before lies less than
+      `tail_span` past x_z (in ln tokens, whatever checkpoints came between), and growing by g
+      again from there (and at least d_k after the last checkpoint, where a base
       checkpoint or a zoom came between), until a gap exceeds the base schedule's log spacing
       (ln(last base step / first) / (n_log - 1)): the spacing grows back to the base schedule's
       gradually, each at least `min_gap` after the last checkpoint and before the next base one.
@@ -277,23 +278,26 @@ class DensityWatch:
         zoom z (one right after a tail checkpoint does not count), whose gap to the checkpoint
         before it is d_0 = u (in ln tokens), the k-th tail point lies at x_z + d_1 + ... + d_k, or
         d_k after the last checkpoint if that is later (a base checkpoint or a zoom came between),
-        k = tail checkpoints since z + 1, d_j = g d_(j-1), capped at `tail_gap` while
-        d_1 + ... + d_(j-1) < `tail_span`, until d_k exceeds the base schedule's log spacing."""
+        k = tail checkpoints since z + 1, d_j = g d_(j-1), capped at `tail_gap` while the
+        checkpoint before the j-th tail point (for j = k: the last one) lies less than
+        `tail_span` past x_z, until d_k exceeds the base schedule's log spacing."""
         r = self.reasons
         stretch = [i for i in range(1, len(r)) if r[i] == ZOOM and r[i - 1] != TAIL]
         if not stretch:
             return None
         z = stretch[-1]
-        u, k = _ln_gap(self.taken[z - 1], self.taken[z]), 1 + r[z + 1:].count(TAIL)
+        x_z, u = math.log(max(self.taken[z], 1)), _ln_gap(self.taken[z - 1], self.taken[z])
+        # the checkpoint before each tail checkpoint since z, and before the next one: the last
+        before = [self.taken[i - 1] for i in range(z + 1, len(r)) if r[i] == TAIL] + [self.taken[-1]]
         x, gap = 0.0, u
-        for _ in range(k):
+        for b in before:
             gap *= self.s.growth
-            if x < self.s.tail_span:
+            if math.log(max(b, 1)) - x_z < self.s.tail_span:
                 gap = min(gap, self.s.tail_gap)
             x += gap
         if gap > self.base_spacing:
             return None
-        return max(math.log(max(self.taken[z], 1)) + x, math.log(max(self.taken[-1], 1)) + gap)
+        return max(x_z + x, math.log(max(self.taken[-1], 1)) + gap)
 
     def _lead_in(self, step: int) -> list[int]:
         """Kept steps for the lead-in checkpoints (class docstring), oldest first."""
