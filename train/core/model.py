@@ -10,7 +10,8 @@
 The residual stream is x = W_E[tokens] (+ W_pos); each layer adds its attention output; logits are
 LN_final(x) @ W_U + b_U (LayerNorms are optional, pre-norm). Training uses fused
 scaled-dot-product attention; pass ``return_patterns=True`` to get explicit attention patterns
-(the probes do), and ``z_hook`` to read or replace per-head outputs (ablations do).
+(``attention_patterns`` gives them alone, as the probes take them), and ``z_hook`` to read or
+replace per-head outputs (ablations do).
 What circuits and patching need, TransformerLens-like: ``run_with_cache`` (the logits, the
 residual stream entering each layer and each layer's z), ``run_from`` (the forward pass from the
 residual stream entering a given layer on), ``z_hook``, the hook per layer, and ``run_layer_split``
@@ -251,7 +252,7 @@ class AttnOnlyTransformer(nn.Module):
         """Every layer's pattern [batch, n_heads, query, key]: forward(tokens, return_patterns=True)'s,
         the same numbers, without what no pattern depends on (the last layer's value mixing and
         output, the unembedding)."""
-        qk_pos = self.W_pos[: tokens.shape[1]] if self.positional == "shortformer" else None
+        qk_pos = self.qk_positions(tokens.shape[1])
         x, patterns = self.embed(tokens), []
         for l in range(self.n_layers - 1):
             out, pattern = self.run_layer(l, x, qk_pos, return_pattern=True)
@@ -275,7 +276,7 @@ class AttnOnlyTransformer(nn.Module):
         (layer `layer`'s per-head z, e.g. from a cache), that layer's queries, keys and values are
         not recomputed: z, through the z hook, goes through W_O. `cache`, when given, collects the
         residual streams entering and the z of the layers run."""
-        qk_pos = self.W_pos[: resid.shape[1]] if self.positional == "shortformer" else None
+        qk_pos = self.qk_positions(resid.shape[1])
         hook = z_hook
         if cache is not None:
             def hook(l: int, z_l: torch.Tensor) -> torch.Tensor:
@@ -294,6 +295,10 @@ class AttnOnlyTransformer(nn.Module):
             if patterns is not None:
                 patterns.append(pattern)
         return ModelOutput(logits=self.unembed(x), patterns=patterns)
+
+    def qk_positions(self, n: int) -> torch.Tensor | None:
+        """The positions added to the query/key inputs of `n` positions (shortformer), else None."""
+        return self.W_pos[:n] if self.positional == "shortformer" else None
 
     # The three stages of the forward pass.
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -319,7 +324,7 @@ class AttnOnlyTransformer(nn.Module):
         and each through the layer's norm (path patching). With all three the stream entering the
         layer: run_layer's z and pattern (explicit path), up to float rounding."""
         block = self.blocks[layer]
-        qk_pos = self.W_pos[: x_q.shape[-2]] if self.positional == "shortformer" else None
+        qk_pos = self.qk_positions(x_q.shape[-2])
         return block.attn.split_forward(block.ln1(x_q), block.ln1(x_k), block.ln1(x_v), qk_pos, self.rotary)
 
     def unembed(self, x: torch.Tensor) -> torch.Tensor:

@@ -175,10 +175,10 @@ class DensityWatch:
       checkpoint before it is u: at x_z + d_1 + ... + d_k, k = 1, 2, ..., the gaps growing from u
       by g (d_k = u g^k), but no wider than `tail_gap` while the checkpoint before lies less than
       `tail_span` past x_z (in ln tokens, whatever checkpoints came between), and growing by g
-      again from there (and at least d_k after the last checkpoint, where a base
-      checkpoint or a zoom came between), until a gap exceeds the base schedule's log spacing
-      (ln(last base step / first) / (n_log - 1)): the spacing grows back to the base schedule's
-      gradually, each at least `min_gap` after the last checkpoint and before the next base one.
+      again from there (and at least d_k after the last checkpoint, where a base checkpoint or a
+      zoom came between), until a gap exceeds the base schedule's log spacing (ln(last base step
+      / first) / (n_log - 1)): the spacing grows back to the base schedule's gradually, each at
+      least `min_gap` after the last checkpoint and before the next base one.
       The cap keeps the detector's smoothing kernel (bandwidth 0.12 in ln tokens, which needs
       4 checkpoints within it) from widening where heads settle slowly after a rise: a widened
       kernel there reaches into later drift and puts the window's end late.
